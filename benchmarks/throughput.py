@@ -1,0 +1,169 @@
+"""Pretraining throughput and peak memory of the default CBD model, against the authors' code.
+
+One step = forward through both decoders + dual-constraint loss + backward + AdamW step, batch 128,
+random data, default ModelConfig/LossConfig (d_model 128, 8 encoder layers, ff 2048, 4 heads, ...).
+Each (device, shape) runs in a fresh subprocess so peak RSS figures do not mix.
+
+    python benchmarks/throughput.py                 # CPU with 2 threads, plus CUDA if present
+    python benchmarks/throughput.py --steps 5 --warmup 1 --no-cuda
+
+Writes results/throughput.md with the command, machine, torch version and date at the top.
+Reference (issue 3): the authors' code on a 2-core machine, torch.set_num_threads(2), batch 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: (channels, length)
+    "gesture": (3, 315),
+    "ArticularyWordRecognition": (9, 144),
+    "FingerMovements": (28, 50),
+}
+# Authors' code, CPU, 2 threads (issue 3); they ran gesture at 3 x 316 since odd lengths crash.
+AUTHORS = {"gesture": (98.7, 1.65), "ArticularyWordRecognition": (235.5, None),
+           "FingerMovements": (520.0, None)}
+TARGET_SPEEDUP = 1.5
+BATCH = 128
+
+
+def _worker(device: str, channels: int, length: int, steps: int, warmup: int, threads: int) -> dict:
+    """Time pretraining steps in this process; returns samples/s and peak memory."""
+    import torch
+
+    from cbdtune.config import LossConfig, ModelConfig
+    from cbdtune.losses import dual_constraint_loss
+    from cbdtune.model import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(in_channels=channels, seq_len=length)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-4, betas=(0.9, 0.99))
+    loss_cfg = LossConfig()
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(BATCH, channels, length, device=device)
+    cuda = device == "cuda"
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            out = model(x, generator=gen)
+            loss = dual_constraint_loss(x, out, loss_cfg)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    peak_gb = (torch.cuda.max_memory_allocated() if cuda
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+    return {"samples_per_s": steps * BATCH / elapsed, "step_s": elapsed / steps, "peak_gb": peak_gb,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _run_subprocess(device: str, name: str, args: argparse.Namespace) -> dict:
+    c, length = SHAPES[name]
+    cmd = [sys.executable, __file__, "--worker", device, str(c), str(length),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{device} {name} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per shape")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (authors: 2)")
+    p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "results" / "throughput.md"))
+    p.add_argument("--worker", nargs=3, metavar=("DEVICE", "C", "L"), help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = p.parse_args(argv)
+    if args.worker:  # inside the fresh subprocess: print one JSON line
+        device, c, length = args.worker
+        print(json.dumps(_worker(device, int(c), int(length), args.steps, args.warmup,
+                                 args.threads)))
+        return
+
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
+    rows = []
+    for device in devices:
+        for name in SHAPES:
+            r = _run_subprocess(device, name, args)
+            rows.append((device, name, r))
+            print(f"{device:4s} {name:26s} {r['samples_per_s']:8.1f} samples/s "
+                  f"{r['peak_gb']:6.2f} GB", flush=True)
+
+    gesture_params = next(r["params"] for d, n, r in rows if n == "gesture")
+    lines = [
+        "# Pretraining throughput, default CBD model",
+        "",
+        f"- command: `{' '.join(['python', 'benchmarks/' + Path(__file__).name, *argv])}`",
+        f"- machine: {_machine()}"
+        + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
+        f"- torch {torch.__version__}, python {platform.python_version()}, CPU threads "
+        f"{args.threads}",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- step: forward (both decoders) + dual-constraint loss + backward + AdamW, batch {BATCH}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps; CUDA runs under bf16 autocast",
+        f"- default model parameters for gesture (3 x 315): {gesture_params:,}",
+        "- peak memory: CPU = process peak RSS (ru_maxrss), CUDA = torch.cuda.max_memory_allocated",
+        "",
+        "| device | shape | C x L | samples/s | peak GB | authors samples/s | target samples/s "
+        "| authors peak GB | vs target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for device, name, r in rows:
+        c, length = SHAPES[name]
+        ref, ref_mem = AUTHORS[name] if device == "cpu" else (None, None)
+        target = ref * TARGET_SPEEDUP if ref else None
+        verdict = "" if target is None else ("met" if r["samples_per_s"] >= target else "MISSED")
+        lines.append(
+            f"| {device} | {name} | {c} x {length} | {r['samples_per_s']:.1f} | {r['peak_gb']:.2f} "
+            f"| {ref if ref else '-'} | {f'{target:.1f}' if target else '-'} "
+            f"| {ref_mem if ref_mem else '-'} | {verdict} |")
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"\ndefault model parameters (gesture 3 x 315): {gesture_params:,}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

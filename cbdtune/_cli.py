@@ -1,0 +1,61 @@
+"""What every cbdtune command shares: one-line errors (Optuna's ``cli.py``) and the config flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from cbdtune.config import CbdtuneError, ExperimentConfig, load_yaml, parse_overrides, preset
+
+EXIT_USAGE = 2
+
+
+def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+        argv: list[str] | None) -> int:
+    """Parse, run, and turn a :class:`CbdtuneError` into ``error: ...`` on stderr and exit 2.
+
+    The traceback appears only with ``--debug``. Ctrl-C exits 130 without a traceback.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(message)s")
+    try:
+        return main(args)
+    except CbdtuneError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True,
+                   help="registry name (gesture, awr, ...), UEA/UCR archive name, or a folder")
+    p.add_argument("--data-dir", help="local dataset folder (default: $CBDTUNE_DATA_DIR, cache)")
+    p.add_argument("--seed", type=int, default=None, help="train.seed (default 0)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_config(args: argparse.Namespace, *, preset_name: str = "paper",
+                 config_file: str | None = None, overrides: list[str] | None = None
+                 ) -> ExperimentConfig:
+    """Preset -> YAML file -> ``--set`` overrides -> ``--dataset/--data-dir/--seed``."""
+    cfg = preset(preset_name)
+    if config_file:
+        cfg = cfg.replace(load_yaml(config_file), where=config_file)
+    if overrides:
+        cfg = cfg.replace(parse_overrides(overrides), where="--set")
+    late: dict[str, object] = {"data.dataset": args.dataset}
+    if args.data_dir:
+        late["data.data_dir"] = args.data_dir
+    if args.seed is not None:
+        late["train.seed"] = args.seed
+    return cfg.replace(late, where="command line")
+
+
+__all__ = ["CbdtuneError", "EXIT_USAGE", "add_config_flags", "build_config", "run"]

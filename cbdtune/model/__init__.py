@@ -1,0 +1,53 @@
+"""The CBD masked model (Han et al., AAAI 2025, arXiv 2412.13232) and its parts."""
+
+from cbdtune.model.cbd import (
+    CIM,
+    SER,
+    CBDBlock,
+    CBDDecoder,
+    SpectralUnit,
+    bernstein_basis,
+    binomial_coefficients,
+    cim,
+    cim_modulation,
+    ser_gain,
+)
+from cbdtune.model.cbd_model import CBDModel, ModelOutput, build_model
+from cbdtune.model.encoder import Encoder, TransformerLayer, random_masking
+from cbdtune.model.heads import ClassifierHead
+from cbdtune.model.temporal_decoder import TemporalDecoder
+from cbdtune.model.tokenizer import (
+    ConvDetokenizer,
+    ConvTokenizer,
+    PatchDetokenizer,
+    PatchTokenizer,
+    normalize_series,
+    num_tokens,
+)
+
+__all__ = [
+    "CBDBlock",
+    "CBDDecoder",
+    "CBDModel",
+    "CIM",
+    "ClassifierHead",
+    "ConvDetokenizer",
+    "ConvTokenizer",
+    "Encoder",
+    "ModelOutput",
+    "PatchDetokenizer",
+    "PatchTokenizer",
+    "SER",
+    "SpectralUnit",
+    "TemporalDecoder",
+    "TransformerLayer",
+    "bernstein_basis",
+    "binomial_coefficients",
+    "build_model",
+    "cim",
+    "cim_modulation",
+    "normalize_series",
+    "num_tokens",
+    "random_masking",
+    "ser_gain",
+]

@@ -1,0 +1,254 @@
+"""Content-aware balanced decoder (CBD): CIM, SER, the CBD block and the CBD decoder.
+
+All spectra here are taken along the TOKEN axis, per hidden channel: token features (B, T, D)
+-> Z_F = rfft(., dim=1, norm="ortho") of shape (B, S, D), S = T // 2 + 1. The inverse always
+passes ``n=T`` so odd token counts come back exactly (no padding, unlike [C] which repeats the
+last token to make T even).
+
+Functions come in timm pairs: a pure function testable on plain tensors (``bernstein_basis``,
+``cim_modulation``, ``ser_gain``) and a thin Module holding the parameters (``CIM``, ``SER``).
+
+References:
+    [P] Y. Han, H. Wang, Y. Hu, Y. Gong, X. Song, W. Guan, "Content-aware Balanced Spectrum
+        Encoding in Masked Modeling for Time Series Classification", AAAI 2025,
+        https://arxiv.org/abs/2412.13232 -- Eq. (4)-(6) CIM, Eq. (10)-(12) SER, Fig. 2(b).
+    [C] github.com/Einstone-rose/CBD, layer/frequency_decoder.py (fre_mlp_dong, frequency_decoder).
+    BernNet: He et al., "BernNet: Learning Arbitrary Graph Spectral Filters via Bernstein
+        Approximation", NeurIPS 2021, https://arxiv.org/abs/2106.10994 (the Bernstein filter idea).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbdtune.config import ModelConfig
+from cbdtune.model.tokenizer import build_detokenizer
+
+SOFTSHRINK = 0.01  # [C] sparsity_threshold of the ReLU + softshrink modulation
+INIT_SCALE = 0.02  # [C] CIM weights and biases ~ 0.02 * randn
+
+
+# ---- pure functions ---------------------------------------------------------------------------
+
+
+def binomial_coefficients(K: int, num_terms: int | None = None) -> Tensor:
+    """C(K, k) for k = 0 .. num_terms - 1 (default K + 1), float32, exact for K <= 60."""
+    n = K + 1 if num_terms is None else num_terms
+    k = torch.arange(n, dtype=torch.float64)
+    log_c = torch.lgamma(torch.tensor(K + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) \
+        - torch.lgamma(K - k + 1)
+    return log_c.exp().round().float()
+
+
+def bernstein_basis(
+    K: int, x: Tensor, *, num_terms: int | None = None, binom: Tensor | None = None
+) -> Tensor:
+    """Bernstein basis of order K, b_k(x) = C(K, k) (1 - x)^(K-k) x^k, Eq. (10), Han et al., AAAI
+    2025 (arXiv 2412.13232).
+
+    Vectorised over k by broadcasting: no Python loop. For ``num_terms = K + 1`` (k = 0..K, [P])
+    the basis is a partition of unity on [0, 1]; ``num_terms = K`` (k = 0..K-1, [C]) drops the
+    k = K term, so it sums to 1 - x^K instead.
+
+    Args:
+        K: order, >= 1.
+        x: (...) values in [0, 1].
+        num_terms: K + 1 (default) or K.
+        binom: precomputed ``binomial_coefficients(K, num_terms)``, e.g. a module buffer.
+
+    Returns:
+        (..., num_terms) basis values.
+    """
+    n = K + 1 if num_terms is None else num_terms
+    if binom is None:
+        binom = binomial_coefficients(K, n)
+    k = torch.arange(n, device=x.device, dtype=x.dtype)  # (n,)
+    x = x.unsqueeze(-1)  # (..., 1) broadcasts against k
+    # torch.pow's backward zeroes the exponent-0 terms, so x = 0 or 1 gives finite gradients.
+    return binom.to(x) * (1 - x).pow(K - k) * x.pow(k)  # (..., n)
+
+
+def cim_modulation(
+    z_f: Tensor, weight: Tensor, bias: Tensor, *, activation: str = "sigmoid"
+) -> Tensor:
+    """Content-aware modulation M of a token spectrum, Eq. (4)-(5), Han et al., AAAI 2025
+    (arXiv 2412.13232).
+
+    ``sigmoid`` [P]: with W = W_re + jW_im acting on the hidden dimension,
+    M_re = sigma(W_re Z_re - W_im Z_im + B_re), M_im = sigma(W_im Z_re + W_re Z_im + B_im),
+    i.e. the complex product W Z_F + B with a sigmoid on each part.
+    ``relu_softshrink`` [C]: o_re = Z_re W_re + Z_im W_im + b_re, o_im = Z_re W_im - Z_im W_re +
+    b_im, i.e. conj(Z_F) W + B, then ReLU and softshrink(0.01) on each part.
+
+    Args:
+        z_f: (B, S, D) complex token spectrum.
+        weight: (D, D) complex W, rows = output channels.
+        bias: (D,) complex B.
+        activation: ``"sigmoid"`` or ``"relu_softshrink"``.
+
+    Returns:
+        (B, S, D) complex modulation M.
+    """
+    if activation == "sigmoid":
+        h = z_f @ weight.mT + bias  # (B, S, D): W Z per frequency, complex matmul
+        return torch.view_as_complex(torch.sigmoid(torch.view_as_real(h)))
+    h = z_f.conj() @ weight.mT + bias  # (B, S, D): [C]'s sign pattern
+    return torch.view_as_complex(F.softshrink(F.relu(torch.view_as_real(h)), SOFTSHRINK))
+
+
+def cim(z_f: Tensor, modulation: Tensor) -> Tensor:
+    """Z~_F = M (.) Z_F, Eq. (6), Han et al., AAAI 2025 (arXiv 2412.13232).
+
+    By the convolution theorem, irfft(M (.) rfft(z)) is the circular convolution of z along tokens
+    with the kernel irfft(M): a content-dependent (dynamic) convolution, different per channel.
+    """
+    return modulation * z_f
+
+
+def ser_gain(a_tilde: Tensor, coefficients: Tensor, K: int, *, binom: Tensor | None = None) -> Tensor:
+    """Bernstein gain p_K(lambda) = sum_k f(k/K) b_k(A~(lambda)), Eq. (10), Han et al., AAAI 2025
+    (arXiv 2412.13232).
+
+    Args:
+        a_tilde: (B, S) normalised spectrum energy in [0, 1].
+        coefficients: (B, n) the f(k/K), n = K + 1 ([P]) or K ([C]); Eq. (11) makes them.
+        K: Bernstein order.
+        binom: optional precomputed binomial coefficients (n,).
+
+    Returns:
+        (B, S) real gain, one per frequency (shared by all hidden channels, Eq. 12).
+    """
+    basis = bernstein_basis(K, a_tilde, num_terms=coefficients.shape[-1], binom=binom)  # (B, S, n)
+    return torch.einsum("...sn,...n->...s", basis, coefficients)
+
+
+# ---- modules ----------------------------------------------------------------------------------
+
+
+class CIM(nn.Module):
+    """Content-aware interaction modulation, Eq. (4)-(6), Han et al., AAAI 2025 (arXiv 2412.13232).
+
+    Parameters named after the paper: W = w_re + j w_im (D x D), B = b_re + j b_im.
+    """
+
+    def __init__(self, d_model: int, activation: str = "sigmoid"):
+        super().__init__()
+        self.activation = activation
+        self.w_re = nn.Parameter(INIT_SCALE * torch.randn(d_model, d_model))
+        self.w_im = nn.Parameter(INIT_SCALE * torch.randn(d_model, d_model))
+        self.b_re = nn.Parameter(INIT_SCALE * torch.randn(d_model))
+        self.b_im = nn.Parameter(INIT_SCALE * torch.randn(d_model))
+
+    def forward(self, z_f: Tensor) -> Tensor:  # (B, S, D) complex -> (B, S, D) complex
+        weight = torch.complex(self.w_re, self.w_im)
+        bias = torch.complex(self.b_re, self.b_im)
+        return cim(z_f, cim_modulation(z_f, weight, bias, activation=self.activation))
+
+
+class SER(nn.Module):
+    """Spectrum energy rebalance, Eq. (10)-(12), Han et al., AAAI 2025 (arXiv 2412.13232).
+
+    Energy A(lambda_s) = ||Z(lambda_s)||_2 over hidden channels, per sample: (B, S).
+
+    * ``coefficients="linear"`` [P]: A~ = softmax_s(A); f = W_c A~ + b_c (Eq. 11), no squashing.
+    * ``coefficients="sigmoid"`` [C]: A~ = A / sum_s A (= [C]'s softmax of log A);
+      f = sigmoid(W_c A + b_c) on the raw energy.
+
+    W_c is (num_terms x S): the coefficients are per sample, computed from its whole energy
+    profile, and the gain p_K (B, S) is shared by all channels (Eq. 12). Which spectrum the energy
+    comes from (after CIM [P] or before [C]) is the caller's choice (``energy_from``).
+    """
+
+    def __init__(self, num_freqs: int, K: int, *, terms: str = "0..K", coefficients: str = "linear"):
+        super().__init__()
+        self.K = K
+        self.coefficients = coefficients
+        num_terms = K + 1 if terms == "0..K" else K
+        self.coef = nn.Linear(num_freqs, num_terms)  # W_c, b_c of Eq. 11
+        self.register_buffer("binom", binomial_coefficients(K, num_terms), persistent=False)
+
+    def forward(self, z_f: Tensor, energy_from: Tensor) -> Tensor:
+        # vector_norm's backward is 0 (not NaN) where the energy is 0, e.g. a constant series
+        energy = torch.linalg.vector_norm(energy_from, dim=-1)  # (B, S)
+        if self.coefficients == "linear":
+            a_tilde = energy.softmax(dim=-1)
+            f = self.coef(a_tilde)  # (B, n)
+        else:
+            a_tilde = energy / energy.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            f = torch.sigmoid(self.coef(energy))
+        p = ser_gain(a_tilde, f, self.K, binom=self.binom)  # (B, S)
+        return z_f * p.unsqueeze(-1)  # Eq. 12: one gain per frequency, broadcast over channels
+
+
+class SpectralUnit(nn.Module):
+    """rfft along tokens -> CIM -> SER -> irfft: the token mixer of a CBD block, Fig. 2(b).
+
+    Runs in float32 with autocast off: FFTs of non-power-of-2 lengths have no bf16 kernels and
+    the complex products need the precision. ``irfft(..., n=T)`` keeps odd T exact.
+    [C] takes ``.abs()`` of the irfft output; [P] does not, and neither do we (no switch for it).
+    """
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int):
+        super().__init__()
+        self.energy_after_cim = cfg.ser_energy == "after_cim"
+        self.cim = CIM(cfg.d_model, cfg.cim_activation) if cfg.use_cim else None
+        self.ser = SER(num_tokens // 2 + 1, cfg.bernstein_order, terms=cfg.bernstein_terms,
+                       coefficients=cfg.ser_coefficients) if cfg.use_ser else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = x.shape[1]
+        with torch.autocast(x.device.type, enabled=False):
+            z_f = torch.fft.rfft(x.float(), dim=1, norm="ortho")  # (B, S, D), S = T//2 + 1
+            z = self.cim(z_f) if self.cim is not None else z_f
+            if self.ser is not None:
+                z = self.ser(z, z if self.energy_after_cim else z_f)
+            return torch.fft.irfft(z, n=T, dim=1, norm="ortho")  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """[C] Linear(D -> D/2) -> GELU -> Linear(D/2 -> D); [C] builds it with dropout 0, so none."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class CBDBlock(nn.Module):
+    """[C] wiring ``x = x + CIMSER(LN(x)); x = x + FFN(LN(x))`` ([P] Fig. 2(b) puts the LN after
+    the FFT; [C]'s pre-norm in the time domain is what was trained)."""
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.spectral = SpectralUnit(cfg, num_tokens)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.cbd_ff_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.spectral(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class CBDDecoder(nn.Module):
+    """CBD blocks -> LayerNorm -> Linear(D -> D) -> own deconv stack ([C]).
+
+    (B, T, D) -> (B, C, L) in normalised units; the model de-normalises and takes the spectrum.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int):
+        super().__init__()
+        self.blocks = nn.ModuleList([CBDBlock(cfg, num_tokens) for _ in range(cfg.cbd_blocks)])
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # [C] embedding_to_patch_freq
+        self.detokenizer = build_detokenizer(cfg)
+
+    def forward(self, h: Tensor) -> Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return self.detokenizer(self.proj(self.norm(h)))  # (B, C, L)

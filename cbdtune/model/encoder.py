@@ -1,0 +1,107 @@
+"""Random token masking and the transformer encoder over visible tokens (MAE style).
+
+References:
+    [P] Han et al., AAAI 2025, https://arxiv.org/abs/2412.13232 (TimeMAE backbone, ratio 0.75)
+    [C] github.com/Einstone-rose/CBD, models/base_model_mae_full.py (BaseModel.pretrain)
+    MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
+        https://arxiv.org/abs/2111.06377 (argsort-of-noise masking, ids_restore)
+
+No positional encoding anywhere ([C]). The encoder is therefore permutation-equivariant over
+tokens, so the order of the visible tokens it receives does not matter; position information
+enters only through the conv tokenizer's receptive field, the spectral (FFT along tokens) CBD
+blocks and the detokenizers' convolutions. A consequence the authors accept: in the temporal
+decoder's transformer layers every mask token sees the same inputs and gets the same output;
+they are told apart only by the deconv stack afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def random_masking(
+    batch: int,
+    num_tokens: int,
+    num_masked: int,
+    *,
+    per_sample: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Choose exactly ``num_masked`` of ``num_tokens`` tokens to mask, by argsort of uniform noise.
+
+    Args:
+        batch: B.
+        num_tokens: T.
+        num_masked: tokens to mask per sample, 0 <= num_masked < T.
+        per_sample: one mask per sample ([P]); False shares one mask across the batch ([C]).
+        generator: drives the noise; on its own device, the result is moved to ``device``.
+        device: where the returned indices live.
+
+    Returns:
+        ``ids_keep`` (B, T - num_masked): token indices the encoder sees, in shuffled order;
+        ``ids_restore`` (B, T): position of each token in the shuffled order, used to put
+        ``[encoded visible, mask tokens]`` back into the original order;
+        ``mask`` (B, T) bool, True = masked.
+    """
+    assert 0 <= num_masked < num_tokens, f"num_masked={num_masked} for num_tokens={num_tokens}"
+    noise_device = generator.device if generator is not None else device
+    rows = batch if per_sample else 1
+    noise = torch.rand(rows, num_tokens, generator=generator, device=noise_device)
+    ids_shuffle = noise.to(device).argsort(dim=1)  # (rows, T): the first T - num_masked are kept
+    ids_restore = ids_shuffle.argsort(dim=1)  # (rows, T): inverse permutation
+    n_keep = num_tokens - num_masked
+    mask = ids_restore >= n_keep  # a token is masked iff its shuffled position is past the kept
+    ids_keep = ids_shuffle[:, :n_keep]
+    if not per_sample:
+        ids_keep, ids_restore, mask = (t.expand(batch, -1) for t in (ids_keep, ids_restore, mask))
+    return ids_keep, ids_restore, mask
+
+
+class TransformerLayer(nn.Module):
+    """Post-norm transformer layer with the defaults of ``nn.TransformerEncoderLayer`` ([C]).
+
+    Same computation as ``nn.TransformerEncoderLayer(d, h, ff, dropout, batch_first=True)``
+    (ReLU, dropout on attention weights, after attention and in the FFN, post-norm), written
+    with one fused qkv projection and ``F.scaled_dot_product_attention`` so training takes the
+    fused attention kernels rather than the generic multi-head-attention path.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        assert d_model % n_heads == 0, f"d_model={d_model} not divisible by n_heads={n_heads}"
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ff1 = nn.Linear(d_model, ff_dim)
+        self.ff2 = nn.Linear(ff_dim, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        p = self.dropout if self.training else 0.0
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, nh, T, hs)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
+        a = a.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = self.norm1(x + F.dropout(self.out_proj(a), p, self.training))
+        h = F.dropout(F.relu(self.ff1(x)), p, self.training)
+        return self.norm2(x + F.dropout(self.ff2(h), p, self.training))
+
+
+class Encoder(nn.Module):
+    """[C] a stack of post-norm transformer layers, no final norm: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, d_model: int, n_heads: int, num_layers: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [TransformerLayer(d_model, n_heads, ff_dim, dropout) for _ in range(num_layers)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -1,0 +1,187 @@
+"""Series normalisation, tokenizers (series -> tokens) and detokenizers (tokens -> series).
+
+Two tokenizer families, each paired with the detokenizer that inverts its length arithmetic so the
+decoders can reconstruct a series of ANY length (the authors' code crashes on odd lengths):
+
+* ``conv``  [C] three blocks Conv1d(k=8, pad 4) -> BatchNorm -> ReLU -> MaxPool1d(2, 2, pad 1),
+  channels C -> 32 -> 64 -> d_model, then Linear(d_model -> d_model). About L/8 tokens
+  (HAR 128 -> 18). Inverse: three ConvTranspose1d(k=8, pad 4) -> BN -> ReLU -> Upsample(x2)
+  blocks d_model -> 64 -> 32 -> C, cropped to L.
+* ``patch`` TimeMAE-style non-overlapping windows of ``patch_size`` steps (tail padded),
+  Linear(C*p -> d_model). Inverse: Linear(d_model -> C*p), unfold, crop.
+
+References:
+    [P] Han et al., "Content-aware Balanced Spectrum Encoding in Masked Modeling for Time Series
+        Classification", AAAI 2025, https://arxiv.org/abs/2412.13232
+    [C] github.com/Einstone-rose/CBD, models/base_model_mae_full.py (conv_block*, deconv_block*)
+    TimeMAE: Cheng et al., https://arxiv.org/abs/2303.00320 (patch tokens)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbdtune.config import ModelConfig
+
+NORM_EPS = 1e-5  # [C]; inside the sqrt, so a constant series gives 0 / sqrt(eps) = 0, not NaN
+
+
+def normalize_series(x: Tensor, eps: float = NORM_EPS) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample, per-channel z-normalisation over time, no affine ([C]).
+
+    Args:
+        x: (B, C, L) raw series.
+        eps: added to the variance; keeps constant series finite.
+
+    Returns:
+        ``(x_norm, mean, std)`` with mean and std of shape (B, C, 1), kept to de-normalise.
+    """
+    mean = x.mean(dim=-1, keepdim=True).detach()  # [C] detaches the mean (not the std)
+    x = x - mean
+    std = torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + eps)
+    return x / std, mean, std
+
+
+# ---- conv tokenizer [C] ----------------------------------------------------------------------
+
+_CONV_K, _CONV_PAD = 8, 4
+
+
+def conv_num_tokens(seq_len: int) -> int:
+    """Tokens the conv stack makes from ``seq_len`` steps (exact, any length)."""
+    n = seq_len
+    for _ in range(3):
+        n = n + 1  # Conv1d(k=8, pad=4): L + 2*4 - 8 + 1
+        n = n // 2 + 1  # MaxPool1d(2, 2, pad=1): floor((L + 2 - 2) / 2) + 1
+    return n
+
+
+def conv_detokenized_len(num_tokens: int) -> int:
+    """Length the deconv stack makes from ``num_tokens``: T -> 2(T-1) per block = 8T - 14.
+
+    Since each pooling step gives n/2 + 1 or more, T >= L/8 + 1.75, so 8T - 14 >= L always and a
+    crop suffices (asserted at construction anyway).
+    """
+    n = num_tokens
+    for _ in range(3):
+        n = 2 * (n - 1)  # ConvTranspose1d(k=8, pad=4): (L-1) - 8 + 8 = L - 1, then Upsample x2
+    return n
+
+
+class ConvTokenizer(nn.Module):
+    """[C] conv stack: (B, C, L) -> (B, T, D), T = conv_num_tokens(L)."""
+
+    def __init__(self, in_channels: int, d_model: int):
+        super().__init__()
+        chans = (in_channels, 32, 64, d_model)
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(
+                nn.Conv1d(c_in, c_out, _CONV_K, padding=_CONV_PAD, bias=False),  # bias: BN follows
+                nn.BatchNorm1d(c_out),
+                nn.ReLU(),
+                nn.MaxPool1d(kernel_size=2, stride=2, padding=1),
+            )
+            for c_in, c_out in zip(chans[:-1], chans[1:])
+        ])
+        self.proj = nn.Linear(d_model, d_model)  # [C] patch_to_embedding
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(x)  # (B, D, T)
+        return self.proj(x.transpose(1, 2))  # (B, T, D)
+
+
+class ConvDetokenizer(nn.Module):
+    """[C] deconv stack: (B, T, D) -> (B, C, L), cropped to ``seq_len``.
+
+    Deviation [I]: the last block drops the ReLU. In [C] the final BN -> ReLU makes every
+    normalised output >= 0, i.e. the reconstruction can never go below the per-channel mean,
+    which puts a floor under both reconstruction losses. BN is kept so the output scale matches
+    the normalised target as in [C].
+    """
+
+    def __init__(self, d_model: int, out_channels: int, seq_len: int, num_tokens: int):
+        super().__init__()
+        assert conv_detokenized_len(num_tokens) >= seq_len, (
+            f"deconv stack makes {conv_detokenized_len(num_tokens)} steps from {num_tokens} "
+            f"tokens, fewer than seq_len={seq_len}")
+        self.seq_len = seq_len
+        chans = (d_model, 64, 32, out_channels)
+        blocks = []
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:])):
+            last = i == len(chans) - 2
+            blocks.append(nn.Sequential(
+                nn.ConvTranspose1d(c_in, c_out, _CONV_K, padding=_CONV_PAD, bias=False),
+                nn.BatchNorm1d(c_out),
+                *([] if last else [nn.ReLU()]),
+                nn.Upsample(scale_factor=2),  # nearest; after the conv so the conv runs at T/2
+            ))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, h: Tensor) -> Tensor:
+        y = self.blocks(h.transpose(1, 2))  # (B, D, T) -> (B, C, 8T - 14)
+        return y[..., : self.seq_len]  # (B, C, L)
+
+
+# ---- patch tokenizer (TimeMAE style) ---------------------------------------------------------
+
+
+def patch_num_tokens(seq_len: int, patch_size: int) -> int:
+    return -(-seq_len // patch_size)  # ceil: the tail window is padded
+
+
+class PatchTokenizer(nn.Module):
+    """Non-overlapping windows: (B, C, L) -> (B, T, D), T = ceil(L / p)."""
+
+    def __init__(self, in_channels: int, d_model: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, L = x.shape
+        p = self.patch_size
+        T = patch_num_tokens(L, p)
+        x = F.pad(x, (0, T * p - L))  # zeros = the channel mean after normalisation
+        x = x.view(B, C, T, p).permute(0, 2, 1, 3).reshape(B, T, C * p)  # (B, T, C*p)
+        return self.proj(x)  # (B, T, D)
+
+
+class PatchDetokenizer(nn.Module):
+    """Inverse of :class:`PatchTokenizer`: (B, T, D) -> (B, C, L)."""
+
+    def __init__(self, d_model: int, out_channels: int, seq_len: int, patch_size: int):
+        super().__init__()
+        self.out_channels, self.seq_len, self.patch_size = out_channels, seq_len, patch_size
+        self.proj = nn.Linear(d_model, out_channels * patch_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        B, T, _ = h.shape
+        y = self.proj(h).view(B, T, self.out_channels, self.patch_size)  # (B, T, C, p)
+        y = y.permute(0, 2, 1, 3).reshape(B, self.out_channels, T * self.patch_size)  # (B, C, T*p)
+        return y[..., : self.seq_len]  # (B, C, L)
+
+
+# ---- factories -------------------------------------------------------------------------------
+
+
+def num_tokens(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Token count T for ``seq_len`` (default ``cfg.seq_len``) under ``cfg.tokenizer``."""
+    seq_len = cfg.seq_len if seq_len is None else seq_len
+    if cfg.tokenizer == "conv":
+        return conv_num_tokens(seq_len)
+    return patch_num_tokens(seq_len, cfg.patch_size)
+
+
+def build_tokenizer(cfg: ModelConfig) -> nn.Module:
+    if cfg.tokenizer == "conv":
+        return ConvTokenizer(cfg.in_channels, cfg.d_model)
+    return PatchTokenizer(cfg.in_channels, cfg.d_model, cfg.patch_size)
+
+
+def build_detokenizer(cfg: ModelConfig) -> nn.Module:
+    """A fresh detokenizer matching ``cfg.tokenizer``; each decoder owns its own ([C])."""
+    if cfg.tokenizer == "conv":
+        return ConvDetokenizer(cfg.d_model, cfg.in_channels, cfg.seq_len, num_tokens(cfg))
+    return PatchDetokenizer(cfg.d_model, cfg.in_channels, cfg.seq_len, cfg.patch_size)

@@ -1,0 +1,139 @@
+"""What a finished search leaves behind: ``trials.parquet``, ``best_config.yaml``, ``summary.md``.
+
+Parameter importance uses Optuna's evaluators on the finished trials (fANOVA, Hutter et al., ICML
+2014; the default of ``optuna.importance.get_param_importances``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cbdtune.config import ExperimentConfig
+from cbdtune.space import SearchSpace
+
+# Columns copied from each trial's last result (when present).
+RESULT_COLUMNS = ("val_accuracy", "val_f1", "val_loss", "test_accuracy", "test_f1",
+                  "selected_stage", "selected_epoch", "linear_probe.val_accuracy",
+                  "fine_tune.val_accuracy", "training_iteration", "time_total_s", "reason")
+
+
+def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per trial: ``trial_id``, ``status``, ``param.<key>``, metrics, time."""
+    df = pd.DataFrame(rows)
+    if "trial_id" in df:
+        df = df.sort_values("trial_id").reset_index(drop=True)
+    return df
+
+
+def trial_row(trial_id: str, params: dict[str, Any], last: dict[str, Any] | None, status: str,
+              reason: str) -> dict[str, Any]:
+    last = last or {}
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "reason": reason}
+    row.update({f"param.{k}": v for k, v in params.items()})
+    for col in RESULT_COLUMNS:
+        if col in last and col != "reason":
+            row[col] = last[col]
+    return row
+
+
+def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best *completed* trial (it has a test score read at its selected point)."""
+    done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
+    if done.empty or metric not in done:
+        return None
+    idx = done[metric].idxmax() if mode == "max" else done[metric].idxmin()
+    return done.loc[idx]
+
+
+def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
+                seed: int = 0) -> dict[str, float] | str:
+    """fANOVA importances over completed trials, or the reason they cannot be computed."""
+    import optuna
+
+    dists = space.to_optuna()
+    done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
+    varied = {k: d for k, d in dists.items()
+              if f"param.{k}" in done and done[f"param.{k}"].nunique() > 1}
+    if len(done) < 3 or not varied:
+        return f"needs at least 3 completed trials with varied parameters (have {len(done)})"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for _, row in done.iterrows():
+        value = row.get(metric)
+        if value is None or not math.isfinite(float(value)):
+            continue
+        params = {k: _native(row[f"param.{k}"]) for k in varied}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=varied,
+                                                  value=float(value)))
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+
+
+def _native(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentConfig, *,
+          metric: str, mode: str, command: str, header: dict[str, Any]) -> dict[str, Path]:
+    """Write the three result files; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"trials": out_dir / "trials.parquet", "summary": out_dir / "summary.md"}
+    df.to_parquet(paths["trials"], index=False)
+    best = best_trial(df, metric, mode)
+    if best is not None:
+        params = {k[len("param."):]: _native(v) for k, v in best.items()
+                  if k.startswith("param.") and not _isnan(v)}
+        paths["best_config"] = out_dir / "best_config.yaml"
+        paths["best_config"].write_text(
+            f"# best trial {best['trial_id']}: {metric}={best[metric]:.4f}\n"
+            + base.replace(params, where="best trial").to_yaml())
+    imp = importances(df, space, metric, mode)
+    paths["summary"].write_text(_summary(df, best, imp, metric, mode, command, header))
+    return paths
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _summary(df: pd.DataFrame, best: pd.Series | None, imp: dict[str, float] | str, metric: str,
+             mode: str, command: str, header: dict[str, Any]) -> str:
+    lines = ["# Search summary", "", "```", command, "```", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    counts = df["status"].value_counts().to_dict() if "status" in df else {}
+    lines += [f"- trials: {len(df)} ({', '.join(f'{n} {s}' for s, n in counts.items())})", ""]
+    if best is not None:
+        lines += ["## Best trial (selected on validation; test read once)", "",
+                  f"trial `{best['trial_id']}`: {metric} = {best[metric]:.4f}"
+                  + (f", test_accuracy = {best['test_accuracy']:.4f}"
+                     if "test_accuracy" in best and not _isnan(best["test_accuracy"]) else ""),
+                  ""]
+    cols = ["trial_id", "status", metric, "test_accuracy", "time_total_s"]
+    cols += [c for c in df.columns if c.startswith("param.")]
+    shown = df[[c for c in dict.fromkeys(cols) if c in df]]
+    if metric in shown:
+        shown = shown.sort_values(metric, ascending=(mode == "min"), na_position="last")
+    lines += ["## Top trials", "", _markdown(shown.head(10)), ""]
+    lines += ["## Parameter importance (fANOVA, optuna.importance)", ""]
+    if isinstance(imp, str):
+        lines.append(f"not computed: {imp}")
+    else:
+        lines += ["| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in imp.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])

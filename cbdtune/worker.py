@@ -1,0 +1,161 @@
+"""The Ray Train worker around :func:`cbdtune.pipeline.run_trial` (Ray 2.60, Train V2).
+
+Shaped like Ray's ``train_tune_interop.py``: ``train_fn_per_worker`` runs on every worker of a
+``TorchTrainer``; ``train_driver_fn`` builds that trainer and is both the Tune function trainable
+(one trial of a search) and a plain function for a single run (``python -m cbdtune.train``).
+
+    [1] resume first: ``ray.train.get_checkpoint()`` -> the pipeline continues from its payload
+    [2] the dataset comes through the object store (``data_ref``), loaded once by the driver
+    [3] ``prepare_model`` wraps the model in DDP when there are several workers
+    [4] every evaluation point goes out through ``ray.train.report``, rank 0 attaching a checkpoint
+    [5] rank 0 returns the trial's history and final metrics (``Result.return_value``)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from cbdtune.config import ExperimentConfig
+from cbdtune.data import Dataset, load_dataset
+from cbdtune.pipeline import Runtime, run_trial
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """One worker of a trial. ``loop_config``: ``{"config": flat dict, "data_ref": [ObjectRef]}``."""
+    cfg = ExperimentConfig.from_dict(loop_config["config"], where="trial config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree (or use the config).
+        threads = cfg.train.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads:
+            torch.set_num_threads(threads)
+
+    # [1] resume first
+    state: dict[str, Any] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+    # [2] data: through the object store when the driver put it there
+    refs = loop_config.get("data_ref")
+    data: Dataset = ray.get(refs[0]) if refs else load_dataset(cfg.data, seed=cfg.train.seed)
+
+    history: list[dict[str, Any]] = list(state.get("history", [])) if state else []
+
+    def report(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+        history.append(dict(metrics))
+        if payload is None or rank != 0:  # [4] every rank reports; rank 0 alone checkpoints
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({**payload, "history": history}, Path(d) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    # [3] DDP only when data-parallel; the model is already on `device`.
+    rt = Runtime(device=device, rank=rank, world_size=world,
+                 wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    result = run_trial(cfg, data, report, rt=rt, state=state)
+    if rank != 0:
+        return None
+    # [5] what the driver needs to log the run, without a second read of any file
+    return {"status": result.status, "reason": result.reason, "final": result.metrics,
+            "history": history, "resumed": state is not None}
+
+
+def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
+                 workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                 storage_path: str | None = None, max_failures: int = 0,
+                 callbacks: list[Any] | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` for one trial.
+
+    Args:
+        cfg: the trial's configuration.
+        data_ref: ``ray.put(dataset)``; None makes each worker load the dataset itself.
+        name: the Train run's name; for Tune trials ``trial_id=<id>`` (no timestamps: restoring a
+            run depends on the name, as Ray's interop example warns).
+        workers: data-parallel workers.
+        gpus_per_worker: fractions share one GPU between trials (e.g. 0.25).
+        cpus_per_worker: CPUs reserved per worker (also the torch thread count on CPU).
+        storage_path: where checkpoints go (a folder or a cloud URI).
+        max_failures: worker-group restarts (from the latest checkpoint) before the trial fails.
+        callbacks: Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
+    """
+    use_gpu = gpus_per_worker > 0
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                      resources_per_worker=resources)
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=storage_path, callbacks=callbacks or [],
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+    )
+    loop_config = {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None}
+    return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config,
+                        scaling_config=scaling, run_config=run_config)
+
+
+def train_driver_fn(config: dict[str, Any],
+                    data_ref: list[Any] | None = None) -> dict[str, Any] | None:
+    """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``.
+
+    ``config`` holds run-level settings at the top (``workers``, ``gpus_per_worker``,
+    ``cpus_per_worker``, ``max_failures``, ``storage_path``) and the trial's hyperparameters as
+    dotted keys under ``train_loop_config``, as in Ray's interop example.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    loop = dict(config["train_loop_config"])
+    cfg = ExperimentConfig.from_dict(loop, where="trial config")
+    in_tune = ray.tune.get_context().get_trial_id() is not None
+    trial_id = ray.tune.get_context().get_trial_id() if in_tune else "single"
+    trainer = make_trainer(
+        cfg, data_ref=data_ref[0] if data_ref else None, name=f"trial_id={trial_id}",
+        workers=int(config.get("workers", 1)),
+        gpus_per_worker=float(config.get("gpus_per_worker", 0.0)),
+        cpus_per_worker=float(config.get("cpus_per_worker", 1.0)),
+        storage_path=config.get("storage_path"), max_failures=int(config.get("max_failures", 0)),
+        callbacks=[TuneReportCallback()] if in_tune else None,
+    )
+    result = trainer.fit()
+    # Inside Tune the worker's reports already reached Tune; a returned dict would be one more
+    # result. Called directly, the caller gets rank 0's history and final metrics.
+    return None if in_tune else (result.return_value or {})
+
+
+def connect(address: str | None = None) -> str:
+    """Join the Ray cluster at ``address`` / ``$RAY_ADDRESS``, or one running on this machine,
+    else start a local one. Returns ``"cluster"`` or ``"local"``.
+
+    ``ray job submit`` sets ``RAY_ADDRESS`` for the job, so the same command runs unchanged on a
+    laptop and on a cluster.
+    """
+    if ray.is_initialized():
+        return "cluster"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return "cluster"
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return "cluster"
+    except ConnectionError:
+        # log_to_driver=False: workers' logs stay in Ray's session folder; progress is ours.
+        ray.init(log_to_driver=False)
+        return "local"

@@ -1,0 +1,78 @@
+"""The typed config: unknown keys, bad types and out-of-range values are refused with the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbdtune.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    parse_overrides,
+    preset,
+    valid_keys,
+)
+
+
+def test_config_defaults_are_the_paper() -> None:
+    cfg = ExperimentConfig()
+    assert (cfg.model.d_model, cfg.model.encoder_layers, cfg.model.mask_ratio) == (128, 8, 0.75)
+    assert cfg.model.bernstein_order == 12 and cfg.loss.gamma == 0.5
+    assert (cfg.train.pretrain_lr, cfg.train.weight_decay, cfg.train.batch_size) == (1e-4, 3e-4, 128)
+
+
+def test_config_rejects_unknown_key() -> None:
+    with pytest.raises(ConfigError, match=r"x.yaml: model.mask_ratoi: unknown key; did you mean "
+                                          r"model.mask_ratio"):
+        ExperimentConfig.from_dict({"model": {"mask_ratoi": 0.5}}, where="x.yaml")
+
+
+def test_config_rejects_unknown_section() -> None:
+    with pytest.raises(ConfigError, match="unknown section 'modle'"):
+        ExperimentConfig.from_dict({"modle": {"mask_ratio": 0.5}})
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("model.mask_ratio", 1.5, "expected a float in \\(0, 1\\), but got 1.5"),
+    ("model.mask_ratio", 0.0, "expected a float in \\(0, 1\\)"),
+    ("model.bernstein_order", 0, "must be >= 1, but got 0"),
+    ("model.d_model", 30, "30 is not divisible by model.n_heads=4"),
+    ("loss.gamma", -0.1, "must be a finite number >= 0"),
+    ("model.tokenizer", "lstm", "expected one of \\['conv', 'patch'\\]"),
+    ("model.encoder_layers", 2.5, "expected an integer"),
+    ("model.use_cbd", "yes", "expected true or false"),
+    ("train.classifier", "svm", "expected one of"),
+])
+def test_config_rejects_bad_value_naming_the_field(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"{key}: {message}"):
+        ExperimentConfig.from_dict({key: value}, where="f.yaml")
+
+
+def test_config_dotted_and_nested_round_trip() -> None:
+    cfg = ExperimentConfig.from_dict({"model.mask_ratio": 0.5, "loss": {"gamma": 0.1}})
+    again = ExperimentConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.model.mask_ratio == 0.5 and again.loss.gamma == 0.1
+    assert sorted(cfg.to_dict()) == valid_keys()
+
+
+def test_config_int_is_accepted_for_float() -> None:
+    assert ExperimentConfig.from_dict({"loss.gamma": 1}).loss.gamma == 1.0
+
+
+def test_config_overrides_parse_yaml_values() -> None:
+    assert parse_overrides(["model.mask_ratio=0.5", "model.use_cbd=false", "train.classifier=both"]) \
+        == {"model.mask_ratio": 0.5, "model.use_cbd": False, "train.classifier": "both"}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["model.mask_ratio"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_presets_validate(name: str) -> None:
+    assert isinstance(preset(name), ExperimentConfig)
+
+
+def test_config_yaml_round_trip(tmp_path) -> None:
+    cfg = preset("smoke")
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert ExperimentConfig.from_yaml(path) == cfg
