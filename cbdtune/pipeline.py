@@ -92,7 +92,11 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, *, shuffle: bool, seed: int,
             rt: Runtime, drop_last: bool = False) -> DataLoader:
-    """A loader over in-memory tensors; sharded by a DistributedSampler when data-parallel."""
+    """A loader over in-memory tensors; sharded by a DistributedSampler when data-parallel.
+
+    The shuffle order of epoch ``e`` depends only on ``(seed, e)`` (see :func:`_epochs`), so a
+    trial resumed from a checkpoint sees the same batches as one that never stopped.
+    """
     ds = TensorDataset(*tensors)
     # drop_last only when it leaves at least one batch (gesture's 96 training series < 128).
     drop_last = drop_last and len(ds) // max(rt.world_size, 1) >= batch_size
@@ -100,14 +104,18 @@ def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, *, shuffle: bool
         sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank,
                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g,
-                      drop_last=drop_last)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(seed), drop_last=drop_last)
+    loader.base_seed = seed  # type: ignore[attr-defined]
+    return loader
 
 
 def _epochs(loader: DataLoader, epoch: int) -> DataLoader:
+    """Set the loader's shuffle order for ``epoch``."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)  # a different shard order every epoch
+    elif loader.generator is not None:
+        loader.generator.manual_seed(loader.base_seed * 100_003 + epoch)  # type: ignore[attr-defined]
     return loader
 
 
@@ -237,6 +245,7 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["mask_rng"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws continue where they stopped
         start = int(state["epoch"])
     if tc.pretrain_epochs == 0:
         return model
@@ -255,8 +264,11 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
             metrics = {"stage": "pretrain", "epoch": epoch, **losses,
                        **{f"val_{k}": v for k, v in probe.items()},
                        **diagnose(model, _tensor(data.val.x[:64]).to(rt.device))}
-            payload = {"stage": "pretrain", "epoch": epoch, "model": model.state_dict(),
-                       "optimizer": opt.state_dict(), "mask_rng": gen.get_state()}
+            # A snapshot: state_dict() tensors alias the live weights, which keep training.
+            payload = copy.deepcopy({"stage": "pretrain", "epoch": epoch,
+                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "mask_rng": gen.get_state(),
+                                     "torch_rng": torch.get_rng_state()})
             report(metrics, payload)
     if bar is not None:
         bar.close()
@@ -442,7 +454,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
 
     def report_with_stages(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
         if payload is not None:
-            payload = {**payload, "stages": done_stages}
+            payload = {**payload, "stages": dict(done_stages)}
         report(metrics, payload)
 
     try:
@@ -460,7 +472,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
             report_with_stages({"stage": stage, "epoch": result["epoch"], "stage_done": 1,
                                 **{f"val_{k}": v for k, v in result["val"].items()}},
                                {"stage": stage, "epoch": result["epoch"],
-                                "model": model.state_dict()})
+                                "model": copy.deepcopy(model.state_dict())})
     except TrialDiverged as exc:
         # val_accuracy 0: a diverged configuration ranks below every trial that trained.
         final = {"stage": "final", "final": 1, "diverged": 1, "reason": str(exc),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
                  workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  storage_path: str | None = None, max_failures: int = 0,
-                 callbacks: list[Any] | None = None) -> TorchTrainer:
+                 callbacks: list[Any] | None = None,
+                 train_fn: Callable[[dict[str, Any]], Any] | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for one trial.
 
     Args:
@@ -94,6 +96,7 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         storage_path: where checkpoints go (a folder or a cloud URI).
         max_failures: worker-group restarts (from the latest checkpoint) before the trial fails.
         callbacks: Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
+        train_fn: the per-worker function (default :func:`train_fn_per_worker`).
     """
     use_gpu = gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": cpus_per_worker}
@@ -107,7 +110,7 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
     loop_config = {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None}
-    return TorchTrainer(train_fn_per_worker, train_loop_config=loop_config,
+    return TorchTrainer(train_fn or train_fn_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling, run_config=run_config)
 
 

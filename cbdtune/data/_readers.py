@@ -92,7 +92,7 @@ def read_ts(path: Path) -> RawSplit:
     first_length: int | None = None
     in_data = False
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 -- closed by the with below
+        handle = open(path, encoding="utf-8")  # closed by the `with handle` below
     except OSError as exc:
         raise DataError(f"{path}: cannot open ({exc.strerror}); check the path and its "
                         f"permissions") from None
@@ -258,7 +258,7 @@ def read_pt(path: Path) -> RawSplit:
 
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 -- torch raises many types (pickle, zip, EOF, Runtime)
+    except Exception as exc:  # torch raises many types here: pickle, zip, EOF, Runtime errors
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise DataError(f"{path}: torch.load(weights_only=True) failed ({type(exc).__name__}: "
                         f"{reason}); {_PT_HELP}, saved with torch.save") from None

@@ -31,7 +31,8 @@ from cbdtune.data._dataset import DataError
 Kind = Literal["uea", "ucr", "ts-tcc", "tf-c", "folder"]
 
 # The public UEA/UCR zip, as aeon 1.6.0 downloads it (aeon.datasets._data_loaders.download_dataset).
-# ``$CBDTUNE_ARCHIVE_URL`` (a template with ``{name}``) replaces it, e.g. for a local mirror.
+# ``$CBDTUNE_ARCHIVE_URL`` replaces it, e.g. for a local mirror: a template with ``{name}``, or a
+# base URL that ``/NAME.zip`` is appended to.
 ARCHIVE_URL = "https://timeseriesclassification.com/aeon-toolkit/{name}.zip"
 
 _MAT_ANALYSIS = (  # UEA .ts copies, mat-analysis/datasets at the commit SOURCE.md names
@@ -106,7 +107,9 @@ class DatasetInfo:
         if self.kind not in ("uea", "ucr"):
             return None
         template = os.environ.get("CBDTUNE_ARCHIVE_URL") or ARCHIVE_URL
-        return template.format(name=self.name)
+        if "{name}" not in template:  # a bare base URL: <base>/NAME.zip
+            return f"{template.rstrip('/')}/{self.name}.zip"
+        return template.replace("{name}", self.name)  # not .format: other braces stay as typed
 
     @property
     def shape_text(self) -> str:
@@ -277,19 +280,24 @@ def resolve(name: str) -> DatasetInfo:
                                source=f"{cite}, {ARCHIVE_URL.format(name=archive_name)}")
     if Path(name).is_dir():
         return _folder_info(Path(name))
-    raise DataError(f"unknown dataset {name!r}{_suggest(name)}; "
-                    f"run `python -m cbdtune.data list`, or give a folder path")
+    raise DataError(f"unknown dataset {name!r}{_suggest(name)}; see `python -m cbdtune.data "
+                    f"list` for names, or give a folder path")
 
 
 def _suggest(name: str) -> str:
-    spelled: dict[str, str] = {}
+    """`` (did you mean a, b?)`` with the closest names, one per dataset; ``""`` if none is close."""
+    spelled: dict[str, tuple[str, str]] = {}  # lower-case spelling -> (spelling, canonical name)
     for info in REGISTRY.values():
-        spelled[info.name.lower()] = info.name
-        spelled.update({a.lower(): a for a in info.aliases})
+        spelled[info.name.lower()] = (info.name, info.name)
+        spelled.update({a.lower(): (a, info.name) for a in info.aliases})
     for archive_name in archive_names():
-        spelled.setdefault(archive_name.lower(), archive_name)
-    close = difflib.get_close_matches(name.lower(), list(spelled), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(spelled[c] for c in close)}?" if close else ""
+        spelled.setdefault(archive_name.lower(), (archive_name, archive_name))
+    shown: dict[str, str] = {}  # canonical -> the closest spelling of it
+    for close in difflib.get_close_matches(name.lower(), list(spelled), n=8, cutoff=0.6):
+        spelling, canonical = spelled[close]
+        shown.setdefault(canonical, spelling)
+    names = list(shown.values())[:3]
+    return f" (did you mean {', '.join(names)}?)" if names else ""
 
 
 def _folder_info(path: Path) -> DatasetInfo:
@@ -308,6 +316,9 @@ def _folder_info(path: Path) -> DatasetInfo:
     trains = sorted(path.glob("*_TRAIN.ts"))
     if len(trains) == 1:
         ts_name = trains[0].name[: -len("_TRAIN.ts")]
+        if not (path / f"{ts_name}_TEST.ts").is_file():
+            raise DataError(f"{path} has {trains[0].name} but not {ts_name}_TEST.ts; copy the "
+                            f"test file there (UEA/UCR datasets come as a TRAIN/TEST pair)")
         base = REGISTRY.get(ts_name)
         return replace(base, kind="folder", path=str(path)) if base is not None else DatasetInfo(
             name=ts_name, kind="folder", source=f"local folder {path}", download="none",

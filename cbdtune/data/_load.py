@@ -1,0 +1,101 @@
+"""``load_dataset``: name -> files -> arrays -> one length -> labels 0..K-1 -> train/val/test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cbdtune.config import DataConfig
+from cbdtune.data._dataset import DataError, Dataset, Split
+from cbdtune.data._fetch import locate
+from cbdtune.data._lengths import fix_length
+from cbdtune.data._readers import RawSplit, read_pt, read_ts
+from cbdtune.data._registry import DatasetInfo, resolve
+from cbdtune.data._splits import stratified_split
+
+
+def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Dataset:
+    """Load a dataset as float32 [N, C, L] splits with int64 labels 0..K-1.
+
+    Files come from ``cfg.data_dir`` (else ``$CBDTUNE_DATA_DIR``), else the cache, else a download
+    (see :mod:`cbdtune.data._fetch`). Series are brought to one length by ``cfg.length_policy``
+    (see :mod:`cbdtune.data._lengths`). Labels follow the header's ``@classLabel`` order for
+    ``.ts`` and ascending value for ``.pt``; ``class_names`` keeps the originals.
+
+    The validation split is the archive's own where it has one (HAR, TF-C ``val.pt``); otherwise
+    it is carved from train, stratified by class, with ``cfg.val_fraction`` and ``seed``.
+
+    Args:
+        cfg: the dataset name, alias, archive name or folder path, and the options above.
+        seed: seeds the validation split (``numpy.random.default_rng``); same seed, same split.
+        download: allow a download when the files are neither local nor cached.
+
+    Returns:
+        The :class:`Dataset`.
+
+    Raises:
+        DataError: unknown name, files not found, a corrupt file (with file and line), labels
+            outside the header's class list, splits with different channel counts, an all-NaN
+            series, or a train split too small to carve a validation split from.
+
+    Example:
+        >>> ds = load_dataset(DataConfig(dataset="gesture"), seed=0)  # doctest: +SKIP
+        >>> ds.train.x.shape, ds.test.x.shape  # doctest: +SKIP
+        ((96, 3, 315), (320, 3, 315))
+    """
+    info = resolve(cfg.dataset)
+    folder = Path(info.path) if info.path is not None else locate(info, cfg.data_dir,
+                                                                  download=download)
+    if info.format == "ts":
+        parts, class_names = _read_ts_pair(info, folder)
+        names = ("train", "test")
+    else:
+        parts, names, class_names = _read_pt_folder(folder)
+    arrays = dict(zip(names, fix_length(parts, cfg.length_policy), strict=True))
+    labels = {name: part.labels for name, part in zip(names, parts, strict=True)}
+
+    train = Split(arrays["train"], labels["train"])
+    if "val" in arrays:
+        val, val_origin = Split(arrays["val"], labels["val"]), "archive"
+    else:
+        train_idx, val_idx = stratified_split(train.y, cfg.val_fraction, seed)
+        if val_idx.size == 0:
+            raise DataError(f"{folder}: train has no class with two or more series, so no "
+                            f"validation split can be carved from it; add a val split")
+        val, val_origin = Split(train.x[val_idx], train.y[val_idx]), "carved"
+        train = Split(train.x[train_idx], train.y[train_idx])
+    test = Split(arrays["test"], labels["test"]) if "test" in arrays else None
+    return Dataset(name=info.name, train=train, val=val, test=test, class_names=class_names,
+                   source=info.source, location=str(folder), val_origin=val_origin)
+
+
+def _read_ts_pair(info: DatasetInfo, folder: Path) -> tuple[list[RawSplit], list[str]]:
+    """``NAME_TRAIN.ts`` and ``NAME_TEST.ts``; test labels are mapped onto train's class list."""
+    train = read_ts(folder / f"{info.name}_TRAIN.ts")
+    test = read_ts(folder / f"{info.name}_TEST.ts")
+    if test.class_names != train.class_names:
+        # Each file was checked against its own header; re-index test by train's list.
+        index = {name: i for i, name in enumerate(train.class_names)}
+        remapped = np.empty_like(test.labels)
+        for i, label in enumerate(test.labels):
+            name = test.class_names[label]
+            if name not in index:
+                raise DataError(f"{test.where(i)}: label {name!r} is not in the @classLabel list "
+                                f"of {train.path.name}; train and test must list the same classes")
+            remapped[i] = index[name]
+        test.labels = remapped
+    return [train, test], list(train.class_names)
+
+
+def _read_pt_folder(folder: Path) -> tuple[list[RawSplit], tuple[str, ...], list[str]]:
+    """``train.pt`` plus optional ``val.pt`` and ``test.pt``; labels -> 0..K-1 by sorted value."""
+    names = tuple(n for n in ("train", "val", "test") if (folder / f"{n}.pt").is_file())
+    if "train" not in names:
+        raise DataError(f"{folder}: no train.pt; a TF-C style folder holds train.pt, val.pt and "
+                        f"optionally test.pt")
+    parts = [read_pt(folder / f"{n}.pt") for n in names]
+    values = np.unique(np.concatenate([p.labels for p in parts]))
+    for part in parts:
+        part.labels = np.searchsorted(values, part.labels).astype(np.int64)
+    return parts, names, [str(int(v)) for v in values]

@@ -1,0 +1,29 @@
+"""Shared test set-up: where the real datasets live, and no telemetry from Ray or MLflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The real datasets: ``$CBDTUNE_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
+    env = os.environ.get("CBDTUNE_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+# At import time, before any test module imports Ray or MLflow: loaders that are given no data dir
+# read the shared data, and neither library phones home from a test run.
+os.environ.setdefault("CBDTUNE_DATA_DIR", str(shared_data_dir()))
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+@pytest.fixture(name="shared_data_dir", scope="session")
+def _shared_data_dir_fixture() -> Path:
+    """:func:`shared_data_dir` as a fixture."""
+    return shared_data_dir()

@@ -1,0 +1,123 @@
+"""The plain-torch trial: it learns, reads the test split once, resumes exactly, stops on NaN."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from cbdtune import pipeline
+from cbdtune.config import DataConfig, preset
+from cbdtune.data import Dataset, load_dataset
+
+
+@pytest.fixture(scope="module")
+def gesture() -> Dataset:
+    return load_dataset(DataConfig(dataset="gesture"), seed=0)
+
+
+def _run(cfg, data, state=None):
+    reports: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    result = pipeline.run_trial(cfg, data, lambda m, s: reports.append((m, s)), state=state)
+    return result, reports
+
+
+class _CountingSplit:
+    """A test split that counts how often its series are read."""
+
+    def __init__(self, split: Any) -> None:
+        self._split = split
+        self.reads = 0
+
+    @property
+    def x(self) -> Any:
+        self.reads += 1
+        return self._split.x
+
+    @property
+    def y(self) -> Any:
+        return self._split.y
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+
+def test_run_trial_smoke_learns_and_reads_test_once(gesture: Dataset) -> None:
+    """Smoke preset on gesture: validation accuracy well above chance (1/8).
+
+    The validation split has 24 series (20% of 120, stratified: 3 per class). Guessing gets 12.5%;
+    the chance of a guesser reaching >= 9/24 (0.375) is below 0.5% (binomial tail), so 0.375 is a
+    margin a broken pipeline cannot pass by luck.
+    """
+    counting = _CountingSplit(gesture.test)
+    data = dataclasses.replace(gesture, test=counting)
+    counting.reads = 0  # Dataset validated the split's shape on construction
+    cfg = preset("smoke").replace({"train.classifier": "both", "train.num_threads": 2})
+    result, reports = _run(cfg, data)
+    final = result.metrics
+    assert result.status == "completed"
+    assert counting.reads == 1, "the test split must be read exactly once"
+    assert final["val_accuracy"] >= 0.375
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and 0.0 <= final["test_f1"] <= 1.0
+    assert final["selected_stage"] in ("linear_probe", "fine_tune")
+    # No report before the last one carries a test metric.
+    assert all(not any(k.startswith("test") for k in m) for m, _ in reports[:-1])
+    stages = [m["stage"] for m, _ in reports]
+    assert stages[0] == "pretrain" and stages[-1] == "final"
+    assert {"linear_probe", "fine_tune"} <= set(stages)
+    pre = [m for m, _ in reports if m["stage"] == "pretrain"]
+    assert all(k in pre[0] for k in ("loss.time_rec", "loss.freq_dual", "loss.freq_rec",
+                                     "loss.time_dual", "loss.total", "val_accuracy"))
+    assert any(k.startswith("diag.energy_low") for k in pre[0])
+    assert all(s is not None for m, s in reports if m["stage"] == "pretrain")
+
+
+def test_run_trial_resumes_from_checkpoint_exactly(gesture: Dataset) -> None:
+    """A trial restarted from its first checkpoint continues (not from epoch 0) and matches."""
+    cfg = preset("smoke").replace({"train.num_threads": 2, "train.classifier_epochs": 4})
+    full, full_reports = _run(cfg, gesture)
+    first_state = next(s for _, s in full_reports if s is not None)
+    assert first_state["epoch"] == cfg.train.probe_every
+    resumed, resumed_reports = _run(cfg, gesture, state=first_state)
+    pre_epochs = [m["epoch"] for m, _ in resumed_reports if m["stage"] == "pretrain"]
+    assert pre_epochs[0] > first_state["epoch"], "resumed trial restarted from epoch 0"
+    tail = [m for m, _ in full_reports
+            if m["stage"] != "pretrain" or m["epoch"] > first_state["epoch"]]
+    assert len(tail) == len(resumed_reports)
+    assert resumed.metrics["val_accuracy"] == full.metrics["val_accuracy"]
+    assert resumed.metrics["test_accuracy"] == full.metrics["test_accuracy"]
+    assert math.isclose(resumed_reports[0][0]["loss.total"], tail[0]["loss.total"], rel_tol=1e-5)
+
+
+def test_run_trial_nan_loss_ends_with_reason(gesture: Dataset, monkeypatch) -> None:
+    real = pipeline.dual_constraint_loss
+    calls = {"n": 0}
+
+    def poisoned(x, out, cfg):
+        terms = real(x, out, cfg)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms = {**terms, "total": terms["total"] * torch.tensor(float("nan"))}
+        return terms
+
+    monkeypatch.setattr(pipeline, "dual_constraint_loss", poisoned)
+    counting = _CountingSplit(gesture.test)
+    data = dataclasses.replace(gesture, test=counting)
+    counting.reads = 0
+    result, reports = _run(preset("smoke"), data)
+    assert result.status == "diverged"
+    assert "pretrain epoch" in result.reason and "nan" in result.reason
+    assert reports[-1][0]["diverged"] == 1 and reports[-1][0]["reason"] == result.reason
+    assert counting.reads == 0
+
+
+def test_macro_f1_matches_definition() -> None:
+    import numpy as np
+
+    true = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    # per class F1: c0 tp1 fp1 fn1 -> 0.5; c1 tp2 fp1 fn0 -> 0.8; c2 tp1 fp0 fn1 -> 2/3
+    assert math.isclose(pipeline.macro_f1(pred, true, 3), (0.5 + 0.8 + 2 / 3) / 3)
