@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data_dir
 
 from cbdtune.config import DataConfig
 from cbdtune.data import (
@@ -56,13 +55,13 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def real() -> Callable[..., Dataset]:
+def real(shared_data_dir: Path) -> Callable[..., Dataset]:
     """Load a dataset from the shared data once per module (parsing .ts costs ~0.2 s each)."""
     loaded: dict[tuple[str, int], Dataset] = {}
 
     def load(name: str, seed: int = 0) -> Dataset:
         if (name, seed) not in loaded:
-            cfg = DataConfig(dataset=name, data_dir=str(shared_data_dir()))
+            cfg = DataConfig(dataset=name, data_dir=str(shared_data_dir))
             loaded[name, seed] = load_dataset(cfg, seed=seed, download=False)
         return loaded[name, seed]
 
@@ -154,24 +153,24 @@ def test_load_dataset_keeps_original_class_names(real: Callable[..., Dataset]) -
     assert real("gesture").class_names == [f"{i}.0" for i in range(1, 9)]
 
 
-def test_registry_sha256_matches_shared_files() -> None:
+def test_registry_sha256_matches_shared_files(shared_data_dir: Path) -> None:
     """The sha256 values copied from SOURCE.md match the shared files (guards typos)."""
     checked = 0
     for info in list_datasets():
         for spec in info.files:
             if spec.sha256 is None:
                 continue
-            folder = _fetch.find_in(info, shared_data_dir())
-            assert folder is not None, f"{info.name} not in {shared_data_dir()}"
+            folder = _fetch.find_in(info, shared_data_dir)
+            assert folder is not None, f"{info.name} not in {shared_data_dir}"
             digest = hashlib.sha256((folder / spec.name).read_bytes()).hexdigest()
             assert digest == spec.sha256, f"{info.name}/{spec.name}"
             checked += 1
     assert checked == 11
 
 
-def test_load_dataset_tfc_gesture_by_path() -> None:
+def test_load_dataset_tfc_gesture_by_path(shared_data_dir: Path) -> None:
     """A TF-C folder given by path uses its own val split; float labels become int64."""
-    ds = load_dataset(DataConfig(dataset=str(shared_data_dir() / "TFC_Gesture")))
+    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "TFC_Gesture")))
     assert ds.val_origin == "archive"
     assert (len(ds.train), len(ds.val), len(ds.test)) == (320, 120, 120)
     assert (ds.n_channels, ds.seq_len, ds.n_classes) == (3, 206, 8)
@@ -179,19 +178,19 @@ def test_load_dataset_tfc_gesture_by_path() -> None:
     assert ds.train.y.dtype == np.int64 and (ds.train.class_counts(8) == 40).all()
 
 
-def test_load_dataset_epilepsy_tfc_by_path_has_no_test() -> None:
+def test_load_dataset_epilepsy_tfc_by_path_has_no_test(shared_data_dir: Path) -> None:
     """A TF-C folder without test.pt loads with test None."""
-    ds = load_dataset(DataConfig(dataset=str(shared_data_dir() / "Epilepsy_TFC")))
+    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "Epilepsy_TFC")))
     assert ds.test is None
     assert (len(ds.train), len(ds.val), ds.n_channels, ds.seq_len, ds.n_classes) == (
         60, 20, 1, 178, 2)
 
 
-def test_load_dataset_tfc_by_alias_from_data_dir() -> None:
+def test_load_dataset_tfc_by_alias_from_data_dir(shared_data_dir: Path) -> None:
     """A registered TF-C folder is also found by alias in the data dir."""
-    ds = load_dataset(DataConfig(dataset="epilepsy", data_dir=str(shared_data_dir())),
+    ds = load_dataset(DataConfig(dataset="epilepsy", data_dir=str(shared_data_dir)),
                       download=False)
-    assert Path(ds.location) == shared_data_dir() / "Epilepsy_TFC"
+    assert Path(ds.location) == shared_data_dir / "Epilepsy_TFC"
 
 
 # ---- registry -----------------------------------------------------------------------------------
@@ -237,10 +236,11 @@ def test_stratified_split_same_seed_same_split_other_seed_differs() -> None:
     assert not np.array_equal(a, c)
 
 
-def test_load_dataset_val_split_reproducible_by_seed(real: Callable[..., Dataset]) -> None:
+def test_load_dataset_val_split_reproducible_by_seed(shared_data_dir: Path,
+                                                     real: Callable[..., Dataset]) -> None:
     """Same seed, same validation series; another seed, others; class proportions kept."""
     ds0, ds1 = real("gesture", 0), real("gesture", 1)
-    again = load_dataset(DataConfig(dataset="gesture", data_dir=str(shared_data_dir())), seed=0)
+    again = load_dataset(DataConfig(dataset="gesture", data_dir=str(shared_data_dir)), seed=0)
     assert np.array_equal(ds0.val.x, again.val.x) and np.array_equal(ds0.val.y, again.val.y)
     assert not np.array_equal(ds0.val.x, ds1.val.x)
     assert (ds0.val.class_counts(8) == 3).all() and (ds0.train.class_counts(8) == 12).all()
@@ -259,7 +259,8 @@ def test_resample_series_interpolates_linearly() -> None:
     np.testing.assert_allclose(resample_series(x, 5), [[0, 0.5, 1, 1.5, 2], [1, 1, 1, 1, 1]])
 
 
-VARIABLE_HEADER = "@problemName Var\n@dimensions 2\n@equalLength false\n@classLabel true a b\n@data\n"
+VARIABLE_HEADER = (
+    "@problemName Var\n@dimensions 2\n@equalLength false\n@classLabel true a b\n@data\n")
 
 
 def test_fix_length_variable_length_pad_and_resample(tmp_path: Path) -> None:
@@ -282,7 +283,8 @@ def test_fix_length_variable_length_pad_and_resample(tmp_path: Path) -> None:
 def test_load_dataset_nan_padded_series_end_to_end(tmp_path: Path) -> None:
     """Trailing NaN padding is dropped and padded by policy; no NaN reaches the arrays."""
     header = TOY_HEADER.replace("@seriesLength 3", "@seriesLength 4")
-    train = header + "1,2,3,4:1,1,1,1:a\n1,2,NaN,NaN:2,2,NaN,NaN:a\n1,2,3,4:1,1,1,1:b\n5,6,7,8:1,1,1,1:b\n"
+    train = header + ("1,2,3,4:1,1,1,1:a\n1,2,NaN,NaN:2,2,NaN,NaN:a\n"
+                      "1,2,3,4:1,1,1,1:b\n5,6,7,8:1,1,1,1:b\n")
     folder = _toy(tmp_path, train=train, test=header + "1,2,3,4:1,1,1,1:a\n")
     for policy in ("pad", "resample"):
         ds = load_dataset(DataConfig(dataset=str(folder), length_policy=policy))
@@ -293,11 +295,12 @@ def test_load_dataset_nan_padded_series_end_to_end(tmp_path: Path) -> None:
 # ---- downloads and the cache --------------------------------------------------------------------
 
 
-def test_fetch_archive_zip_into_cache_with_checksum(monkeypatch: pytest.MonkeyPatch,
+def test_fetch_archive_zip_into_cache_with_checksum(shared_data_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """zip -> cache, sha256 checked, then loaded from the cache when no data dir has it."""
-    source = shared_data_dir() / "UEA_FingerMovements"
+    source = shared_data_dir / "UEA_FingerMovements"
     _zip(tmp_path / "FingerMovements.zip", {  # nested, as some archive zips are
         f"FingerMovements/{f}": (source / f).read_bytes()
         for f in ("FingerMovements_TRAIN.ts", "FingerMovements_TEST.ts")})
@@ -316,8 +319,10 @@ def test_fetch_pinned_files_then_reuses_cache(monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
     """Registry entries with per-file URLs are downloaded once, checked, and then reused."""
     remote = tmp_path / "remote"
-    _save_pt(remote, "train", {"samples": torch.randn(6, 2, 8), "labels": torch.tensor([0, 1] * 3)})
-    _save_pt(remote, "val", {"samples": torch.randn(2, 2, 8), "labels": torch.tensor([0, 1])})
+    _save_pt(remote, "train", {"samples": torch.arange(96.0).reshape(6, 2, 8),
+                               "labels": torch.tensor([0, 1] * 3)})
+    _save_pt(remote, "val", {"samples": torch.arange(32.0).reshape(2, 2, 8),
+                             "labels": torch.tensor([0, 1])})
     files = tuple(FileSpec(f"{s}.pt", hashlib.sha256((remote / f"{s}.pt").read_bytes()).hexdigest(),
                            (remote / f"{s}.pt").as_uri()) for s in ("train", "val"))
     info = DatasetInfo(name="Tiny", kind="tf-c", format="pt", files=files, download="files")
@@ -448,17 +453,19 @@ def test_cli_debug_raises_instead(tmp_path: Path) -> None:
 # ---- the command line on good input -------------------------------------------------------------
 
 
-def test_cli_info_gesture_prints_published_facts(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_info_gesture_prints_published_facts(shared_data_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """What `CBDTUNE_DATA_DIR=../shared/data python -m cbdtune.data info gesture` prints."""
-    code, out, _ = _cli(capsys, "info", "gesture", "--data-dir", str(shared_data_dir()))
+    code, out, _ = _cli(capsys, "info", "gesture", "--data-dir", str(shared_data_dir))
     assert code == 0
     for needle in ("UWaveGestureLibrary", "120 train / 320 test", "96 train / 24 val",
                    "channels:  3", "length:    315", "classes:   8", "location:  "):
         assert needle in out
 
 
-def test_cli_list_shows_registry(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _cli(capsys, "list", "--data-dir", str(shared_data_dir()))
+def test_cli_list_shows_registry(shared_data_dir: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(capsys, "list", "--data-dir", str(shared_data_dir))
     assert code == 0
     assert all(name in out for name in PAPER_TEN)
     assert "gesture" in out

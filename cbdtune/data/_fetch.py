@@ -68,7 +68,7 @@ def find_in(info: DatasetInfo, root: Path) -> Path | None:
     Raises:
         DataError: a candidate folder holds some of the files but not all (an incomplete copy).
     """
-    names = [info.name, f"UEA_{info.name}", f"UCR_{info.name}", *info.folder_names, *info.aliases]
+    names = [info.name, f"UEA_{info.name}", f"UCR_{info.name}", *info.aliases]
     folders = [root / n for n in dict.fromkeys(names)]
     if info.format == "ts":
         folders.append(root)  # flat NAME_TRAIN.ts / NAME_TEST.ts

@@ -52,7 +52,9 @@ class RawSplit:
 
     def where(self, i: int) -> str:
         """``file:line`` of case ``i`` (``file: sample i`` for ``.pt``)."""
-        return f"{self.path}:{self.lines[i]}" if self.lines is not None else f"{self.path}: sample {i}"
+        if self.lines is None:
+            return f"{self.path}: sample {i}"
+        return f"{self.path}:{self.lines[i]}"
 
 
 # ---- .ts ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, val_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split indices ``0..N-1`` into train and validation parts, class by class.
 
     Each class with ``n`` members gives ``round(n * val_fraction)`` of them to validation, kept
