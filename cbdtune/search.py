@@ -97,8 +97,15 @@ def validate_args(args: argparse.Namespace) -> None:
                            "(a worker shares one GPU) or whole numbers")
 
 
-def expected_reports(cfg: ExperimentConfig) -> int:
-    """How many results one full trial reports: ASHA's ``max_t``."""
+def expected_reports(cfg: ExperimentConfig, space: SearchSpace | None = None) -> int:
+    """How many results one full trial reports at most: ASHA's ``max_t``.
+
+    ASHA stops every trial at ``max_t``, so it must not fall short of a trial's last (final)
+    report; searched epoch counts are taken at their upper bound.
+    """
+    for p in space.params if space else ():
+        if p.key.startswith("train.") and p.key.endswith("epochs") and p.high is not None:
+            cfg = cfg.replace({p.key: int(p.high)})
     tc = cfg.train
     pre = math.ceil(tc.pretrain_epochs / tc.probe_every) if tc.pretrain_epochs else 0
     stages = 2 if tc.classifier == "both" else 1
@@ -251,15 +258,15 @@ def main(args: argparse.Namespace) -> int:
     # [4] The trainable: the dataset goes to the object store once, for every trial and worker.
     data_ref = ray.put(data)
     trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, data_ref=[data_ref]),
+        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=base.to_dict()),
         {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
     train_storage = f"{root}/{name}/train"
     if args.scheduler == "asha":
-        max_t = expected_reports(base)
+        # Rungs: the first after the pretraining probes (the cheap fidelity signal), then x3.
+        max_t = expected_reports(base, space) + 1
+        grace = expected_reports(base.replace({"train.classifier_epochs": 0}))
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=max(1, min(max_t, expected_reports(
-                                      base.replace({"train.classifier_epochs": 0})))),
-                                  reduction_factor=3)
+                                  grace_period=max(1, min(grace, max_t)), reduction_factor=3)
     else:
         scheduler = FIFOScheduler()
     # Tune checkpoints the experiment (searcher, scheduler, callbacks) into storage: --resume.

@@ -114,18 +114,20 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
                         scaling_config=scaling, run_config=run_config)
 
 
-def train_driver_fn(config: dict[str, Any],
-                    data_ref: list[Any] | None = None) -> dict[str, Any] | None:
+def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
+                    base: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``.
 
     ``config`` holds run-level settings at the top (``workers``, ``gpus_per_worker``,
     ``cpus_per_worker``, ``max_failures``, ``storage_path``) and the trial's hyperparameters as
-    dotted keys under ``train_loop_config``, as in Ray's interop example.
+    dotted keys under ``train_loop_config``, as in Ray's interop example. They override ``base``,
+    the search's fixed configuration (passed with ``tune.with_parameters`` so Tune's tables and
+    the searcher see only what is searched).
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    loop = dict(config["train_loop_config"])
-    cfg = ExperimentConfig.from_dict(loop, where="trial config")
+    cfg = ExperimentConfig.from_dict(base or {}, where="search base config")
+    cfg = cfg.replace(dict(config["train_loop_config"]), where="trial config")
     in_tune = ray.tune.get_context().get_trial_id() is not None
     trial_id = ray.tune.get_context().get_trial_id() if in_tune else "single"
     trainer = make_trainer(
