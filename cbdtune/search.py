@@ -289,19 +289,10 @@ def main(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
 
     # [5] Results: table, best config, summary; the parent run gets them as artifacts.
-    rows = []
-    for res in grid:
-        last = res.metrics or {}
-        trial_id = last.get("trial_id") or Path(res.path).name.removeprefix("trial_")
-        status, reason = tracking.trial_status(last, errored=res.error is not None,
-                                               error=str(res.error or ""))
-        rows.append(results.trial_row(trial_id, (res.config or {}).get("train_loop_config", {}),
-                                      last, status, reason))
-    df = results.trials_frame(rows)
-    finished = len(df) >= args.num_samples and "status" in df and (df["status"] != "running").all()
+    df = results.trials_frame(_rows(grid))
+    interrupted = len(df) < args.num_samples or bool((df["status"] == "unfinished").any())
     out_dir = Path(args.results_dir) / data.name / name
-    header["wall_s"] = round(wall, 1)
-    header["ray"] = where
+    header.update({"wall_s": round(wall, 1), "ray": where})
     paths = results.write(out_dir, df, space, base, metric=metric, mode=mode, command=command,
                           header=header)
     for path in paths.values():
@@ -312,15 +303,30 @@ def main(args: argparse.Namespace) -> int:
                                            ("val_accuracy", "val_f1", "test_accuracy", "test_f1")
                                            if k in best}, step=len(df))
         tracking.set_tags(mlc, parent, {"cbdtune.best_trial": best["trial_id"]})
-    interrupted = len(df) < args.num_samples or (df.get("status") == "running").any() \
-        if "status" in df else True
-    mlc.set_terminated(parent, status="KILLED" if interrupted and not finished else "FINISHED")
+    mlc.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
     _print_best(df, best, metric, out_dir, wall, name)
-    if interrupted and not finished:
-        print(f"search {name} stopped before its {args.num_samples} trials; continue it with: "
-              f"{command} --resume", file=sys.stderr)
+    if interrupted:
+        print(f"search {name} stopped before its {args.num_samples} trials finished; continue it "
+              f"with: {command} --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _rows(grid: Any) -> list[dict[str, Any]]:
+    """One row per trial of a ``ResultGrid``, with the status the MLflow callback also uses."""
+    # Tune's own trial states tell a trial that ended from one cut off by Ctrl-C.
+    states = {t.trial_id: t.status for t in getattr(grid, "_experiment_analysis").trials}
+    rows = []
+    for res in grid:
+        last = res.metrics or {}
+        trial_id = last.get("trial_id") or Path(res.path).name.removeprefix("trial_")
+        status, reason = tracking.trial_status(last, errored=res.error is not None,
+                                               error=str(res.error or ""))
+        if states.get(trial_id) not in ("TERMINATED", "ERROR"):
+            status, reason = "unfinished", "the search was interrupted; --resume continues it"
+        params = (res.config or {}).get("train_loop_config", {})
+        rows.append(results.trial_row(trial_id, params, last, status, reason))
+    return rows
 
 
 def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, name: str) -> None:

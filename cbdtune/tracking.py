@@ -208,6 +208,10 @@ class MLflowTrialCallback(Callback):
 
     # -- Tune's callback state: survives an interrupted search -------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; a live MLflow client does not pickle.
+        return {**self.__dict__, "_client": None}
+
     def get_state(self) -> dict[str, Any]:
         return {"runs": dict(self._runs), "history": {k: list(v) for k, v in self._history.items()}}
 

@@ -62,38 +62,59 @@ def random_masking(
     return ids_keep, ids_restore, mask
 
 
-def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """Bool keep mask, each element kept with probability 1 - p, from 15 random bits per element.
+def dropout_drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """Bool mask, True (drop) with probability p, from 15 random bits per element.
 
-    Why: on CPU ``bernoulli_`` costs ~7 ns per element and the dropout after the 2048-wide FFN
-    hidden layer made it the largest single cost of a pretraining step (more than the matmuls
-    around it). One 64-bit draw sliced into four 15-bit fields costs ~1 ns per element. p is
-    quantised to 1/32768 (0.1 -> 0.100006). Uses the default generator, so torch.manual_seed
-    makes it reproducible, like F.dropout. Used on every device, so CPU and CUDA
-    runs drop with the same probability.
+    ``bernoulli_`` costs ~7 ns per element on CPU; one 64-bit draw sliced into four 15-bit fields
+    costs ~1 ns. p is quantised to 1/32768 (0.1 -> 0.100006). Uses the default generator, so
+    ``torch.manual_seed`` makes it reproducible, like ``F.dropout``.
     """
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 bits
     fields = words.view(torch.int16)[:numel].view(shape) & 0x7FFF  # 4 uniform 15-bit fields/word
-    return fields >= round(p * 32768)
+    return fields < round(p * 32768)
 
 
-def dropout(x: Tensor, p: float, training: bool, *, relu: bool = False,
-            rescale: bool = True) -> Tensor:
-    """``F.dropout(F.relu(x) if relu else x, p, training)`` with the mask of :func:`dropout_keep_mask`.
+class _InplaceDropout(torch.autograd.Function):
+    """Dropout (optionally after ReLU) applied in place to a freshly computed activation.
 
-    With ``relu`` the ReLU and the dropout share one ``where`` (one bool mask saved for backward
-    instead of the ReLU output plus a float dropout mask). ``rescale=False`` leaves the 1/(1-p)
-    factor to the caller, who can fold it into the next layer's weight: every pass over a
-    (B, T, 2048) activation costs as much as a small matmul on 2 cores.
+    Why: on 2 CPU cores every out-of-place pass over a (B, T, 2048) FFN activation costs as much
+    as a small matmul, mostly page faults on the new buffer and slow mixed bool/float kernels.
+    ``F.dropout(F.relu(h))`` makes three such buffers and saves two for backward; this makes none
+    and saves only the output, which the next linear layer saves anyway.
     """
-    if not training or p == 0.0:
-        return F.relu(x) if relu else x
-    keep = dropout_keep_mask(x.shape, p, x.device)
-    if relu:
-        keep &= x > 0
-    x = torch.where(keep, x, 0.0)
-    return x * (1.0 / (1.0 - p)) if rescale else x
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float, relu: bool) -> Tensor:  # type: ignore[override]
+        ctx.mark_dirty(x)
+        ctx.scale, ctx.relu = 1.0 / (1.0 - p), relu
+        drop = dropout_drop_mask(x.shape, p, x.device)
+        if relu:
+            x.relu_()
+        x.masked_fill_(drop, 0.0).mul_(ctx.scale)
+        # with ReLU, out == 0 exactly where the gradient is 0 (dropped or negative input)
+        ctx.save_for_backward(x if relu else drop)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (saved,) = ctx.saved_tensors
+        if ctx.relu:
+            g = torch.ops.aten.threshold_backward(grad, saved, 0.0)
+        else:
+            g = grad.masked_fill(saved, 0.0)
+        return g.mul_(ctx.scale), None, None
+
+
+def dropout_(x: Tensor, p: float, training: bool, *, relu: bool = False) -> Tensor:
+    """``F.dropout(F.relu(x) if relu else x, p, training)``, overwriting ``x`` on CPU.
+
+    ``x`` must be a fresh activation nothing else needs (e.g. a linear layer's output). CUDA
+    keeps PyTorch's fused dropout kernel.
+    """
+    if not training or p == 0.0 or x.is_cuda or not x.is_contiguous():
+        return F.dropout(F.relu(x) if relu else x, p, training)
+    return _InplaceDropout.apply(x, p, relu)
 
 
 class TransformerLayer(nn.Module):
@@ -103,7 +124,7 @@ class TransformerLayer(nn.Module):
     (ReLU, dropout on attention weights, after attention and in the FFN, post-norm), written
     with one fused qkv projection and ``F.scaled_dot_product_attention`` so training takes the
     fused attention kernels rather than the generic multi-head-attention path, and with the
-    cheaper dropout of :func:`dropout`.
+    in-place CPU dropout of :func:`dropout_`.
     """
 
     def __init__(self, d_model: int, n_heads: int, ff_dim: int, dropout: float):
@@ -125,11 +146,9 @@ class TransformerLayer(nn.Module):
         # q, k, v: (B, nh, T, hs)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, T, hs)
         a = a.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        x = self.norm1(x + dropout(self.out_proj(a), p, self.training))
-        h = dropout(self.ff1(x), p, self.training, relu=True, rescale=False)  # (B, T, ff)
-        # the dropout's 1/(1-p), applied to the (D, ff) weight instead of the (B, T, ff) input
-        w2 = self.ff2.weight * (1.0 / (1.0 - p)) if p > 0.0 else self.ff2.weight
-        return self.norm2(x + dropout(F.linear(h, w2, self.ff2.bias), p, self.training))
+        x = self.norm1(x + dropout_(self.out_proj(a), p, self.training))
+        h = dropout_(self.ff1(x), p, self.training, relu=True)  # (B, T, ff)
+        return self.norm2(x + dropout_(self.ff2(h), p, self.training))
 
 
 class Encoder(nn.Module):
