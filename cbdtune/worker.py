@@ -144,6 +144,12 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
     return None if in_tune else (result.return_value or {})
 
 
+# Ray Train V2's controller polls its workers every 2 s and a worker's ``ray.train.report``
+# waits for that poll: about 1.9 s per report on a small trial (measured here), 400 s of idle
+# time for the paper's 200 classifier epochs. Polling every 0.25 s brings it to ~0.23 s.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
 def connect(address: str | None = None) -> str:
     """Join the Ray cluster at ``address`` / ``$RAY_ADDRESS``, or one running on this machine,
     else start a local one. Returns ``"cluster"`` or ``"local"``.
@@ -153,14 +159,17 @@ def connect(address: str | None = None) -> str:
     """
     if ray.is_initialized():
         return "cluster"
+    # The job-level env vars merge with a submitted job's own (unless it sets the same keys).
+    env = {k: v for k, v in TRAIN_POLL_ENV.items() if k not in os.environ}
+    runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
+    # log_to_driver=False: workers' logs stay in Ray's session folder; progress is Tune's.
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         return "cluster"
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto", log_to_driver=False, runtime_env=runtime_env)
         return "cluster"
     except ConnectionError:
-        # log_to_driver=False: workers' logs stay in Ray's session folder; progress is ours.
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, runtime_env=runtime_env)
         return "local"

@@ -150,8 +150,9 @@ def test_search_resume_after_sigint_no_duplicates(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = _search_cmd(tmp_path, uri, "--scheduler", "none", "--max-concurrent", "1")
     cmd[cmd.index("--num-samples") + 1] = "3"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), start_new_session=True)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
     deadline = time.time() + 400
     finished = 0
     while time.time() < deadline and proc.poll() is None:
@@ -164,9 +165,11 @@ def test_search_resume_after_sigint_no_duplicates(tmp_path: Path) -> None:
             finished = sum(c.info.status == "FINISHED" for c in children)
             if finished >= 1:
                 break
-    assert finished >= 1 and proc.poll() is None, "no trial finished before the deadline"
+    first = (tmp_path / "first.log").read_text
+    assert finished >= 1 and proc.poll() is None, first()[-3000:]
     os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=180)
+    proc.wait(timeout=180)
+    out = first()
     assert proc.returncode != 0, out[-2000:]
     assert "--resume" in out
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(),

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker.TRAIN_POLL_ENV})
     yield
     ray.shutdown()
 
@@ -49,37 +50,38 @@ def _fit(cfg, data, tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
     return result.return_value
 
 
-def test_worker_matches_in_process(ray_local, gesture, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_worker(ray_local, gesture, tmp_path_factory) -> dict[str, Any]:
+    return _fit(_cfg(), gesture, tmp_path_factory.mktemp("one"))
+
+
+def test_worker_matches_in_process(one_worker, gesture) -> None:
     """TorchTrainer with one CPU worker gives the in-process metrics for the same seed."""
-    cfg = _cfg()
     reports: list[dict[str, Any]] = []
-    local = run_trial(cfg, gesture, lambda m, s: reports.append(m)).metrics
-    remote = _fit(cfg, gesture, tmp_path)
-    assert remote["status"] == "completed"
-    final = remote["final"]
+    local = run_trial(_cfg(), gesture, lambda m, s: reports.append(m)).metrics
+    assert one_worker["status"] == "completed"
+    final = one_worker["final"]
     for key in ("val_accuracy", "test_accuracy", "test_f1", "selected_epoch"):
         assert final[key] == local[key], key
-    remote_pre = [m for m in remote["history"] if m["stage"] == "pretrain"]
+    remote_pre = [m for m in one_worker["history"] if m["stage"] == "pretrain"]
     local_pre = [m for m in reports if m["stage"] == "pretrain"]
     assert len(remote_pre) == len(local_pre)
     for a, b in zip(remote_pre, local_pre, strict=True):
         assert math.isclose(a["loss.total"], b["loss.total"], rel_tol=1e-5)
 
 
-def test_worker_two_workers_agree_with_one(ray_local, gesture, tmp_path: Path) -> None:
+def test_worker_two_workers_agree_with_one(one_worker, gesture, tmp_path: Path) -> None:
     """Two data-parallel workers (same global batch) train like one.
 
     Tolerance: the last pretraining loss within 25% (the workers see other masks and batch
     orders), and validation accuracy within 0.25 (6 of 24 validation series).
     """
-    cfg = _cfg()
-    one = _fit(cfg, gesture, tmp_path / "one")
-    two = _fit(cfg, gesture, tmp_path / "two", workers=2)
+    two = _fit(_cfg(), gesture, tmp_path, workers=2)
     assert two["status"] == "completed"
     last = [[m for m in r["history"] if m["stage"] == "pretrain"][-1]["loss.total"]
-            for r in (one, two)]
+            for r in (one_worker, two)]
     assert abs(last[0] - last[1]) <= 0.25 * last[0]
-    assert abs(one["final"]["val_accuracy"] - two["final"]["val_accuracy"]) <= 0.25
+    assert abs(one_worker["final"]["val_accuracy"] - two["final"]["val_accuracy"]) <= 0.25
 
 
 def crash_once_fn(loop_config: dict[str, Any]) -> Any:

@@ -63,7 +63,7 @@ def diagnose(model: CBDModel, x: Tensor) -> dict[str, float]:
             feats[f"layer{i}"] = h
         out: dict[str, float] = {}
         for name, f in feats.items():
-            for band, frac in zip(_BANDS, band_energy(f).tolist()):
+            for band, frac in zip(_BANDS, band_energy(f).tolist(), strict=True):
                 out[f"diag.energy_{band}.{name}"] = frac
             out[f"diag.erank.{name}"] = effective_rank(f).item()
         return out

@@ -83,7 +83,7 @@ class ConvTokenizer(nn.Module):
                 nn.ReLU(),
                 nn.MaxPool1d(kernel_size=2, stride=2, padding=1),
             )
-            for c_in, c_out in zip(chans[:-1], chans[1:])
+            for c_in, c_out in zip(chans[:-1], chans[1:], strict=True)
         ])
         self.proj = nn.Linear(d_model, d_model)  # [C] patch_to_embedding
 
@@ -109,7 +109,7 @@ class ConvDetokenizer(nn.Module):
         self.seq_len = seq_len
         chans = (d_model, 64, 32, out_channels)
         blocks = []
-        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:])):
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
             last = i == len(chans) - 2
             blocks.append(nn.Sequential(
                 nn.ConvTranspose1d(c_in, c_out, _CONV_K, padding=_CONV_PAD, bias=False),

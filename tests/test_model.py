@@ -1,0 +1,295 @@
+"""The CBD model: shapes, masking, gradients, probe mode, determinism, switches, diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbdtune.config import ConfigError, LossConfig, ModelConfig
+from cbdtune.losses import dual_constraint_loss
+from cbdtune.model import (
+    CBDModel,
+    ClassifierHead,
+    ModelOutput,
+    build_model,
+    num_tokens,
+    random_masking,
+)
+from cbdtune.model.diagnostics import diagnose
+from cbdtune.model.encoder import dropout_, dropout_drop_mask
+
+TINY = dict(d_model=16, n_heads=2, decoder_heads=2, ff_dim=32, encoder_layers=2,
+            decoder_layers=1, cbd_blocks=1, cbd_ff_dim=8, bernstein_order=4)
+
+
+def tiny(C: int = 3, L: int = 50, **kw: object) -> ModelConfig:
+    return ModelConfig(in_channels=C, seq_len=L, **{**TINY, **kw})
+
+
+def make(cfg: ModelConfig, seed: int = 0) -> CBDModel:
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- shapes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("C", [1, 3, 9, 28])
+@pytest.mark.parametrize("L", [50, 144, 206, 315])
+def test_model_forward_shapes(C: int, L: int) -> None:
+    model = make(tiny(C, L))
+    x = torch.randn(2, C, L)
+    out = model(x, generator=gen())
+    T = model.num_tokens
+    assert isinstance(out, ModelOutput)
+    assert out.recon.shape == (2, C, L) and out.recon.dtype == torch.float32
+    assert out.spectrum.shape == (2, C, L // 2 + 1) and out.spectrum.is_complex()
+    assert out.mask.shape == (2, T) and out.mask.dtype == torch.bool
+    assert model.encode(x).shape == (2, T, 16)
+    assert torch.isfinite(out.recon).all() and torch.isfinite(torch.view_as_real(out.spectrum)).all()
+
+
+@pytest.mark.parametrize(("tokenizer", "L", "T"), [
+    ("conv", 100, 15), ("conv", 128, 18), ("conv", 315, 42), ("conv", 1, 2),
+    ("patch", 50, 7), ("patch", 315, 40), ("patch", 48, 6),
+])
+def test_model_odd_and_even_token_counts(tokenizer: str, L: int, T: int) -> None:
+    """Token counts from L exactly (HAR 128 -> 18 as in [C]); odd T runs through the CBD."""
+    model = make(tiny(2, L, tokenizer=tokenizer))
+    assert model.num_tokens == T == num_tokens(model.cfg)
+    out = model(torch.randn(2, 2, L), generator=gen())
+    assert out.recon.shape == (2, 2, L) and out.mask.shape == (2, T)
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 8, 9, 31, 64, 127, 206, 316])
+def test_conv_tokenizer_token_count_formula(L: int) -> None:
+    model = make(tiny(1, L))
+    assert model.tokenizer(torch.randn(2, 1, L)).shape == (2, model.num_tokens, 16)
+
+
+def test_build_model_requires_channels_and_length() -> None:
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        build_model(ModelConfig(seq_len=50))
+    with pytest.raises(ConfigError, match="model.seq_len"):
+        build_model(ModelConfig(in_channels=3))
+
+
+def test_model_rejects_wrong_input_shape() -> None:
+    with pytest.raises(ValueError, match="3 x 50"):
+        make(tiny(3, 50))(torch.randn(2, 3, 51))
+
+
+def test_recon_is_in_the_units_of_x() -> None:
+    """Normalisation in, de-normalisation out: recon(a x + b) == a recon(x) + b."""
+    model = make(tiny(2, 50)).eval()
+    x = torch.randn(2, 2, 50)
+    r1 = model(x, generator=gen()).recon
+    r2 = model(100 * x + 7, generator=gen()).recon
+    torch.testing.assert_close(r2, 100 * r1 + 7, rtol=1e-4, atol=1e-3)
+
+
+# ---- masking -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.75, 0.9])
+def test_masking_masks_exactly_int_t_times_ratio(ratio: float) -> None:
+    model = make(tiny(3, 315, mask_ratio=ratio))
+    out = model(torch.randn(4, 3, 315), generator=gen())
+    assert (out.mask.sum(1) == int(model.num_tokens * ratio)).all()
+
+
+def test_masking_per_sample_differs_between_samples() -> None:
+    _, _, mask = random_masking(8, 42, 31, per_sample=True, generator=gen())
+    assert len({tuple(m.tolist()) for m in mask}) > 1
+
+
+def test_masking_per_batch_is_shared() -> None:
+    keep, restore, mask = random_masking(8, 42, 31, per_sample=False, generator=gen())
+    assert keep.shape == (8, 11) and (mask == mask[0]).all() and (restore == restore[0]).all()
+
+
+def test_masking_restore_inverts_shuffle() -> None:
+    """[visible, mask tokens] gathered with ids_restore: visible tokens back in place."""
+    keep, restore, mask = random_masking(3, 10, 7, generator=gen())
+    tokens = torch.arange(10).expand(3, 10)
+    shuffled = torch.cat([tokens.gather(1, keep), torch.full((3, 7), -1)], dim=1)
+    restored = shuffled.gather(1, restore)
+    assert (restored[~mask] == tokens[~mask]).all()
+    assert (restored[mask] == -1).all()
+
+
+def test_encoder_sees_only_visible_tokens() -> None:
+    model = make(tiny(3, 144))
+    seen = []
+    model.encoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    model(torch.randn(2, 3, 144), generator=gen())
+    T = model.num_tokens
+    assert seen == [(2, T - int(T * 0.75), 16)]
+
+
+def test_mask_ratio_changes_output() -> None:
+    x = torch.randn(2, 3, 144)
+    a = make(tiny(3, 144, mask_ratio=0.5)).eval()(x, generator=gen())
+    b = make(tiny(3, 144, mask_ratio=0.75)).eval()(x, generator=gen())
+    assert a.mask.sum() != b.mask.sum()
+    assert not torch.allclose(a.recon, b.recon)
+
+
+def test_generator_drives_the_mask() -> None:
+    model = make(tiny(3, 315))
+    x = torch.randn(2, 3, 315)
+    assert (model(x, generator=gen(1)).mask == model(x, generator=gen(1)).mask).all()
+    assert not (model(x, generator=gen(1)).mask == model(x, generator=gen(2)).mask).all()
+
+
+# ---- gradients and training modes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{}, {"tokenizer": "patch"}, {"use_cbd": False}])
+def test_model_backward_every_param_gets_grad(kw: dict[str, object]) -> None:
+    model = make(tiny(3, 100, **kw))
+    x = torch.randn(4, 3, 100)
+    dual_constraint_loss(x, model(x, generator=gen()), LossConfig())["total"].backward()
+    names = [n for n, _ in model.named_parameters()]
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"No gradient for {name}"
+        assert torch.isfinite(p.grad).all(), f"Non-finite gradient for {name}"
+    assert len([p for p in model.parameters() if p.grad is not None]) == len(names)
+
+
+def test_probe_mode_trains_only_the_head() -> None:
+    model = make(tiny(3, 100))
+    head = ClassifierHead(model.num_tokens, 16, 5)
+    x, y = torch.randn(4, 3, 100), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        features = model.encode(x)
+    torch.nn.functional.cross_entropy(head(features), y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None, f"Frozen parameter {name} got a gradient"
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_fine_tune_mode_trains_encoder_not_decoders() -> None:
+    model = make(tiny(3, 100))
+    head = ClassifierHead(model.num_tokens, 16, 5)
+    x, y = torch.randn(4, 3, 100), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(head(model.encode(x)), y).backward()
+    trained = {id(p) for p in model.encoder_parameters()}
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (id(p) in trained), name
+    assert not any(n.startswith(("temporal_decoder", "cbd_decoder", "mask_token"))
+                   for n, p in model.named_parameters() if id(p) in trained)
+
+
+def test_classifier_head_shapes() -> None:
+    head = ClassifierHead(num_tokens=7, d_model=16, num_classes=3)
+    assert head.fc1.in_features == 112 and head.fc1.out_features == 56
+    assert head(torch.randn(5, 7, 16)).shape == (5, 3)
+
+
+@pytest.mark.parametrize("value", [0.0, 3.5])
+def test_no_nan_on_constant_series(value: float) -> None:
+    model = make(tiny(3, 100))
+    x = torch.full((4, 3, 100), value)
+    out = model(x, generator=gen())
+    terms = dual_constraint_loss(x, out, LossConfig())
+    terms["total"].backward()
+    assert all(torch.isfinite(t) for t in terms.values())
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), f"Non-finite gradient for {name}"
+
+
+# ---- determinism and switches --------------------------------------------------------------------
+
+
+def test_same_seed_same_output() -> None:
+    x = torch.randn(2, 3, 144)
+    outs = []
+    for _ in range(2):
+        model = make(tiny(3, 144), seed=3)  # train mode: dropout on, seeded by torch.manual_seed
+        outs.append(model(x, generator=gen(5)))
+    torch.testing.assert_close(outs[0].recon, outs[1].recon)
+    torch.testing.assert_close(outs[0].spectrum, outs[1].spectrum)
+    assert (outs[0].mask == outs[1].mask).all()
+
+
+@pytest.mark.parametrize("switch", [
+    {"cim_activation": "relu_softshrink"}, {"ser_energy": "before_cim"},
+    {"ser_coefficients": "sigmoid"}, {"bernstein_terms": "0..K-1"}, {"bernstein_order": 8},
+    {"mask_sharing": "per_batch"}, {"use_cim": False}, {"use_ser": False},
+    {"tokenizer": "patch"},
+])
+def test_switches_change_output(switch: dict[str, object]) -> None:
+    x = torch.randn(4, 3, 144)
+    base = make(tiny(3, 144)).eval()(x, generator=gen())
+    other_model = make(tiny(3, 144, **switch)).eval()
+    other = other_model(x, generator=gen())
+    assert not torch.allclose(base.spectrum, other.spectrum, atol=1e-6)
+
+
+def test_use_cbd_false_gives_no_spectrum_and_zero_cbd_loss() -> None:
+    model = make(tiny(3, 100, use_cbd=False))
+    assert model.cbd_decoder is None
+    x = torch.randn(2, 3, 100)
+    out = model(x, generator=gen())
+    assert out.spectrum is None
+    terms = dual_constraint_loss(x, out, LossConfig())
+    assert terms["freq_rec"].item() == 0.0 and terms["time_dual"].item() == 0.0
+    torch.testing.assert_close(terms["total"], terms["time_rec"] + terms["freq_dual"])
+
+
+# ---- dropout ------------------------------------------------------------------------------------
+
+
+def test_dropout_drop_rate_and_scale() -> None:
+    torch.manual_seed(0)
+    drop = dropout_drop_mask((200, 1000), 0.1, torch.device("cpu"))
+    assert abs(drop.float().mean().item() - 0.1) < 0.0034  # 200k draws: 5 sigma
+    x = torch.ones(200, 1000)
+    y = dropout_(x.clone(), 0.1, True)
+    torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1 / 0.9]))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_dropout_gradient_matches_mask(relu: bool) -> None:
+    """d out / d x is scale where the output kept x (and x > 0 with ReLU), else 0."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    y = dropout_(x * 1.0, 0.3, True, relu=relu)  # x * 1.0: a fresh tensor, as after a linear
+    y.sum().backward()
+    kept = y != 0
+    expected = kept.float() / 0.7
+    torch.testing.assert_close(x.grad, expected)
+    torch.testing.assert_close(y[kept], (x * 1 / 0.7)[kept])
+    assert (not relu) or (x[kept] > 0).all()
+
+
+# ---- diagnostics --------------------------------------------------------------------------------
+
+
+def test_diagnostics_ranges_and_keys() -> None:
+    model = make(tiny(3, 144))
+    model.train()
+    diag = diagnose(model, torch.randn(4, 3, 144))
+    assert model.training
+    layers = ["tok", "layer0", "layer1"]
+    assert set(diag) == {f"diag.{k}.{n}" for k in ("energy_low", "energy_mid", "energy_high",
+                                                   "erank") for n in layers}
+    for name in layers:
+        bands = [diag[f"diag.energy_{b}.{name}"] for b in ("low", "mid", "high")]
+        assert all(0.0 <= b <= 1.0 for b in bands)
+        assert sum(bands) == pytest.approx(1.0, abs=1e-5)
+        assert 1.0 <= diag[f"diag.erank.{name}"] <= 16.0
+    assert all(isinstance(v, float) for v in diag.values())
+
+
+def test_diagnostics_erank_extremes() -> None:
+    from cbdtune.model.diagnostics import effective_rank
+    same = torch.randn(1, 1, 8).expand(2, 6, 8)  # identical tokens: rank 1
+    assert effective_rank(same).item() == pytest.approx(1.0, abs=1e-4)
+    eye = torch.eye(8).expand(2, 8, 8)  # orthonormal tokens: full rank
+    assert effective_rank(eye).item() == pytest.approx(8.0, abs=1e-4)
