@@ -33,7 +33,8 @@ def _free_port() -> int:
 def _search_cmd(tmp: Path, uri: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cbdtune.search", "--dataset", "gesture", "--space", SMOKE,
             "--num-samples", "2", "--storage", str(tmp / "ray"), "--results-dir",
-            str(tmp / "results"), "--mlflow-uri", uri, "--experiment", EXPERIMENT, *extra]
+            str(tmp / "results"), "--mlflow-uri", uri, "--experiment", EXPERIMENT,
+            "--data-dir", os.environ["CBDTUNE_DATA_DIR"], *extra]
 
 
 def _env() -> dict[str, str]:
@@ -134,7 +135,7 @@ def test_search_ray_job_submit_succeeds(tmp_path: Path) -> None:
     try:
         job = subprocess.run(
             [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-             *_search_cmd(tmp_path, uri)[1:]],  # the job runs `python -m cbdtune.search ...`
+             *_search_cmd(tmp_path, uri)],  # the job runs `python -m cbdtune.search ...`
             capture_output=True, text=True, env=env, timeout=600)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "succeeded" in (job.stdout + job.stderr)

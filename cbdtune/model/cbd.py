@@ -197,6 +197,9 @@ class SpectralUnit(nn.Module):
         self.ser = SER(num_tokens // 2 + 1, cfg.bernstein_order, terms=cfg.bernstein_terms,
                        coefficients=cfg.ser_coefficients) if cfg.use_ser else None
 
+    # Inductor has no complex codegen (it warns and falls back) and the CPU build corrupted the
+    # heap on this graph (torch 2.13): keep the complex part eager under torch.compile.
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         T = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):

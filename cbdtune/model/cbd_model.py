@@ -89,9 +89,14 @@ class CBDModel(nn.Module):
             # [I] de-normalised like recon: the loss compares it with F(x) in the units of x
             # ([C] compares its normalised-scale output with raw x).
             y = self.cbd_decoder(h).float() * std + mean  # (B, C, L)
-            with torch.autocast(x.device.type, enabled=False):
-                spectrum = torch.fft.rfft(y, dim=-1, norm="ortho")  # (B, C, L//2 + 1)
+            spectrum = _spectrum(y)
         return ModelOutput(recon, spectrum, mask)
+
+
+@torch.compiler.disable  # complex output: keep eager under torch.compile (see SpectralUnit)
+def _spectrum(y: Tensor) -> Tensor:
+    with torch.autocast(y.device.type, enabled=False):
+        return torch.fft.rfft(y.float(), dim=-1, norm="ortho")  # (B, C, L//2 + 1)
 
 
 def build_model(cfg: ModelConfig) -> CBDModel:

@@ -111,9 +111,10 @@ def dropout_(x: Tensor, p: float, training: bool, *, relu: bool = False) -> Tens
     """``F.dropout(F.relu(x) if relu else x, p, training)``, overwriting ``x`` on CPU.
 
     ``x`` must be a fresh activation nothing else needs (e.g. a linear layer's output). CUDA
-    keeps PyTorch's fused dropout kernel.
+    and torch.compile keep PyTorch's fused dropout.
     """
-    if not training or p == 0.0 or x.is_cuda or not x.is_contiguous():
+    if (not training or p == 0.0 or x.is_cuda or not x.is_contiguous()
+            or torch.compiler.is_compiling()):  # inductor fuses F.dropout itself
         return F.dropout(F.relu(x) if relu else x, p, training)
     return _InplaceDropout.apply(x, p, relu)
 
