@@ -57,8 +57,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     data: Dataset = ray.get(refs[0]) if refs else load_dataset(cfg.data, seed=cfg.train.seed)
 
     history: list[dict[str, Any]] = list(state.get("history", [])) if state else []
+    # Where this attempt runs and what it resumed from: visible in every result (and MLflow),
+    # so a retry after a lost node can be traced.
+    where = {"worker_node": ray.get_runtime_context().get_node_id()[:12],
+             "resumed_from_stage": state["stage"] if state else "",
+             "resumed_from_epoch": int(state["epoch"]) if state else -1}
 
     def report(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+        metrics = {**metrics, **where}
         history.append(dict(metrics))
         if payload is None or rank != 0:  # [4] every rank reports; rank 0 alone checkpoints
             ray.train.report(metrics)
