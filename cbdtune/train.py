@@ -63,7 +63,8 @@ def run_with_trainer(cfg: ExperimentConfig, data: Any, args: argparse.Namespace)
     return trainer.fit().return_value or {}
 
 
-def print_table(out: dict[str, Any], wall_s: float, file: Any = sys.stdout) -> None:
+def print_table(out: dict[str, Any], wall_s: float, file: Any = None) -> None:
+    file = file or sys.stdout
     final = out.get("final", {})
     rows = [("status", out.get("status", "?"))]
     if out.get("reason"):
