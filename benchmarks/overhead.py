@@ -16,7 +16,7 @@ the search's MLflow bookkeeping or a second dataset read, which a user pays once
 ``train.num_threads`` is 1 on every path: a Ray worker is given 1 CPU (``cpus_per_worker=1``),
 and torch's thread count changes float sums, so any other count would make the work differ.
 
-    python benchmarks/overhead.py                       # paper preset, gesture (~45 min, 2 cores)
+    python benchmarks/overhead.py                       # paper preset, gesture (~40 min, 2 cores)
     python benchmarks/overhead.py --quick               # smoke preset (~1.5 min)
     python benchmarks/overhead.py --repeats 3
 
@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="gesture")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs of each path (median reported)")
-    p.add_argument("--quick", action="store_true", help="smoke preset: checks the script works")
-    p.add_argument("--out", default=str(ROOT / "results" / "overhead.md"))
+    p.add_argument("--quick", action="store_true",
+                   help="smoke preset: checks the script works; writes to a temp dir")
+    p.add_argument("--out", default=None, help="default results/overhead.md")
     args = p.parse_args(argv)
     if args.quick:
         args.preset = "smoke"
+    if args.out is None:
+        folder = Path(tempfile.mkdtemp(prefix="cbdtune-quick-")) if args.quick else ROOT / "results"
+        args.out = str(folder / "overhead.md")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import ray
@@ -169,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in PATHS:
         ms = runs[name]
         wall = _median([m["outer_s"] for m in ms])
-        rows.append((name, wall, wall / base_s, _median([m.get("wall_s", float("nan"))
-                                                          for m in ms]),
-                     ms[0]["reports"], ms[0].get("val_accuracy"), ms[0].get("test_accuracy")))
+        rows.append({"path": name, "wall": wall, "added": wall - base_s, "ratio": wall / base_s,
+                     "inside": _median([m.get("wall_s", float("nan")) for m in ms]),
+                     "reports": ms[0]["reports"], "val": ms[0].get("val_accuracy"),
+                     "test": ms[0].get("test_accuracy")})
 
     tc = cfg.train
     notes = [
@@ -187,13 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         "(each `ray.train.report` waits for the controller's 0.25 s poll)",
     ]
     lines = header("Orchestration overhead of one trial", argv, notes) + [
-        "| path | wall s | ratio to in-process | inside run_trial s | reports | val acc | test acc |",
-        "|---|---|---|---|---|---|---|",
+        "| path | wall s | added s | ratio to in-process | inside run_trial s | reports | val acc "
+        "| test acc |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, wall, ratio, inside, reports, val, test in rows:
-        lines.append(f"| {name} | {wall:.1f} | {ratio:.3f} | {inside:.1f} | {reports} "
-                     f"| {_fmt(val)} | {_fmt(test)} |")
-    same = len({(r[5], r[6]) for r in rows}) == 1
+    for r in rows:
+        lines.append(f"| {r['path']} | {r['wall']:.1f} | {r['added']:+.1f} | {r['ratio']:.3f} "
+                     f"| {r['inside']:.1f} | {r['reports']} | {_fmt(r['val'])} "
+                     f"| {_fmt(r['test'])} |")
+    same = len({(r["val"], r["test"]) for r in rows}) == 1
     lines += ["", f"Same val/test accuracy on all three paths: {'yes' if same else 'NO'}."]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)

@@ -1,4 +1,4 @@
-"""Reproduce the paper: CBD linear probe and fine-tune, honest and authors' protocols, vs MiniRocket.
+"""Reproduce the paper: CBD linear probe and fine-tune (honest and authors' protocol), MiniRocket.
 
 For each dataset and seed, the configuration of ``search_spaces/paper.yaml`` (paper model and
 budget, ``train.classifier: both``) is run stage by stage with ``cbdtune.pipeline``:
@@ -24,8 +24,8 @@ Beside them MiniRocket (aeon, a benchmark-only dependency) with ``random_state=s
 train + validation (it selects nothing, so it may use every labelled series CBD trains or selects
 on) and tested on the same test split; its time is fit + predict.
 
-    python benchmarks/reproduce.py                        # 3 datasets x 5 seeds (~20 h, 2 cores)
-    python benchmarks/reproduce.py --epochs-scale 0.25 --seeds 3    # ~4 h
+    python benchmarks/reproduce.py                        # 3 datasets x 5 seeds (~3 h, 2 cores)
+    python benchmarks/reproduce.py --epochs-scale 0.25 --seeds 3    # ~30 min
     python benchmarks/reproduce.py --datasets gesture --seeds 1
     python benchmarks/reproduce.py --quick                # smoke preset, gesture, 1 seed (~30 s)
 
@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"test {r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
     df = pd.DataFrame(rows)
     df["epochs_scale"] = args.epochs_scale
+    first = ["dataset", "seed", "method", "protocol", "stage", "test_accuracy", "test_f1",
+             "val_accuracy", "epoch"]
+    df = df[first + [c for c in df.columns if c not in first]]
     summary = summarise(df)
 
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())

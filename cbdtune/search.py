@@ -262,9 +262,11 @@ def main(args: argparse.Namespace) -> int:
         {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
     train_storage = f"{root}/{name}/train"
     if args.scheduler == "asha":
-        # Rungs: the first after the pretraining probes (the cheap fidelity signal), then x3.
+        # First rung after a third of the pretraining probes (the cheap fidelity signal: the
+        # short probe's validation accuracy), then x3 per rung.
         max_t = expected_reports(base, space) + 1
-        grace = expected_reports(base.replace({"train.classifier_epochs": 0}))
+        probes = math.ceil(base.train.pretrain_epochs / base.train.probe_every)
+        grace = max(1, math.ceil(probes / 3))
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                   grace_period=max(1, min(grace, max_t)), reduction_factor=3)
     else:

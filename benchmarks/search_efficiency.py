@@ -1,0 +1,334 @@
+"""Search efficiency on gesture: TPE + ASHA against random search without early stopping.
+
+Both run the same number of trials with the same space, three search seeds each, through the
+real CLI (``python -m cbdtune.search`` as a subprocess, with its own Ray, storage and MLflow
+store under a work folder). ``--seed s`` seeds the sampler and the trials (``train.seed``, hence
+the validation split), so seed s of one method pairs with seed s of the other.
+
+Compute is counted from Tune's per-trial ``result.json`` (one line per report; the simplest
+source that has every report, including those of trials ASHA stopped):
+
+- trial-epochs: pretraining epochs plus classifier epochs a trial ran (the short fidelity probes
+  on cached features are not counted: they cost a small fraction of an epoch);
+- trial-seconds: the sum of the trials' ``time_this_iter_s`` (Tune's clock, so each trial's
+  start-up, about 20 s for a TorchTrainer, is included).
+
+Reports of all trials are merged in time order; "best validation accuracy reached" after some
+compute is the best ``val_accuracy`` of a trial that *completed* by then (a stopped trial has no
+selected model to deliver, so it adds cost and no accuracy).
+
+Optuna's TPE draws its first 10 trials at random (``n_startup_trials``), and with the same seed
+they are the random search's first 10 draws: over those, the two methods differ by ASHA alone.
+
+    python benchmarks/search_efficiency.py                  # 16 trials x 3 seeds x 2 (~40 min)
+    python benchmarks/search_efficiency.py --num-samples 20 --seeds 5
+    python benchmarks/search_efficiency.py --quick          # smoke space, 2 trials, 1 seed
+
+Writes results/search_efficiency.md (table), .png (curves) and .csv (the curves' points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {  # name: (sampler, scheduler)
+    "TPE + ASHA": ("tpe", "asha"),
+    "random, no early stopping": ("random", "none"),
+}
+CLASSIFIER_STAGES = ("linear_probe", "fine_tune")
+
+
+def machine() -> str:
+    """CPU model and core count, from /proc/cpuinfo where there is one."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+# ---- running the searches ----------------------------------------------------------------------
+
+
+def run_search(method: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One search through the CLI; returns its name, folders and wall time."""
+    sampler, scheduler = METHODS[method]
+    name = f"eff-{sampler}-{scheduler}-s{seed}"
+    cmd = [sys.executable, "-m", "cbdtune.search", "--dataset", args.dataset,
+           "--space", args.space, "--num-samples", str(args.num_samples),
+           "--sampler", sampler, "--scheduler", scheduler, "--seed", str(seed),
+           "--max-concurrent", str(args.max_concurrent), "--name", name,
+           "--storage", str(work / "ray"), "--results-dir", str(work / "results"),
+           "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", "--experiment", "efficiency"]
+    # RAY_ADDRESS=local: a fresh Ray per search; "auto" would join any Ray running on this machine.
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = work / f"{name}.log"
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                            cwd=ROOT, check=False).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{shlex.join(cmd)} exited {rc}; last lines of {log}:\n{tail}")
+    return {"method": method, "seed": seed, "name": name, "wall_s": wall,
+            "storage": work / "ray" / name,
+            "trials": next((work / "results").glob(f"*/{name}/trials.parquet"))}
+
+
+# ---- reading what they did ---------------------------------------------------------------------
+
+
+def trial_reports(storage: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{trial_id: [report, ...]}`` from each trial folder's result.json (JSON lines)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(storage.glob("trial_*/result.json")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[path.parent.name.removeprefix("trial_")] = lines
+    if not out:
+        raise RuntimeError(f"no trial_*/result.json under {storage}")
+    return out
+
+
+def epochs_in(report: dict[str, Any], last_pretrain_epoch: int) -> int:
+    """Training epochs a report stands for: the pretraining epochs since the previous fidelity
+    report, or one classifier epoch (a stage's closing ``stage_done`` report and the final report
+    add none)."""
+    stage = report.get("stage")
+    if stage == "pretrain":
+        return int(report["epoch"]) - last_pretrain_epoch
+    if stage in CLASSIFIER_STAGES and not report.get("stage_done"):
+        return 1
+    return 0
+
+
+def curve(reports: dict[str, list[dict[str, Any]]]) -> list[dict[str, float]]:
+    """Merge every trial's reports in time order; the cumulative cost and best completed val."""
+    events = []
+    for trial_id, rows in reports.items():
+        last_pre = 0
+        for r in rows:
+            n = epochs_in(r, last_pre)
+            if r.get("stage") == "pretrain":
+                last_pre = int(r["epoch"])
+            done = r.get("stage") == "final" and not r.get("diverged")
+            # Tune's timestamp has 1 s resolution; the trial's own clock orders within a second.
+            events.append((r.get("timestamp", 0), r.get("time_total_s", 0.0), trial_id, n,
+                           float(r.get("time_this_iter_s", 0.0)),
+                           float(r["val_accuracy"]) if done else math.nan))
+    events.sort(key=lambda e: (e[0], e[1]))
+    points, epochs, seconds, best = [], 0, 0.0, math.nan
+    for _ts, _tt, _trial, n, dt, val in events:
+        epochs += n
+        seconds += dt
+        if val == val and not val <= best:  # a completed trial; NaN-safe max
+            best = val
+        points.append({"trial_epochs": epochs, "trial_s": seconds, "best_val": best})
+    return points
+
+
+def best_at(points: list[dict[str, float]], budget: float, key: str = "trial_epochs") -> float:
+    """The best completed validation accuracy once ``budget`` compute had been spent."""
+    best = math.nan
+    for p in points:
+        if p[key] > budget:
+            break
+        best = p["best_val"]
+    return best
+
+
+def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
+    import pandas as pd
+
+    reports = trial_reports(run["storage"])
+    points = curve(reports)
+    df = pd.read_parquet(run["trials"])
+    done = df[df["status"] == "completed"]
+    best = done.loc[done["val_accuracy"].idxmax()] if len(done) else None
+    return {**run, "points": points, "n_trials": len(df), "completed": len(done),
+            "stopped": int((df["status"] == "stopped").sum()),
+            "other": int((~df["status"].isin(["completed", "stopped"])).sum()),
+            "trial_epochs": points[-1]["trial_epochs"], "trial_s": points[-1]["trial_s"],
+            "best_val": float(best["val_accuracy"]) if best is not None else math.nan,
+            "best_test": float(best["test_accuracy"]) if best is not None else math.nan,
+            "statuses": df["status"].value_counts().to_dict()}
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(METHODS, ("tab:blue", "tab:orange"), strict=True))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, label in ((axes[0], "trial_epochs", "cumulative trial-epochs"),
+                           (axes[1], "trial_s", "cumulative trial-seconds")):
+        for i, run in enumerate(runs):
+            xs = [p[key] for p in run["points"]]
+            ys = [100 * p["best_val"] for p in run["points"]]
+            first = all(r["method"] != run["method"] for r in runs[:i])
+            ax.step(xs, ys, where="post", color=colors[run["method"]], alpha=0.8,
+                    linestyle=("-", "--", ":", "-.")[run["seed"] % 4],
+                    label=run["method"] if first else None)
+        ax.set_xlabel(label)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("best validation accuracy of a completed trial (%)")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}" if x == x else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="gesture")
+    p.add_argument("--space", default="efficiency", help="search space (default efficiency)")
+    p.add_argument("--num-samples", type=int, default=16, help="trials per search (default 16)")
+    p.add_argument("--seeds", type=int, default=3, help="search seeds 0..N-1 per method")
+    p.add_argument("--max-concurrent", type=int, default=2,
+                   help="trials at once, the same for both methods (default 2: 2 cores)")
+    p.add_argument("--work-dir", default=None,
+                   help="where the searches' Ray storage, MLflow db and logs go (default: a temp "
+                        "dir, deleted at the end unless --keep-work)")
+    p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke space, 2 trials, 1 seed; writes to a temp dir")
+    p.add_argument("--out-dir", default=None, help="default results/ (a temp dir with --quick)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.space, args.num_samples, args.seeds = "smoke", 2, 1
+    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
+                                    else ROOT / "results"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="cbdtune-efficiency-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+    runs = []
+    for seed in range(args.seeds):
+        for method in METHODS:
+            run = summarise_run(run_search(method, seed, args, work))
+            runs.append(run)
+            print(f"{method:26s} seed {seed}: {run['n_trials']} trials {run['statuses']}, "
+                  f"{run['trial_epochs']} trial-epochs, {run['trial_s']:.0f} trial-s, "
+                  f"wall {run['wall_s']:.0f} s, best val {pct(run['best_val'])} "
+                  f"(test {pct(run['best_test'])})", flush=True)
+
+    import pandas as pd
+    import ray
+    import torch
+
+    from cbdtune.space import load_space
+
+    space = load_space(args.space)
+    tc = space.base.train
+    # Equal-compute comparison: each method's best once it had spent what the cheaper search spent.
+    budget = {s: min(r["trial_epochs"] for r in runs if r["seed"] == s) for s in range(args.seeds)}
+    rows = []
+    for run in runs:
+        rows.append({**run, "best_at_budget": best_at(run["points"], budget[run["seed"]])})
+    cmd = shlex.join(["python", f"benchmarks/{Path(__file__).name}", *argv])
+    lines = [
+        f"# Search efficiency on {args.dataset}: TPE + ASHA vs random search", "",
+        f"- command: `{cmd}`",
+        f"- machine: {machine()}; load average at start {load_start} (the machine is shared)",
+        f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- space: {space.path} (searched: {', '.join(space.keys)}); each trial "
+        f"{tc.pretrain_epochs} pretraining + {tc.classifier_epochs} {tc.classifier} epochs, "
+        f"1 CPU; {args.num_samples} trials per search, {args.max_concurrent} at once; seeds "
+        f"0..{args.seeds - 1} (sampler and trial seed)",
+        "- TPE + ASHA: `--sampler tpe --scheduler asha` (the search's defaults: grace period after "
+        "pretraining, reduction factor 3); random: `--sampler random --scheduler none`",
+        "- trial-epochs: pretraining + classifier epochs run, from each trial's result.json; "
+        "trial-s: sum of Tune's time_this_iter_s (start-up included); best val: the best "
+        "val_accuracy of a *completed* trial; test: that trial's test accuracy (read once)",
+        "- at equal compute: each method's best val once it had spent the trial-epochs of the "
+        "cheaper search of the same seed",
+        "- TPE's first 10 trials are random draws (Optuna's n_startup_trials), the same as the "
+        "random search's with the same seed: up to trial 10 the methods differ by ASHA alone",
+        "",
+        "| method | seed | trials (completed / stopped by ASHA / other) | trial-epochs | trial-s "
+        "| search wall s "
+        "| best val % | its test % | best val % at equal compute |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['seed']} | {r['n_trials']} ({r['completed']} / "
+                     f"{r['stopped']} / {r['other']}) | {r['trial_epochs']} | {r['trial_s']:.0f} "
+                     f"| {r['wall_s']:.0f} | {pct(r['best_val'])} | {pct(r['best_test'])} "
+                     f"| {pct(r['best_at_budget'])} |")
+    lines += ["", "Mean over seeds:", "",
+              "| method | trial-epochs | trial-s | search wall s | best val % | its test % "
+              "| best val % at equal compute |", "|---|---|---|---|---|---|---|"]
+    means = {}
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        means[method] = {k: mean([r[k] for r in mine]) for k in
+                         ("trial_epochs", "trial_s", "wall_s", "best_val", "best_test",
+                          "best_at_budget")}
+        m = means[method]
+        lines.append(f"| {method} | {m['trial_epochs']:.0f} | {m['trial_s']:.0f} "
+                     f"| {m['wall_s']:.0f} | {pct(m['best_val'])} | {pct(m['best_test'])} "
+                     f"| {pct(m['best_at_budget'])} |")
+    asha, rand = means["TPE + ASHA"], means["random, no early stopping"]
+    lines += ["", f"Compute ASHA saved: {1 - asha['trial_epochs'] / rand['trial_epochs']:.1%} of "
+                  f"the trial-epochs, {1 - asha['trial_s'] / rand['trial_s']:.1%} of the "
+                  f"trial-seconds, {1 - asha['wall_s'] / rand['wall_s']:.1%} of the wall time; "
+                  f"best validation accuracy {100 * (asha['best_val'] - rand['best_val']):+.2f} "
+                  "points (TPE + ASHA minus random).",
+              "", f"![best validation accuracy against compute]({'search_efficiency.png'})"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "search_efficiency.md").write_text("\n".join(lines) + "\n")
+    plot(runs, out_dir / "search_efficiency.png",
+         f"{args.dataset}, {args.num_samples} trials per search, space {Path(space.path).name}")
+    pd.DataFrame([{"method": r["method"], "seed": r["seed"], **pt}
+                  for r in runs for pt in r["points"]]).to_csv(out_dir / "search_efficiency.csv",
+                                                              index=False)
+    table_start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    print("\n" + "\n".join(lines[table_start:]))
+    print(f"\nwrote {out_dir}/search_efficiency.md, .png, .csv")
+    if args.work_dir is None and not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"searches' storage, MLflow db and logs kept in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
