@@ -5,7 +5,7 @@ random data, default ModelConfig/LossConfig (d_model 128, 8 encoder layers, ff 2
 Each (device, shape) runs in a fresh subprocess so peak RSS figures do not mix.
 
     python benchmarks/throughput.py                 # CPU with 2 threads, plus CUDA if present
-    python benchmarks/throughput.py --steps 5 --warmup 1 --no-cuda --no-malloc-variant
+    python benchmarks/throughput.py --steps 5 --warmup 1 --no-cuda
 
 Writes results/throughput.md with the command, machine, torch version and date at the top.
 Reference (issue 3): the authors' code on a 2-core machine, torch.set_num_threads(2), batch 128.
@@ -35,10 +35,6 @@ AUTHORS = {"gesture": (98.7, 1.65), "ArticularyWordRecognition": (235.5, None),
            "FingerMovements": (520.0, None)}
 TARGET_SPEEDUP = 1.5
 BATCH = 128
-# glibc serves allocations over 32 MB (a (128, 42, 2048) FFN activation is 44 MB) with a fresh
-# mmap, so every such tensor page-faults on first write; these make it reuse its heap instead.
-# Deployment knobs (e.g. Ray runtime_env env_vars), not code: measured as a separate variant.
-NO_MMAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def _worker(device: str, channels: int, length: int, steps: int, warmup: int, threads: int) -> dict:
@@ -86,14 +82,12 @@ def _worker(device: str, channels: int, length: int, steps: int, warmup: int, th
             "peak_gb": peak_gb, "params": sum(p.numel() for p in model.parameters())}
 
 
-def _run_subprocess(device: str, name: str, extra_env: dict[str, str],
-                    args: argparse.Namespace) -> dict:
+def _run_subprocess(device: str, name: str, args: argparse.Namespace) -> dict:
     """One (device, shape) in a fresh interpreter, so peak RSS is that run's alone."""
     c, length = SHAPES[name]
     cmd = [sys.executable, __file__, "--worker", device, str(c), str(length),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    env = {**os.environ, **extra_env,
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{device} {name} failed:\n{res.stderr[-2000:]}")
@@ -118,8 +112,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (authors: 2)")
     p.add_argument("--no-cuda", action="store_true")
-    p.add_argument("--no-malloc-variant", action="store_true",
-                   help="skip the rows run with glibc's mmap disabled")
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.md"))
     p.add_argument("--worker", nargs=3, metavar=("DEVICE", "C", "L"), help=argparse.SUPPRESS)
     argv = sys.argv[1:]
@@ -132,17 +124,15 @@ def main() -> None:
 
     import torch
 
-    runs = [("cpu", "eager, fp32", {})]
-    if not args.no_malloc_variant:
-        runs.append(("cpu", "fp32, glibc no-mmap", NO_MMAP))
+    runs = [("cpu", "fp32")]
     if torch.cuda.is_available() and not args.no_cuda:
-        runs.append(("cuda", "eager, bf16 autocast", {}))
+        runs.append(("cuda", "bf16 autocast"))
     rows = []
-    for device, variant, env in runs:
+    for device, variant in runs:
         for name in SHAPES:
-            r = _run_subprocess(device, name, env, args)
+            r = _run_subprocess(device, name, args)
             rows.append((device, variant, name, r))
-            print(f"{device:4s} {variant:22s} {name:26s} {r['samples_per_s']:7.1f} samples/s "
+            print(f"{device:4s} {variant:14s} {name:26s} {r['samples_per_s']:7.1f} samples/s "
                   f"(best step {r['best_samples_per_s']:7.1f})  peak {r['peak_gb']:5.2f} GB",
                   flush=True)
 
@@ -163,9 +153,6 @@ def main() -> None:
         "- samples/s = timed samples / total time; best = from the fastest step (the machine is "
         "shared)",
         "- peak memory: CPU = process peak RSS (ru_maxrss), CUDA = torch.cuda.max_memory_allocated",
-        "- variant `glibc no-mmap`: same code, run with "
-        f"`{' '.join(f'{k}={v}' for k, v in NO_MMAP.items())}` so glibc reuses freed heap memory "
-        "instead of mapping (and page-faulting) a fresh buffer for every tensor over 32 MB",
         f"- authors: their code on this kind of machine (issue 3; gesture run at 3 x 316 since odd "
         f"lengths crash it); target = {TARGET_SPEEDUP}x their rate, and lower peak memory",
         "",

@@ -80,9 +80,10 @@ class _InplaceDropout(torch.autograd.Function):
     """Dropout (optionally after ReLU) applied in place to a freshly computed activation.
 
     Why: on 2 CPU cores every out-of-place pass over a (B, T, 2048) FFN activation costs as much
-    as a small matmul, mostly page faults on the new buffer and slow mixed bool/float kernels.
-    ``F.dropout(F.relu(h))`` makes three such buffers and saves two for backward; this makes none
-    and saves only the output, which the next linear layer saves anyway.
+    as a small matmul (mostly page faults on the fresh 44 MB buffer). ``F.dropout(F.relu(h))``
+    makes three such buffers (ReLU output, float Bernoulli mask, product) and saves two for
+    backward; this makes none and saves only the output, which the next linear layer saves
+    anyway. Measured on the gesture shape: dropout overhead per FFN 135 ms -> 25 ms (1 thread).
     """
 
     @staticmethod
