@@ -25,7 +25,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from cbdtune import search  # noqa: E402
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _histories(storage: Path) -> dict[str, list[dict[str, Any]]]:
@@ -62,12 +61,16 @@ def test_search_survives_a_lost_worker_node(tmp_path: Path, monkeypatch) -> None
                     return
         timeline["error"] = "no running trial found to kill"
 
+    # Long enough pretraining (20 probes, one checkpoint each) that the kill lands mid-trial.
+    space = tmp_path / "space.yaml"
+    space.write_text("preset: smoke\ntrain.pretrain_epochs: 40\ntrain.classifier_epochs: 5\n"
+                     "model.mask_ratio: {type: float, low: 0.5, high: 0.8}\n")
     killer = threading.Thread(target=kill_a_node_after_first_checkpoint, daemon=True)
     killer.start()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
         code = search.cli([
-            "--dataset", "gesture", "--space", str(REPO / "search_spaces" / "smoke.yaml"),
+            "--dataset", "gesture", "--space", str(space),
             "--num-samples", "2", "--max-concurrent", "2", "--scheduler", "none",
             "--max-failures", "3", "--storage", str(storage),
             "--results-dir", str(tmp_path / "results"), "--mlflow-uri", uri,
