@@ -317,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
 def _rows(grid: Any) -> list[dict[str, Any]]:
     """One row per trial of a ``ResultGrid``, with the status the MLflow callback also uses."""
     # Tune's own trial states tell a trial that ended from one cut off by Ctrl-C.
-    states = {t.trial_id: t.status for t in getattr(grid, "_experiment_analysis").trials}
+    states = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
     rows = []
     for res in grid:
         last = res.metrics or {}

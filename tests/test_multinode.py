@@ -18,11 +18,10 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from cbdtune import search  # noqa: E402
+from cbdtune import search
 
 pytestmark = pytest.mark.ray
 

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
+import ray.cloudpickle
 
-ray = pytest.importorskip("ray")
-import ray.cloudpickle  # noqa: E402
-
-from cbdtune import worker  # noqa: E402
-from cbdtune.config import DataConfig, preset  # noqa: E402
-from cbdtune.data import load_dataset  # noqa: E402
-from cbdtune.pipeline import run_trial  # noqa: E402
+from cbdtune import worker
+from cbdtune.config import DataConfig, preset
+from cbdtune.data import load_dataset
+from cbdtune.pipeline import run_trial
 
 # Test-only worker functions below are shipped to Ray workers by value (tests/ is not a package).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
