@@ -45,8 +45,11 @@ def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
     if done.empty or metric not in done:
         return None
-    idx = done[metric].idxmax() if mode == "max" else done[metric].idxmin()
-    return done.loc[idx]
+    # Ties are common (24 validation series on gesture): the lower validation loss breaks them.
+    keys = [metric] + (["val_loss"] if "val_loss" in done and metric != "val_loss" else [])
+    order = done.sort_values(keys, ascending=[mode == "min"] + [True] * (len(keys) - 1),
+                             kind="stable")
+    return order.iloc[0]
 
 
 def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
