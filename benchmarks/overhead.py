@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(data.val)}, test {len(data.test)}), seed {args.seed}, classifier "
         f"`{tc.classifier}`, {tc.pretrain_epochs} pretraining + {tc.classifier_epochs} "
         f"classifier epochs, `train.num_threads=1` on every path (a Ray worker gets 1 CPU)",
-        "(c) runs a 1-trial `tune.Tuner` over `worker.train_driver_fn` in this process (as "
-        "`cbdtune.search` wires it), sharing Ray and the dataset with (b); the CLI's Ray start, "
-        "dataset read and MLflow logging are not included",
+        *(["(c) runs a 1-trial `tune.Tuner` over `worker.train_driver_fn` in this process (as "
+           "`cbdtune.search` wires it), sharing Ray and the dataset with (b); the CLI's Ray "
+           "start, dataset read and MLflow logging are not included"]
+          if "Tune + TorchTrainer" in paths else []),
         f"wall = around the call, median of {args.repeats} run(s); inside = `run_trial`'s own "
         "`wall_s` (the difference is start-up/teardown); reports = evaluation points sent "
         "(each `ray.train.report` waits for the controller's 0.25 s poll)",
