@@ -36,21 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import machine  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("in-process", "TorchTrainer", "Tune + TorchTrainer")
 
 
-def machine() -> str:
-    """CPU model and core count, from /proc/cpuinfo where there is one."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def header(title: str, argv: list[str], notes: list[str]) -> list[str]:

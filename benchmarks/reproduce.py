@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from _machine import machine  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
 HONEST, AUTHORS = "honest", "authors' protocol, optimistic"
@@ -64,17 +66,6 @@ ANCHOR_MINIROCKET = {"gesture": (93.75, 0.51, 4.7), "ArticularyWordRecognition":
 ANCHOR_AUTHORS_CODE = {"gesture": {"linear_probe": 86.9, "fine_tune": 89.4}}
 
 
-def machine() -> str:
-    """CPU model and core count, from /proc/cpuinfo where there is one."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 # ---- CBD -------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import machine  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # name: (sampler, scheduler)
     "TPE + ASHA": ("tpe", "asha"),
@@ -52,17 +54,6 @@ METHODS = {  # name: (sampler, scheduler)
 CLASSIFIER_STAGES = ("linear_probe", "fine_tune")
 
 
-def machine() -> str:
-    """CPU model and core count, from /proc/cpuinfo where there is one."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 # ---- running the searches ----------------------------------------------------------------------

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import machine  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name: (channels, length)
     "gesture": (3, 315),
@@ -94,16 +96,6 @@ def _run_subprocess(device: str, name: str, args: argparse.Namespace) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -142,7 +134,7 @@ def main() -> None:
         "# Pretraining throughput, default CBD model",
         "",
         f"- command: `{' '.join(['python', 'benchmarks/' + Path(__file__).name, *argv])}`",
-        f"- machine: {_machine()}{gpu}",
+        f"- machine: {machine()}{gpu}",
         f"- torch {torch.__version__}, python {platform.python_version()}, CPU threads "
         f"{args.threads}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
