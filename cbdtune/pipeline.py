@@ -104,18 +104,16 @@ def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, *, shuffle: bool
         sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank,
                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
-                        generator=torch.Generator().manual_seed(seed), drop_last=drop_last)
-    loader.base_seed = seed  # type: ignore[attr-defined]
-    return loader
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed), drop_last=drop_last)
 
 
-def _epochs(loader: DataLoader, epoch: int) -> DataLoader:
+def _epochs(loader: DataLoader, epoch: int, seed: int) -> DataLoader:
     """Set the loader's shuffle order for ``epoch``."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)  # a different shard order every epoch
     elif loader.generator is not None:
-        loader.generator.manual_seed(loader.base_seed * 100_003 + epoch)  # type: ignore[attr-defined]
+        loader.generator.manual_seed(seed * 100_003 + epoch)
     return loader
 
 
@@ -199,7 +197,7 @@ def pretrain_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimi
     model.train()
     sums: dict[str, float] = {}
     n = 0
-    for (xb,) in _epochs(loader, epoch):
+    for (xb,) in _epochs(loader, epoch, cfg.train.seed):
         xb = xb.to(rt.device, non_blocking=True)
         with _autocast(rt, cfg.train):
             out = model(xb, generator=gen)
@@ -347,7 +345,7 @@ def _train_classifier(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt:
     for epoch in range(1, tc.classifier_epochs + 1):
         trainable.train()
         total, n = 0.0, 0
-        for xb, yb in _epochs(loader, epoch):
+        for xb, yb in _epochs(loader, epoch, tc.seed):
             xb, yb = xb.to(rt.device, non_blocking=True), yb.to(rt.device, non_blocking=True)
             with _autocast(rt, tc):
                 loss = F.cross_entropy(wrapped(xb).float(), yb)
