@@ -28,6 +28,14 @@ on) and tested on the same test split; its time is fit + predict.
     python benchmarks/reproduce.py --epochs-scale 0.25 --seeds 3    # ~30 min
     python benchmarks/reproduce.py --datasets gesture --seeds 1
     python benchmarks/reproduce.py --quick                # smoke preset, gesture, 1 seed (~30 s)
+    python benchmarks/reproduce.py --threads 1 & python benchmarks/reproduce.py --threads 1
+                                                          # two processes share the work
+
+Each (dataset, seed) lands in results/reproduce_runs/<dataset>_seed<k>.json when it finishes; a
+rerun skips those (so a stopped run resumes), and processes started side by side take different
+tasks (a ``.claim`` file with the PID marks a task in progress). Every process ends by writing
+the table from all finished tasks with the same settings, so the last one to finish writes the
+complete table.
 
 Writes results/reproduce.md (the table, with the paper's numbers beside ours) and
 results/reproduce.csv (one row per dataset, seed, method and protocol).
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -246,6 +255,29 @@ def gaps(summary: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# ---- sharing the work between processes ---------------------------------------------------------
+
+
+def _claim(path: Path) -> bool:
+    """Take a (dataset, seed) task by creating ``path`` holding our PID; False if a live process
+    holds it. A claim left by a process that is gone (killed) is taken over."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        text = path.read_text().strip()
+        try:
+            os.kill(int(text), 0)
+            return False  # its process is alive
+        except ValueError:
+            return False  # just created by another process, PID not yet written
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            return _claim(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -262,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads for CBD and MiniRocket's n_jobs (default 2)")
     p.add_argument("--minirocket-fit", choices=("train+val", "train"), default="train+val")
     p.add_argument("--no-minirocket", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.amp=false (repeatable)")
     p.add_argument("--quick", action="store_true",
                    help="smoke preset (classifier both), gesture, 1 seed; writes to a temp dir")
     p.add_argument("--out-dir", default=None, help="default results/ (a temp dir with --quick)")
@@ -280,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         aeon_version = "not installed"
         args.no_minirocket = True
 
-    from cbdtune.config import preset
+    from cbdtune.config import parse_overrides, preset
     from cbdtune.data import load_dataset
     from cbdtune.space import load_space
 
@@ -295,24 +329,57 @@ def main(argv: list[str] | None = None) -> int:
     tc = base.train
     budget = {"train.pretrain_epochs": max(1, round(tc.pretrain_epochs * args.epochs_scale)),
               "train.classifier_epochs": max(1, round(tc.classifier_epochs * args.epochs_scale)),
-              "train.num_threads": args.threads}
+              "train.num_threads": args.threads, **parse_overrides(args.set)}
     base = base.replace(budget)
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
                                     else ROOT / "results"))
 
-    rows: list[dict[str, Any]] = []
-    for dataset in args.datasets:
-        for seed in range(args.seeds):
+    runs_dir = out_dir / "reproduce_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"config": str(source), "epochs_scale": args.epochs_scale, "threads": args.threads,
+                "set": sorted(args.set), "minirocket": not args.no_minirocket and args.minirocket_fit}
+    tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]  # seed-major: an early
+    warmed: set[str] = set()  # stop still leaves every dataset with some seeds
+    for i, (dataset, seed) in enumerate(tasks, 1):
+        done = runs_dir / f"{dataset}_seed{seed}.json"
+        if done.exists() or not _claim(done.with_suffix(".claim")):
+            continue  # finished earlier, or another process runs it now
+        try:
             cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
             data = load_dataset(cfg.data, seed=seed)
+            t0 = time.perf_counter()
             found = cbd_seed(cfg, data)
             if not args.no_minirocket:
                 found.append(minirocket_seed(data, seed, args.minirocket_fit, args.threads,
-                                             warm_up=seed == 0))
+                                             warm_up=dataset not in warmed))
+                warmed.add(dataset)
             for r in found:
-                rows.append({"dataset": dataset, "seed": seed, **r})
                 print(f"{dataset:26s} seed {seed}  {r['method']:34s} {r['protocol']:29s} "
                       f"test {r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"settings": settings, "rows": found}))
+            tmp.replace(done)
+            print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
+                  f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
+        finally:
+            done.with_suffix(".claim").unlink(missing_ok=True)
+
+    rows, missing = [], []
+    for dataset, seed in sorted(tasks, key=lambda t: (args.datasets.index(t[0]), t[1])):
+        path = runs_dir / f"{dataset}_seed{seed}.json"
+        run = json.loads(path.read_text()) if path.exists() else None
+        if run is None or run["settings"] != settings:
+            missing.append(f"{dataset} seed {seed}")
+            continue
+        rows += [{"dataset": dataset, "seed": seed, **r} for r in run["rows"]]
+    if missing:
+        print(f"not in the table (running elsewhere, not run, or run with other settings): "
+              f"{', '.join(missing)}", file=sys.stderr)
+    if not rows:
+        busy = any(runs_dir.glob("*.claim"))
+        print("no finished runs to tabulate" + ("; another process is still running tasks"
+                                                if busy else ""), file=sys.stderr)
+        return 0 if busy else 1
     df = pd.DataFrame(rows)
     df["epochs_scale"] = args.epochs_scale
     first = ["dataset", "seed", "method", "protocol", "stage", "test_accuracy", "test_f1",
@@ -322,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     tc = base.train
+    from cbdtune.pipeline import native_bf16, resolve_device
+    precision = ("bf16 autocast (`train.amp`; this CPU has native bf16)"
+                 if tc.amp and native_bf16(resolve_device(tc)) else "fp32")
     lines = [
         "# Reproduction: CBD (paper configuration) vs the paper and MiniRocket", "",
         f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
@@ -332,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- config: {source}; {tc.pretrain_epochs} pretraining epochs, {tc.classifier_epochs} "
         f"epochs per classifier stage (epochs scale {args.epochs_scale:g} of the config's"
         f"{' budget: REDUCED' if args.epochs_scale != 1 else ''}), {args.threads} torch threads, "
-        f"device {base.train.device}",
+        f"device {base.train.device}, precision {precision}"
+        + (f", overrides {' '.join(args.set)}" if args.set else ""),
         f"- seeds 0..{args.seeds - 1}: `train.seed` and the stratified validation split carved "
         "from the archive's train split; mean ± sample std (ddof 1) of test accuracy in %",
         "- honest: the epoch with the best validation accuracy, test read once there; authors' "
@@ -340,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "also maximises over pretraining checkpoints, not done here)",
         f"- MiniRocket: aeon `MiniRocketClassifier(random_state=seed, n_jobs={args.threads})` "
         f"fitted on {args.minirocket_fit}; time = fit + predict, after one untimed warm-up fit "
-        "per dataset (numba compiles its kernels on first use)",
+        "per dataset and process (numba compiles its kernels on first use)",
         "- CBD time = pretraining + that stage (without the extra per-epoch test passes); "
         "'selected on validation' = run_trial's result (pretraining counted once)",
         "- reference: the paper's Table 1 (spec section 6; authors' protocol, 5 seeds) beside our "

@@ -127,8 +127,24 @@ def _progress(total: int, desc: str, rt: Runtime, initial: int = 0) -> Any:
     return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: CUDA, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere (AVX2-only CPUs) oneDNN emulates bf16 and autocast would only add casts.
+    """
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(
+        getattr(cpu, probe, lambda: False)()
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def _autocast(rt: Runtime, train: TrainConfig) -> Any:
-    enabled = train.amp and rt.device.type == "cuda"
+    # Mixed precision as on a GPU: matmuls and convs in bf16, the FFTs, complex CBD products and
+    # losses in fp32 (they switch autocast off). On this project's 2-core AVX512-BF16 CPU a
+    # default-model pretraining step runs ~1.45x faster than in fp32 (results/throughput.md).
+    enabled = train.amp and native_bf16(rt.device)
     return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
