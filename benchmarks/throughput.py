@@ -39,7 +39,8 @@ TARGET_SPEEDUP = 1.5
 BATCH = 128
 
 
-def _worker(device: str, channels: int, length: int, steps: int, warmup: int, threads: int) -> dict:
+def _worker(device: str, precision: str, channels: int, length: int, steps: int, warmup: int,
+            threads: int) -> dict:
     """Time pretraining steps in this process; returns samples/s and peak memory."""
     import torch
 
@@ -56,8 +57,8 @@ def _worker(device: str, channels: int, length: int, steps: int, warmup: int, th
     x = torch.randn(BATCH, channels, length, device=device)
     cuda = device == "cuda"
 
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+    def step() -> None:  # bf16: the autocast the pipeline uses (pipeline._autocast)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x, generator=gen)
             loss = dual_constraint_loss(x, out, loss_cfg)["total"]
         opt.zero_grad(set_to_none=True)
@@ -84,10 +85,10 @@ def _worker(device: str, channels: int, length: int, steps: int, warmup: int, th
             "peak_gb": peak_gb, "params": sum(p.numel() for p in model.parameters())}
 
 
-def _run_subprocess(device: str, name: str, args: argparse.Namespace) -> dict:
-    """One (device, shape) in a fresh interpreter, so peak RSS is that run's alone."""
+def _run_subprocess(device: str, precision: str, name: str, args: argparse.Namespace) -> dict:
+    """One (device, precision, shape) in a fresh interpreter, so peak RSS is that run's alone."""
     c, length = SHAPES[name]
-    cmd = [sys.executable, __file__, "--worker", device, str(c), str(length),
+    cmd = [sys.executable, __file__, "--worker", device, precision, str(c), str(length),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -105,24 +106,31 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (authors: 2)")
     p.add_argument("--no-cuda", action="store_true")
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.md"))
-    p.add_argument("--worker", nargs=3, metavar=("DEVICE", "C", "L"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, metavar=("DEVICE", "PRECISION", "C", "L"),
+                   help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = p.parse_args(argv)
     if args.worker:  # inside the fresh subprocess: print one JSON line
-        device, c, length = args.worker
-        print(json.dumps(_worker(device, int(c), int(length), args.steps, args.warmup,
+        device, precision, c, length = args.worker
+        print(json.dumps(_worker(device, precision, int(c), int(length), args.steps, args.warmup,
                                  args.threads)))
         return
 
     import torch
 
+    from cbdtune.pipeline import native_bf16
+
+    # What the pipeline runs by default (train.amp): bf16 autocast where bf16 is native.
     runs = [("cpu", "fp32")]
+    if native_bf16(torch.device("cpu")):
+        runs.append(("cpu", "bf16"))
     if torch.cuda.is_available() and not args.no_cuda:
-        runs.append(("cuda", "bf16 autocast"))
+        runs.append(("cuda", "bf16"))
     rows = []
-    for device, variant in runs:
+    for device, precision in runs:
+        variant = "fp32" if precision == "fp32" else "bf16 autocast"
         for name in SHAPES:
-            r = _run_subprocess(device, name, args)
+            r = _run_subprocess(device, precision, name, args)
             rows.append((device, variant, name, r))
             print(f"{device:4s} {variant:14s} {name:26s} {r['samples_per_s']:7.1f} samples/s "
                   f"(best step {r['best_samples_per_s']:7.1f})  peak {r['peak_gb']:5.2f} GB",
@@ -148,18 +156,23 @@ def main() -> None:
         f"- authors: their code on this kind of machine (issue 3; gesture run at 3 x 316 since odd "
         f"lengths crash it); target = {TARGET_SPEEDUP}x their rate, and lower peak memory",
         "",
-        "| device | variant | shape | C x L | samples/s | best samples/s | peak GB "
+        "- bf16 autocast: matmuls and convolutions in bf16, the FFTs, complex CBD products and "
+        "losses in fp32, as `train.amp` (default on) runs them on CUDA and on CPUs with native "
+        "bf16 (AVX512-BF16 or AMX; this one has AVX512-BF16); fp32 is `train.amp=false`",
+        "",
+        "| device | variant | shape | C x L | samples/s | best samples/s | x authors | peak GB "
         "| authors samples/s | target samples/s | authors peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for device, variant, name, r in rows:
         c, length = SHAPES[name]
         ref, ref_mem = AUTHORS[name] if device == "cpu" else (None, None)
         target = f"{ref * TARGET_SPEEDUP:.1f}" if ref else "-"
+        speedup = f"{r['samples_per_s'] / ref:.2f}" if ref else "-"
         lines.append(
             f"| {device} | {variant} | {name} | {c} x {length} | {r['samples_per_s']:.1f} "
-            f"| {r['best_samples_per_s']:.1f} | {r['peak_gb']:.2f} | {ref or '-'} | {target} "
-            f"| {ref_mem or '-'} |")
+            f"| {r['best_samples_per_s']:.1f} | {speedup} | {r['peak_gb']:.2f} | {ref or '-'} "
+            f"| {target} | {ref_mem or '-'} |")
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -121,3 +121,19 @@ def test_macro_f1_matches_definition() -> None:
     pred = np.array([0, 1, 1, 1, 2, 0])
     # per class F1: c0 tp1 fp1 fn1 -> 0.5; c1 tp2 fp1 fn0 -> 0.8; c2 tp1 fp0 fn1 -> 2/3
     assert math.isclose(pipeline.macro_f1(pred, true, 3), (0.5 + 0.8 + 2 / 3) / 3)
+
+
+@pytest.mark.parametrize("amp,native", [(True, True), (True, False), (False, True)])
+def test_amp_runs_matmuls_in_bf16_only_where_native(monkeypatch, amp: bool, native: bool) -> None:
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
+    train = preset("smoke").train
+    train = dataclasses.replace(train, amp=amp)
+    rt = pipeline.Runtime(device=torch.device("cpu"))
+    layer = torch.nn.Linear(4, 4)
+    with pipeline._autocast(rt, train):
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == (torch.bfloat16 if amp and native else torch.float32)
+
+
+def test_native_bf16_is_false_for_meta_devices() -> None:
+    assert pipeline.native_bf16(torch.device("meta")) is False
