@@ -23,6 +23,7 @@ they are the random search's first 10 draws: over those, the two methods differ 
     python benchmarks/search_efficiency.py                  # 16 trials x 3 seeds x 2 (~40 min)
     python benchmarks/search_efficiency.py --num-samples 20 --seeds 5
     python benchmarks/search_efficiency.py --quick          # smoke space, 2 trials, 1 seed
+    python benchmarks/search_efficiency.py --work-dir W     # reruns reuse W's finished searches
 
 Writes results/search_efficiency.md (table), .png (curves) and .csv (the curves' points).
 """
@@ -72,15 +73,20 @@ def run_search(method: str, seed: int, args: argparse.Namespace, work: Path) -> 
     # RAY_ADDRESS=local: a fresh Ray per search; "auto" would join any Ray running on this machine.
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = work / f"{name}.log"
-    t0 = time.perf_counter()
-    with log.open("w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT, check=False).returncode
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"{shlex.join(cmd)} exited {rc}; last lines of {log}:\n{tail}")
+    log, done = work / f"{name}.log", work / f"{name}.done.json"
+    if done.exists():  # finished by an earlier run of this script with the same --work-dir
+        wall = json.loads(done.read_text())["wall_s"]
+        print(f"{name}: reusing the finished search in {work}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        with log.open("w") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                cwd=ROOT, check=False).returncode
+        wall = time.perf_counter() - t0
+        if rc != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+            raise RuntimeError(f"{shlex.join(cmd)} exited {rc}; last lines of {log}:\n{tail}")
+        done.write_text(json.dumps({"wall_s": wall, "command": cmd}))
     return {"method": method, "seed": seed, "name": name, "wall_s": wall,
             "storage": work / "ray" / name,
             "trials": next((work / "results").glob(f"*/{name}/trials.parquet"))}
@@ -214,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent", type=int, default=2,
                    help="trials at once, the same for both methods (default 2: 2 cores)")
     p.add_argument("--work-dir", default=None,
-                   help="where the searches' Ray storage, MLflow db and logs go (default: a temp "
-                        "dir, deleted at the end unless --keep-work)")
+                   help="where the searches' Ray storage, MLflow db and logs go, kept (default: "
+                        "a temp dir, deleted at the end unless --keep-work); a search already "
+                        "finished there is reused, so a stopped run resumes")
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("--quick", action="store_true",
                    help="smoke space, 2 trials, 1 seed; writes to a temp dir")
