@@ -78,6 +78,8 @@ def run_search(method: str, seed: int, args: argparse.Namespace, work: Path) -> 
         wall = json.loads(done.read_text())["wall_s"]
         print(f"{name}: reusing the finished search in {work}", flush=True)
     else:
+        for partial in (work / "ray" / name, *(work / "results").glob(f"*/{name}")):
+            shutil.rmtree(partial, ignore_errors=True)  # a search stopped part-way: start over
         t0 = time.perf_counter()
         with log.open("w") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
