@@ -44,7 +44,7 @@ PATHS = ("in-process", "TorchTrainer", "Tune + TorchTrainer")
 
 
 
-def header(title: str, argv: list[str], notes: list[str]) -> list[str]:
+def header(title: str, argv: list[str], notes: list[str], load_start: str) -> list[str]:
     import ray
     import torch
 
@@ -52,7 +52,8 @@ def header(title: str, argv: list[str], notes: list[str]) -> list[str]:
     return [
         f"# {title}", "",
         f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at start {load} (the machine is shared)",
+        f"- machine: {machine()}; load average (1, 5, 15 min) at start {load_start}, at the end "
+        f"{load} (the machine is shared)",
         f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         *[f"- {n}" for n in notes], "",
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tempfile.mkdtemp(prefix="cbdtune-quick-")) if args.quick else ROOT / "results"
         args.out = str(folder / "overhead.md")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
     import ray
 
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "`wall_s` (the difference is start-up/teardown); reports = evaluation points sent "
         "(each `ray.train.report` waits for the controller's 0.25 s poll)",
     ]
-    lines = header("Orchestration overhead of one trial", argv, notes) + [
+    lines = header("Orchestration overhead of one trial", argv, notes, load_start) + [
         "| path | wall s | added s | ratio to in-process | inside run_trial s | reports | val acc "
         "| test acc |",
         "|---|---|---|---|---|---|---|---|",
