@@ -142,8 +142,8 @@ class TrainConfig:
     probe_every: int = 10  # pretraining epochs between fidelity probes (the ASHA signal)
     probe_epochs: int = 10  # epochs of each short fidelity probe
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast where bf16 is native: CUDA, and CPUs with AVX512-BF16 or
-    #                   AMX (2x the fp32 matmul rate); fp32 elsewhere. False = fp32 everywhere
+    amp: bool = True  # bf16 autocast where bf16 is native (Ampere+ GPUs, CPUs with AVX512-BF16
+    #                   or AMX), fp32 elsewhere; False = fp32 everywhere (pipeline.native_bf16)
     compile: bool = False  # torch.compile the model (CUDA; compile time dominates short runs)
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
 

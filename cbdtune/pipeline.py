@@ -128,12 +128,13 @@ def _progress(total: int, desc: str, rt: Runtime, initial: int = 0) -> Any:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls natively: CUDA, or a CPU with AVX512-BF16 or AMX.
+    """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU from Ampere on, or a CPU with
+    AVX512-BF16 or AMX.
 
-    Elsewhere (AVX2-only CPUs) oneDNN emulates bf16 and autocast would only add casts.
+    Elsewhere (V100/T4, AVX2-only CPUs) bf16 is emulated and autocast would only add casts.
     """
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = getattr(torch, "cpu", None)
     return device.type == "cpu" and any(
         getattr(cpu, probe, lambda: False)()
