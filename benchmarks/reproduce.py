@@ -24,12 +24,12 @@ Beside them MiniRocket (aeon, a benchmark-only dependency) with ``random_state=s
 train + validation (it selects nothing, so it may use every labelled series CBD trains or selects
 on) and tested on the same test split; its time is fit + predict.
 
-    python benchmarks/reproduce.py                        # 3 datasets x 5 seeds (~3 h, 2 cores)
+    python benchmarks/reproduce.py                        # 3 datasets x 5 seeds, one process
     python benchmarks/reproduce.py --epochs-scale 0.25 --seeds 3    # ~30 min
     python benchmarks/reproduce.py --datasets gesture --seeds 1
     python benchmarks/reproduce.py --quick                # smoke preset, gesture, 1 seed (~30 s)
     python benchmarks/reproduce.py --threads 1 & python benchmarks/reproduce.py --threads 1
-                                                          # two processes share the work
+                               # two processes share the work (72 min on 2 cores, bf16 autocast)
 
 Each (dataset, seed) lands in results/reproduce_runs/<dataset>_seed<k>.json when it finishes; a
 rerun skips those (so a stopped run resumes), and processes started side by side take different
@@ -338,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     settings = {"config": str(source), "epochs_scale": args.epochs_scale, "threads": args.threads,
                 "set": sorted(args.set), "minirocket": not args.no_minirocket and args.minirocket_fit}
-    tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]  # seed-major: an early
-    warmed: set[str] = set()  # stop still leaves every dataset with some seeds
+    # seed-major, so that a run stopped early still leaves every dataset with some seeds
+    tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]
+    warmed: set[str] = set()
     for i, (dataset, seed) in enumerate(tasks, 1):
         done = runs_dir / f"{dataset}_seed{seed}.json"
         if done.exists() or not _claim(done.with_suffix(".claim")):
