@@ -1,0 +1,57 @@
+"""The bookkeeping behind the committed benchmark tables (the scripts' arithmetic, not their runs)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import reproduce  # noqa: E402
+import search_efficiency as eff  # noqa: E402
+
+
+def test_claim_is_exclusive_and_taken_over_from_a_dead_process(tmp_path: Path) -> None:
+    claim = tmp_path / "gesture_seed0.claim"
+    assert reproduce._claim(claim)
+    assert claim.read_text() == str(os.getpid())
+    assert not reproduce._claim(claim)  # held by a live process (this one)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    claim.write_text(dead)
+    assert reproduce._claim(claim)  # its process is gone: the task is free again
+    assert claim.read_text() == str(os.getpid())
+
+
+def test_mean_std_is_percent_with_sample_std() -> None:
+    mean, std = reproduce.mean_std([0.8, 0.9])
+    assert mean == pytest.approx(85.0) and std == pytest.approx(7.0710678)
+    assert math.isnan(reproduce.mean_std([0.5])[1])
+
+
+def _report(stage: str, t: float, dt: float, **kw) -> dict:
+    return {"stage": stage, "timestamp": 0, "time_total_s": t, "time_this_iter_s": dt, **kw}
+
+
+def test_curve_counts_epochs_and_only_credits_completed_trials() -> None:
+    reports = {
+        # completed: pretrain to epoch 10 in two fidelity reports, 3 fine-tune epochs, stage end
+        "a": [_report("pretrain", 1, 1, epoch=5, val_accuracy=0.5),
+              _report("pretrain", 3, 2, epoch=10, val_accuracy=0.6),
+              *[_report("fine_tune", 3 + e, 1, epoch=e, val_accuracy=0.7) for e in (1, 2, 3)],
+              _report("fine_tune", 6.5, 0.5, stage_done=True, val_accuracy=0.8),
+              _report("final", 7, 0.5, val_accuracy=0.8)],
+        # stopped by ASHA after its first fidelity report: cost, no accuracy to deliver
+        "b": [_report("pretrain", 2, 2, epoch=5, val_accuracy=0.9)],
+    }
+    points = eff.curve(reports)
+    assert points[-1]["trial_epochs"] == 10 + 3 + 5
+    assert points[-1]["trial_s"] == pytest.approx(7 + 2)  # time_this_iter_s summed
+    assert points[-1]["best_val"] == 0.8  # b's 0.9 came from a fidelity probe, not a result
+    assert math.isnan(eff.best_at(points, budget=17))  # a had not finished by then
+    assert eff.best_at(points, budget=18) == 0.8
