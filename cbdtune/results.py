@@ -63,17 +63,24 @@ def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
               if f"param.{k}" in done and done[f"param.{k}"].nunique() > 1}
     if len(done) < 3 or not varied:
         return f"needs at least 3 completed trials with varied parameters (have {len(done)})"
+    values = (pd.to_numeric(done[metric], errors="coerce") if metric in done
+              else pd.Series(math.nan, index=done.index))
+    finite = done[values.abs() < math.inf]  # NaN and inf compare False
+    if len(finite) and finite[metric].nunique() == 1:
+        # fANOVA divides by the variance of the metric; with none there is nothing to attribute
+        return (f"every completed trial has {metric} = {float(finite[metric].iloc[0]):.4f}, so "
+                "there is no variance to attribute")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    for _, row in done.iterrows():
-        value = row.get(metric)
-        if value is None or not math.isfinite(float(value)):
-            continue
+    for _, row in finite.iterrows():
         params = {k: _native(row[f"param.{k}"]) for k in varied}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=varied,
-                                                  value=float(value)))
+                                                  value=float(row[metric])))
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    try:
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    except RuntimeError as err:  # e.g. "zero total variance in all trees": a summary, not a crash
+        return f"fANOVA failed on {len(finite)} trials: {err}"
 
 
 def _native(value: Any) -> Any:

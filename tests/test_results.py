@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from cbdtune import results
 from cbdtune.space import load_space
@@ -45,3 +46,29 @@ def test_write_leaves_parquet_best_config_and_summary(tmp_path: Path) -> None:
     assert "best trial a" in paths["best_config"].read_text()
     summary = paths["summary"].read_text()
     assert "python -m cbdtune.search --dataset gesture" in summary and "| a | completed |" in summary
+
+
+def _completed(values: list[float]) -> pd.DataFrame:
+    return results.trials_frame([
+        results.trial_row(f"t{i}", {"model.mask_ratio": 0.4 + 0.1 * i,
+                                    "model.bernstein_order": 2 + i, "loss.gamma": 0.1 + 0.1 * i},
+                          {"val_accuracy": v}, "completed", "")
+        for i, v in enumerate(values)])
+
+
+def test_importances_with_equal_metrics_give_a_reason_not_a_crash(tmp_path: Path) -> None:
+    # The efficiency benchmark hit this: 4 completed trials all at val 0.875; fANOVA raised
+    # "zero total variance in all trees" after the whole search had run.
+    space = load_space("smoke")
+    df = _completed([0.875] * 4)
+    imp = results.importances(df, space, "val_accuracy", "max")
+    assert isinstance(imp, str) and "no variance" in imp
+    paths = results.write(tmp_path, df, space, space.base, metric="val_accuracy", mode="max",
+                          command="cmd", header={})
+    assert "no variance" in paths["summary"].read_text()
+
+
+def test_importances_rank_the_varied_parameters() -> None:
+    imp = results.importances(_completed([0.5, 0.6, 0.7, 0.9, 0.8]), load_space("smoke"),
+                              "val_accuracy", "max")
+    assert isinstance(imp, dict) and sum(imp.values()) == pytest.approx(1.0)
