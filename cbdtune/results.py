@@ -79,7 +79,7 @@ def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
     try:
         return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except RuntimeError as err:  # e.g. "zero total variance in all trees": a summary, not a crash
+    except (RuntimeError, ValueError) as err:  # e.g. "zero total variance in all trees"
         return f"fANOVA failed on {len(finite)} trials: {err}"
 
 
