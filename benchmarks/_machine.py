@@ -18,3 +18,8 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. ``"1.92, 1.99, 2.04"`` (the machine is shared)."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -36,19 +36,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("in-process", "TorchTrainer", "Tune + TorchTrainer")
-
-
 
 
 def header(title: str, argv: list[str], notes: list[str], load_start: str) -> list[str]:
     import ray
     import torch
 
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_average()
     return [
         f"# {title}", "",
         f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tempfile.mkdtemp(prefix="cbdtune-quick-")) if args.quick else ROOT / "results"
         args.out = str(folder / "overhead.md")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_start = load_average()
 
     import ray
 

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from _machine import machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -73,8 +73,6 @@ PAPER = {"ArticularyWordRecognition": {"linear_probe": 98.52, "fine_tune": 98.67
 ANCHOR_MINIROCKET = {"gesture": (93.75, 0.51, 4.7), "ArticularyWordRecognition": (99.11, 0.16, 1.6),
                      "FingerMovements": (57.33, 1.25, 0.3)}
 ANCHOR_AUTHORS_CODE = {"gesture": {"linear_probe": 86.9, "fine_tune": 89.4}}
-
-
 
 
 # ---- CBD -------------------------------------------------------------------------------------
@@ -316,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cbdtune.config import parse_overrides, preset
     from cbdtune.data import load_dataset
+    from cbdtune.pipeline import native_bf16, resolve_device
     from cbdtune.space import load_space
 
     if args.quick:
@@ -388,9 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     df = df[first + [c for c in df.columns if c not in first]]
     summary = summarise(df)
 
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load = load_average()
     tc = base.train
-    from cbdtune.pipeline import native_bf16, resolve_device
     precision = ("bf16 autocast (`train.amp`; this CPU has native bf16)"
                  if tc.amp and native_bf16(resolve_device(tc)) else "fp32")
     lines = [

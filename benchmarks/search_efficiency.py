@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # name: (sampler, scheduler)
@@ -53,8 +53,6 @@ METHODS = {  # name: (sampler, scheduler)
     "random, no early stopping": ("random", "none"),
 }
 CLASSIFIER_STAGES = ("linear_probe", "fine_tune")
-
-
 
 
 # ---- running the searches ----------------------------------------------------------------------
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                     else ROOT / "results"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="cbdtune-efficiency-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_start = load_average()
 
     runs = []
     for seed in range(args.seeds):
