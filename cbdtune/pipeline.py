@@ -16,6 +16,7 @@ The functions know nothing of Ray. The Ray Train worker (``cbdtune.worker``) pas
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
@@ -127,6 +128,7 @@ def _progress(total: int, desc: str, rt: Runtime, initial: int = 0) -> Any:
     return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr)
 
 
+@functools.cache  # a property of the hardware, asked once per batch by _autocast
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU from Ampere on, or a CPU with
     AVX512-BF16 or AMX.
