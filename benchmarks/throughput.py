@@ -51,7 +51,8 @@ def _worker(device: str, precision: str, channels: int, length: int, steps: int,
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(ModelConfig(in_channels=channels, seq_len=length)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-4, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-4, betas=(0.9, 0.99),
+                            fused=True)  # as the pipeline builds it (pipeline._fused)
     loss_cfg = LossConfig()
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(BATCH, channels, length, device=device)

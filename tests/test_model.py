@@ -16,7 +16,7 @@ from cbdtune.model import (
     random_masking,
 )
 from cbdtune.model.diagnostics import diagnose
-from cbdtune.model.encoder import dropout_, dropout_drop_mask
+from cbdtune.model.encoder import dropout_, dropout_keep_mask, fast_dropout_supported
 
 TINY = dict(d_model=16, n_heads=2, decoder_heads=2, ff_dim=32, encoder_layers=2,
             decoder_layers=1, cbd_blocks=1, cbd_ff_dim=8, bernstein_order=4)
@@ -245,13 +245,30 @@ def test_use_cbd_false_gives_no_spectrum_and_zero_cbd_loss() -> None:
 # ---- dropout ------------------------------------------------------------------------------------
 
 
-def test_dropout_drop_rate_and_scale() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_keep_mask_rate_values_and_seed(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    drop = dropout_drop_mask((200, 1000), 0.1, torch.device("cpu"))
-    assert abs(drop.float().mean().item() - 0.1) < 0.0034  # 200k draws: 5 sigma
+    keep = dropout_keep_mask((200, 1000), 0.1, dtype)
+    assert keep.dtype == dtype and keep.shape == (200, 1000)
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert abs(1 - keep.float().mean().item() - 0.1) < 0.0034  # 200k draws: 5 sigma
+    torch.manual_seed(0)
+    assert torch.equal(dropout_keep_mask((200, 1000), 0.1, dtype), keep)  # torch's seed drives it
+    assert not torch.equal(dropout_keep_mask((200, 1000), 0.1, dtype), keep)
+
+
+def test_dropout_scale_and_fallbacks() -> None:
+    torch.manual_seed(0)
     x = torch.ones(200, 1000)
     y = dropout_(x.clone(), 0.1, True)
     torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1 / 0.9]))
+    # p below one quantum of the 16-bit field (or a dtype without a field) takes F.dropout
+    assert not fast_dropout_supported(torch.bfloat16, 1e-6)
+    assert not fast_dropout_supported(torch.float64, 0.1)
+    assert fast_dropout_supported(torch.float32, 1e-6)
+    xb = torch.ones(100, 1000, dtype=torch.bfloat16)
+    yb = dropout_(xb.clone(), 0.5, True)
+    assert yb.dtype == torch.bfloat16 and abs((yb == 0).float().mean().item() - 0.5) < 0.01
 
 
 @pytest.mark.parametrize("relu", [False, True])
