@@ -16,6 +16,7 @@ from cbdtune.model.cbd import (
     binomial_coefficients,
     cim,
     cim_modulation,
+    dft_matrices,
     ser_gain,
 )
 
@@ -189,3 +190,17 @@ def test_spectral_unit_odd_tokens_backward_finite() -> None:
     assert torch.isfinite(x.grad).all()
     for name, p in unit.named_parameters():
         assert p.grad is not None, f"No gradient for {name}"
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 8, 20, 41, 42])
+def test_dft_matrices_are_rfft_and_irfft(T: int) -> None:
+    torch.manual_seed(0)
+    forward, inverse = dft_matrices(T)
+    S = T // 2 + 1
+    x = torch.randn(3, T, 5)
+    ref = torch.fft.rfft(x, dim=1, norm="ortho")
+    re_im = forward @ x
+    torch.testing.assert_close(torch.complex(re_im[:, :S], re_im[:, S:]), ref, atol=1e-5, rtol=0)
+    z = torch.randn(3, S, 5, dtype=torch.complex64)  # DC/Nyquist imaginary parts are ignored
+    torch.testing.assert_close(inverse @ torch.cat([z.real, z.imag], dim=1),
+                               torch.fft.irfft(z, n=T, dim=1, norm="ortho"), atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ from cbdtune.model import (
 )
 from cbdtune.model.diagnostics import diagnose
 from cbdtune.model.encoder import dropout_, dropout_keep_mask, fast_dropout_supported
+from cbdtune.model.tokenizer import MaxPool2, normalize_series
 
 TINY = dict(d_model=16, n_heads=2, decoder_heads=2, ff_dim=32, encoder_layers=2,
             decoder_layers=1, cbd_blocks=1, cbd_ff_dim=8, bernstein_order=4)
@@ -240,6 +241,34 @@ def test_use_cbd_false_gives_no_spectrum_and_zero_cbd_loss() -> None:
     terms = dual_constraint_loss(x, out, LossConfig())
     assert terms["freq_rec"].item() == 0.0 and terms["time_dual"].item() == 0.0
     torch.testing.assert_close(terms["total"], terms["time_rec"] + terms["freq_dual"])
+
+
+# ---- tokenizer pieces ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 50, 315])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_maxpool2_matches_max_pool1d_values_and_gradients(L: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    # after a ReLU, as in the tokenizer: many windows tie at 0, where the first step gets the grad
+    x = torch.randn(4, 3, L).relu().to(dtype).requires_grad_()
+    ref = torch.nn.MaxPool1d(kernel_size=2, stride=2, padding=1)(x)
+    out = MaxPool2()(x)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, x, g)
+    (g_out,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(g_out, g_ref)
+
+
+def test_normalize_series_zero_mean_unit_std_and_constant_series() -> None:
+    x = torch.randn(2, 3, 50) * 5 + 3
+    xn, mean, std = normalize_series(x)
+    torch.testing.assert_close(xn.mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(xn.std(-1, unbiased=False), torch.ones(2, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(xn * std + mean, x)
+    xc, _, _ = normalize_series(torch.full((1, 2, 9), 4.0))
+    assert torch.equal(xc, torch.zeros(1, 2, 9))
 
 
 # ---- dropout ------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Content-aware balanced decoder (CBD): CIM, SER, the CBD block and the CBD decoder.
 
 All spectra here are taken along the TOKEN axis, per hidden channel: token features (B, T, D)
--> Z_F = rfft(., dim=1, norm="ortho") of shape (B, S, D), S = T // 2 + 1. The inverse always
-passes ``n=T`` so odd token counts come back exactly (no padding, unlike [C] which repeats the
+-> Z_F = rfft(., dim=1, norm="ortho") of shape (B, S, D), S = T // 2 + 1. The inverse is
+irfft(., n=T), so odd token counts come back exactly (no padding, unlike [C] which repeats the
 last token to make T even).
 
 Functions come in timm pairs: a pure function testable on plain tensors (``bernstein_basis``,
@@ -18,6 +18,8 @@ References:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,29 @@ def ser_gain(a_tilde: Tensor, coefficients: Tensor, K: int, *, binom: Tensor | N
     return torch.einsum("...sn,...n->...s", basis, coefficients)
 
 
+def dft_matrices(T: int) -> tuple[Tensor, Tensor]:
+    """Real matrices for ``rfft(., n=T, norm="ortho")`` and its inverse along one axis.
+
+    Returns:
+        ``forward`` (2S, T): rows ``[cos; -sin](2 pi s t / T) / sqrt(T)``, so ``forward @ x``
+        stacks the real parts of the S = T // 2 + 1 bins over their imaginary parts;
+        ``inverse`` (T, 2S): ``irfft`` of such a stack, each bin counted twice except DC and (T
+        even) Nyquist, whose imaginary parts it ignores as ``irfft`` does.
+    """
+    S = T // 2 + 1
+    t = torch.arange(T, dtype=torch.float64)
+    s = torch.arange(S, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(s, t) / T  # (S, T)
+    cos, sin = torch.cos(angle) / math.sqrt(T), torch.sin(angle) / math.sqrt(T)
+    forward = torch.cat([cos, -sin])  # (2S, T)
+    twice = torch.full((S, 1), 2.0, dtype=torch.float64)
+    twice[0] = 1.0
+    if T % 2 == 0:
+        twice[-1] = 1.0
+    inverse = torch.cat([twice * cos, -twice * sin]).T  # (T, 2S)
+    return forward.float(), inverse.contiguous().float()
+
+
 # ---- modules ----------------------------------------------------------------------------------
 
 
@@ -186,14 +211,19 @@ class SER(nn.Module):
 class SpectralUnit(nn.Module):
     """rfft along tokens -> CIM -> SER -> irfft: the token mixer of a CBD block, Fig. 2(b).
 
-    Runs in float32 with autocast off: FFTs of non-power-of-2 lengths have no bf16 kernels and
-    the complex products need the precision. ``irfft(..., n=T)`` keeps odd T exact.
-    [C] takes ``.abs()`` of the irfft output; [P] does not, and neither do we (no switch for it).
+    Runs in float32 with autocast off: the complex products need the precision. The rfft and
+    irfft along the T tokens are matmuls with the DFT matrices (:func:`dft_matrices`), exact
+    for any T, odd included: for the few tokens here (8-42) that is 3x faster than the strided
+    FFT forward and ~10x in backward on CPU. [C] takes ``.abs()`` of the irfft output; [P] does
+    not, and neither do we (no switch for it).
     """
 
     def __init__(self, cfg: ModelConfig, num_tokens: int):
         super().__init__()
         self.energy_after_cim = cfg.ser_energy == "after_cim"
+        dft, idft = dft_matrices(num_tokens)
+        self.register_buffer("dft", dft, persistent=False)  # (2S, T)
+        self.register_buffer("idft", idft, persistent=False)  # (T, 2S)
         self.cim = CIM(cfg.d_model, cfg.cim_activation) if cfg.use_cim else None
         self.ser = SER(num_tokens // 2 + 1, cfg.bernstein_order, terms=cfg.bernstein_terms,
                        coefficients=cfg.ser_coefficients) if cfg.use_ser else None
@@ -202,13 +232,14 @@ class SpectralUnit(nn.Module):
     # heap on this graph (torch 2.13): keep the complex part eager under torch.compile.
     @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
-        T = x.shape[1]
+        S = self.dft.shape[0] // 2
         with torch.autocast(x.device.type, enabled=False):
-            z_f = torch.fft.rfft(x.float(), dim=1, norm="ortho")  # (B, S, D), S = T//2 + 1
+            re_im = self.dft @ x.float()  # (B, 2S, D): rfft(x, dim=1, norm="ortho"), stacked
+            z_f = torch.complex(re_im[:, :S], re_im[:, S:])  # (B, S, D)
             z = self.cim(z_f) if self.cim is not None else z_f
             if self.ser is not None:
                 z = self.ser(z, z if self.energy_after_cim else z_f)
-            return torch.fft.irfft(z, n=T, dim=1, norm="ortho")  # (B, T, D)
+            return self.idft @ torch.cat([z.real, z.imag], dim=1)  # (B, T, D): irfft(z, n=T)
 
 
 class FeedForward(nn.Module):
