@@ -291,10 +291,13 @@ def test_dropout_scale_and_fallbacks() -> None:
     x = torch.ones(200, 1000)
     y = dropout_(x.clone(), 0.1, True)
     torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1 / 0.9]))
-    # p below one quantum of the 16-bit field (or a dtype without a field) takes F.dropout
+    # p below one quantum of the 16-bit field (or float64) takes F.dropout
     assert not fast_dropout_supported(torch.bfloat16, 1e-6)
+    assert not fast_dropout_supported(torch.float32, 1 - 1e-6)
     assert not fast_dropout_supported(torch.float64, 0.1)
-    assert fast_dropout_supported(torch.float32, 1e-6)
+    assert fast_dropout_supported(torch.float32, 1e-4)
+    assert torch.equal(dropout_(torch.ones(10, 10, dtype=torch.float64), 0.5, True).unique(),
+                       torch.tensor([0.0, 2.0], dtype=torch.float64))
     xb = torch.ones(100, 1000, dtype=torch.bfloat16)
     yb = dropout_(xb.clone(), 0.5, True)
     assert yb.dtype == torch.bfloat16 and abs((yb == 0).float().mean().item() - 0.5) < 0.01
