@@ -5,7 +5,11 @@ random data, default ModelConfig/LossConfig (d_model 128, 8 encoder layers, ff 2
 Each (device, shape) runs in a fresh subprocess so peak RSS figures do not mix.
 
     python benchmarks/throughput.py                 # CPU with 2 threads, plus CUDA if present
-    python benchmarks/throughput.py --steps 5 --warmup 1 --no-cuda
+    python benchmarks/throughput.py --steps 5 --warmup 1 --repeats 1 --no-cuda
+
+Each row runs ``--repeats`` times, the rows interleaved (row 1, row 2, ..., row 1, ...), so a
+slow spell on a shared machine lands on every row rather than on one; the table gives the
+median run and the slowest and fastest.
 
 Writes results/throughput.md with the command, machine, torch version and date at the top.
 Reference (issue 3): the authors' code on a 2-core machine, torch.set_num_threads(2), batch 128.
@@ -19,12 +23,13 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _machine import machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name: (channels, length)
@@ -98,12 +103,19 @@ def _run_subprocess(device: str, precision: str, name: str, args: argparse.Names
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _summarise(runs: list[dict]) -> dict:
+    """One row from its runs: the median run's samples/s, the range, the best step, peak memory."""
+    rates = [r["samples_per_s"] for r in runs]
+    return {"samples_per_s": statistics.median(rates), "slowest": min(rates),
+            "fastest": max(rates), "best_samples_per_s": max(r["best_samples_per_s"] for r in runs),
+            "peak_gb": max(r["peak_gb"] for r in runs), "params": runs[0]["params"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per shape")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per row")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (authors: 2)")
     p.add_argument("--no-cuda", action="store_true")
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.md"))
@@ -127,17 +139,20 @@ def main() -> None:
         runs.append(("cpu", "bf16"))
     if torch.cuda.is_available() and not args.no_cuda:
         runs.append(("cuda", "bf16"))
-    rows = []
-    for device, precision in runs:
-        variant = "fp32" if precision == "fp32" else "bf16 autocast"
-        for name in SHAPES:
+    rows = [(device, precision, name) for device, precision in runs for name in SHAPES]
+    load_before = load_average()
+    results: dict[tuple[str, str, str], list[dict]] = {row: [] for row in rows}
+    for rep in range(args.repeats):
+        for device, precision, name in rows:
             r = _run_subprocess(device, precision, name, args)
-            rows.append((device, variant, name, r))
-            print(f"{device:4s} {variant:14s} {name:26s} {r['samples_per_s']:7.1f} samples/s "
-                  f"(best step {r['best_samples_per_s']:7.1f})  peak {r['peak_gb']:5.2f} GB",
-                  flush=True)
+            results[device, precision, name].append(r)
+            print(f"run {rep + 1}/{args.repeats} {device:4s} {precision:5s} {name:26s} "
+                  f"{r['samples_per_s']:7.1f} samples/s (best step {r['best_samples_per_s']:7.1f})"
+                  f"  peak {r['peak_gb']:5.2f} GB", flush=True)
+    summary = [(device, precision, name, _summarise(results[device, precision, name]))
+               for device, precision, name in rows]
 
-    gesture_params = rows[0][3]["params"]
+    gesture_params = summary[0][3]["params"]
     gpu = f"; GPU: {torch.cuda.get_device_name()}" if any(r[0] == "cuda" for r in rows) else ""
     lines = [
         "# Pretraining throughput, default CBD model",
@@ -147,12 +162,14 @@ def main() -> None:
         f"- torch {torch.__version__}, python {platform.python_version()}, CPU threads "
         f"{args.threads}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- step: forward (both decoders) + dual-constraint loss + backward + AdamW, batch {BATCH}, "
-        f"random data, default ModelConfig/LossConfig; {args.warmup} warm-up + {args.steps} timed "
-        "steps in a fresh process per row",
+        f"- load average (1, 5, 15 min): {load_before} before, {load_average()} after",
+        f"- step: forward (both decoders) + dual-constraint loss + backward + fused AdamW, batch "
+        f"{BATCH}, random data, default ModelConfig/LossConfig",
+        f"- run: a fresh process, {args.warmup} warm-up + {args.steps} timed steps; "
+        f"{args.repeats} runs per row, the rows interleaved",
         f"- default model parameters for gesture (3 x 315): {gesture_params:,}",
-        "- samples/s = timed samples / total time; best = from the fastest step (the machine is "
-        "shared)",
+        "- samples/s = timed samples / time of a run, median over the runs (runs: slowest - "
+        "fastest); best step = the fastest single step of any run (the machine is shared)",
         "- peak memory: CPU = process peak RSS (ru_maxrss), CUDA = torch.cuda.max_memory_allocated",
         f"- authors: their code on this kind of machine (issue 3; gesture run at 3 x 316 since odd "
         f"lengths crash it); target = {TARGET_SPEEDUP}x their rate, and lower peak memory",
@@ -161,19 +178,20 @@ def main() -> None:
         "losses in fp32, as `train.amp` (default on) runs them on CUDA and on CPUs with native "
         "bf16 (AVX512-BF16 or AMX; this one has AVX512-BF16); fp32 is `train.amp=false`",
         "",
-        "| device | variant | shape | C x L | samples/s | best samples/s | x authors | peak GB "
+        "| device | variant | shape | C x L | samples/s | runs | best step | x authors | peak GB "
         "| authors samples/s | target samples/s | authors peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for device, variant, name, r in rows:
+    for device, precision, name, r in summary:
         c, length = SHAPES[name]
+        variant = "fp32" if precision == "fp32" else "bf16 autocast"
         ref, ref_mem = AUTHORS[name] if device == "cpu" else (None, None)
         target = f"{ref * TARGET_SPEEDUP:.1f}" if ref else "-"
         speedup = f"{r['samples_per_s'] / ref:.2f}" if ref else "-"
         lines.append(
             f"| {device} | {variant} | {name} | {c} x {length} | {r['samples_per_s']:.1f} "
-            f"| {r['best_samples_per_s']:.1f} | {speedup} | {r['peak_gb']:.2f} | {ref or '-'} "
-            f"| {target} | {ref_mem or '-'} |")
+            f"| {r['slowest']:.1f} - {r['fastest']:.1f} | {r['best_samples_per_s']:.1f} "
+            f"| {speedup} | {r['peak_gb']:.2f} | {ref or '-'} | {target} | {ref_mem or '-'} |")
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

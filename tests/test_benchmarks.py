@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reproduce  # noqa: E402
 import search_efficiency as eff  # noqa: E402
+import throughput  # noqa: E402
 
 
 def test_claim_is_exclusive_and_taken_over_from_a_dead_process(tmp_path: Path) -> None:
@@ -32,6 +33,20 @@ def test_mean_std_is_percent_with_sample_std() -> None:
     mean, std = reproduce.mean_std([0.8, 0.9])
     assert mean == pytest.approx(85.0) and std == pytest.approx(7.0710678)
     assert math.isnan(reproduce.mean_std([0.5])[1])
+
+
+def test_throughput_row_is_the_median_run_with_its_range() -> None:
+    runs = [{"samples_per_s": v, "best_samples_per_s": v + 10, "peak_gb": g, "params": 7}
+            for v, g in [(300.0, 0.5), (100.0, 0.7), (200.0, 0.6)]]
+    row = throughput._summarise(runs)
+    assert (row["samples_per_s"], row["slowest"], row["fastest"]) == (200.0, 100.0, 300.0)
+    assert row["best_samples_per_s"] == 310.0 and row["peak_gb"] == 0.7 and row["params"] == 7
+
+
+def test_throughput_worker_times_real_steps() -> None:
+    r = throughput._worker("cpu", "fp32", 3, 50, steps=2, warmup=1, threads=1)
+    assert r["samples_per_s"] > 0 and r["best_samples_per_s"] >= r["samples_per_s"]
+    assert r["params"] > 1_000_000 and r["peak_gb"] > 0
 
 
 def _report(stage: str, t: float, dt: float, **kw) -> dict:
