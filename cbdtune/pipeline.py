@@ -150,9 +150,9 @@ def _fused(device: torch.device) -> bool:
 
 
 def _autocast(rt: Runtime, train: TrainConfig) -> Any:
-    # Mixed precision as on a GPU: matmuls and convs in bf16, the FFTs, complex CBD products and
-    # losses in fp32 (they switch autocast off). On this project's 2-core AVX512-BF16 CPU a
-    # default-model pretraining step runs 1.1-1.8x faster than in fp32 (results/throughput.md).
+    # Mixed precision as on a GPU: matmuls and convs in bf16, the FFTs, the CBD spectral unit and
+    # the losses in fp32 (they switch autocast off). On this project's 2-core AVX512-BF16 CPU a
+    # default-model pretraining step runs 1.4-1.8x faster than in fp32 (results/throughput.md).
     enabled = train.amp and native_bf16(rt.device)
     return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=enabled)
 
