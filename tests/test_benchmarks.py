@@ -44,7 +44,11 @@ def test_throughput_row_is_the_median_run_with_its_range() -> None:
 
 
 def test_throughput_worker_times_real_steps() -> None:
-    r = throughput._worker("cpu", "fp32", 3, 50, steps=2, warmup=1, threads=1)
+    import torch
+
+    # the worker sets the thread count: give it this process's, so later tests keep theirs
+    r = throughput._worker("cpu", "fp32", 3, 50, steps=2, warmup=1,
+                           threads=torch.get_num_threads())
     assert r["samples_per_s"] > 0 and r["best_samples_per_s"] >= r["samples_per_s"]
     assert r["params"] > 1_000_000 and r["peak_gb"] > 0
 
