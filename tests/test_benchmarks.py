@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reproduce  # noqa: E402
@@ -44,8 +45,6 @@ def test_throughput_row_is_the_median_run_with_its_range() -> None:
 
 
 def test_throughput_worker_times_real_steps() -> None:
-    import torch
-
     # the worker sets the thread count: give it this process's, so later tests keep theirs
     r = throughput._worker("cpu", "fp32", 3, 50, steps=2, warmup=1,
                            threads=torch.get_num_threads())
