@@ -1,4 +1,5 @@
-"""The bookkeeping behind the committed benchmark tables (the scripts' arithmetic, not their runs)."""
+"""The bookkeeping behind the committed benchmark tables (the scripts' arithmetic), and one short
+real throughput run."""
 
 from __future__ import annotations
 
