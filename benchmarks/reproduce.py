@@ -29,7 +29,7 @@ on) and tested on the same test split; its time is fit + predict.
     python benchmarks/reproduce.py --datasets gesture --seeds 1
     python benchmarks/reproduce.py --quick                # smoke preset, gesture, 1 seed (~30 s)
     python benchmarks/reproduce.py --threads 1 & python benchmarks/reproduce.py --threads 1
-                               # two processes share the work (72 min on 2 cores, bf16 autocast)
+                               # two processes share the work (51 min on 2 cores, bf16 autocast)
 
 Each (dataset, seed) lands in results/reproduce_runs/<dataset>_seed<k>.json when it finishes; a
 rerun skips those (so a stopped run resumes), and processes started side by side take different
