@@ -98,7 +98,7 @@ class _InplaceDropout(torch.autograd.Function):
     """Dropout (optionally after ReLU) applied in place to a freshly computed activation.
 
     Why: on 2 CPU cores every out-of-place pass over a (B, T, 2048) FFN activation costs as much
-    as a small matmul (mostly page faults on the fresh 44 MB buffer). ``F.dropout(F.relu(h))``
+    as a small matmul (a fresh 44 MB buffer for gesture in fp32). ``F.dropout(F.relu(h))``
     makes three such buffers (ReLU output, float Bernoulli mask, product) and saves two for
     backward; this makes one (the keep mask, in the activation's dtype) and saves only the
     output, which the next linear layer saves anyway.
