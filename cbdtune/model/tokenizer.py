@@ -78,9 +78,10 @@ class _PairMax(torch.autograd.Function):
         n = L // 2 + 1
         padded = F.pad(x, (1, 2 * n - L - 1), value=float("-inf"))  # (..., 2n)
         even, odd = padded[..., 0::2], padded[..., 1::2]
-        take_odd = (odd > even).to(x.dtype)  # ties go to the first step, as in max_pool1d
-        ctx.save_for_backward(take_odd)
-        ctx.length = L
+        if ctx.needs_input_grad[0]:  # not under no_grad or with a frozen tokenizer
+            # ties go to the first step, as in max_pool1d
+            ctx.save_for_backward((odd > even).to(x.dtype))
+            ctx.length = L
         return torch.maximum(even, odd)
 
     @staticmethod
