@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         if space.params:
             p.error(f"--space {args.space}: searches {space.keys}; give a space of fixed values")
         base, source = space.base, space.path
-        if Path(source).resolve().is_relative_to(ROOT):  # so another checkout reuses the runs
-            source = Path(source).resolve().relative_to(ROOT).as_posix()
+        resolved = Path(source).resolve()
+        if resolved.is_relative_to(ROOT):  # so another checkout reuses the runs
+            source = resolved.relative_to(ROOT).as_posix()
     tc = base.train
     budget = {"train.pretrain_epochs": max(1, round(tc.pretrain_epochs * args.epochs_scale)),
               "train.classifier_epochs": max(1, round(tc.classifier_epochs * args.epochs_scale)),

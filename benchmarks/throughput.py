@@ -149,10 +149,9 @@ def main() -> None:
             print(f"run {rep + 1}/{args.repeats} {device:4s} {precision:5s} {name:26s} "
                   f"{r['samples_per_s']:7.1f} samples/s (best step {r['best_samples_per_s']:7.1f})"
                   f"  peak {r['peak_gb']:5.2f} GB", flush=True)
-    summary = [(device, precision, name, _summarise(results[device, precision, name]))
-               for device, precision, name in rows]
+    summary = {row: _summarise(runs) for row, runs in results.items()}
 
-    gesture_params = summary[0][3]["params"]
+    gesture_params = summary[rows[0]]["params"]
     gpu = f"; GPU: {torch.cuda.get_device_name()}" if any(r[0] == "cuda" for r in rows) else ""
     lines = [
         "# Pretraining throughput, default CBD model",
@@ -182,7 +181,7 @@ def main() -> None:
         "| authors samples/s | target samples/s | authors peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for device, precision, name, r in summary:
+    for (device, precision, name), r in summary.items():
         c, length = SHAPES[name]
         variant = "fp32" if precision == "fp32" else "bf16 autocast"
         ref, ref_mem = AUTHORS[name] if device == "cpu" else (None, None)
