@@ -14,7 +14,8 @@ from cbdtune.model.cbd import (
 )
 from cbdtune.model.cbd_model import CBDModel, ModelOutput, build_model
 from cbdtune.model.encoder import Encoder, TransformerLayer, random_masking
-from cbdtune.model.heads import ClassifierHead
+from cbdtune.model.classifier import CBDClassifier
+from cbdtune.model.heads import ClassifierHead, build_head, series_stats
 from cbdtune.model.temporal_decoder import TemporalDecoder
 from cbdtune.model.tokenizer import (
     ConvDetokenizer,
@@ -27,6 +28,7 @@ from cbdtune.model.tokenizer import (
 
 __all__ = [
     "CBDBlock",
+    "CBDClassifier",
     "CBDDecoder",
     "CBDModel",
     "CIM",
@@ -43,6 +45,7 @@ __all__ = [
     "TransformerLayer",
     "bernstein_basis",
     "binomial_coefficients",
+    "build_head",
     "build_model",
     "cim",
     "cim_modulation",
@@ -50,4 +53,5 @@ __all__ = [
     "num_tokens",
     "random_masking",
     "ser_gain",
+    "series_stats",
 ]
