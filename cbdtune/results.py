@@ -2,17 +2,23 @@
 
 Parameter importance uses Optuna's evaluators on the finished trials (fANOVA, Hutter et al., ICML
 2014; the default of ``optuna.importance.get_param_importances``).
+
+Every file is written atomically (:func:`atomic_write_bytes`): a crash or Ctrl-C while writing
+leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from cbdtune.config import ExperimentConfig
+from cbdtune.config import CbdtuneError, ExperimentConfig
 from cbdtune.space import SearchSpace
 
 # Columns copied from each trial's last result (when present).
@@ -89,21 +95,86 @@ def _native(value: Any) -> Any:
 
 def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentConfig, *,
           metric: str, mode: str, command: str, header: dict[str, Any]) -> dict[str, Path]:
-    """Write the three result files; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"trials": out_dir / "trials.parquet", "summary": out_dir / "summary.md"}
-    df.to_parquet(paths["trials"], index=False)
+    """Write the three result files, each atomically; returns their paths.
+
+    Every file's content is rendered before the first one is replaced, so an error while
+    rendering (fANOVA, a bad best config) leaves the folder as it was. A ``best_config.yaml``
+    left from an earlier search of this name is removed when no trial completed: it would
+    describe trials that are not in ``trials.parquet``.
+    """
     best = best_trial(df, metric, mode)
+    imp = importances(df, space, metric, mode)
+    content = {"trials.parquet": df.to_parquet(index=False),
+               "summary.md": _summary(df, best, imp, metric, mode, command, header).encode()}
     if best is not None:
         params = {k[len("param."):]: _native(v) for k, v in best.items()
                   if k.startswith("param.") and not _isnan(v)}
-        paths["best_config"] = out_dir / "best_config.yaml"
-        paths["best_config"].write_text(
+        content["best_config.yaml"] = (
             f"# best trial {best['trial_id']}: {metric}={best[metric]:.4f}\n"
-            + base.replace(params, where="best trial").to_yaml())
-    imp = importances(df, space, metric, mode)
-    paths["summary"].write_text(_summary(df, best, imp, metric, mode, command, header))
-    return paths
+            + base.replace(params, where="best trial").to_yaml()).encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in content.items():
+        atomic_write_bytes(out_dir / name, data)
+    if best is None:
+        (out_dir / "best_config.yaml").unlink(missing_ok=True)
+    keys = {"trials.parquet": "trials", "summary.md": "summary", "best_config.yaml": "best_config"}
+    return {keys[name]: out_dir / name for name in content}
+
+
+# ---- atomic files -------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader or a crash sees the old file or the new one.
+
+    The bytes go to a hidden temporary file in the same folder (``os.replace`` is atomic only
+    within one filesystem), are flushed to disk, then renamed over ``path``. On any error the
+    temporary file is removed and ``path`` is untouched.
+
+    Args:
+        path: the file to create or replace; its folder must exist.
+        data: the complete new content.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # 0o666 through the umask, as open() would give; mkstemp's 0o600 would outlive the rename.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the content is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for text, encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_results_dir(path: Path) -> None:
+    """Fail before Ray starts when results could not be written under ``path``.
+
+    Nothing is created: the nearest existing folder on the way to ``path`` must be a folder and
+    must accept a new file (probed with a temporary file, which also catches a read-only mount).
+
+    Raises:
+        CbdtuneError: ``path`` or a parent is a file, or the folder is not writable.
+    """
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"{existing} is a file"
+        raise CbdtuneError(f"--results-dir {path}: {what}, not a folder; pass a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise CbdtuneError(f"--results-dir {path}: cannot write in {existing} "
+                           f"({exc.strerror or exc}); pass a writable folder") from None
 
 
 def _isnan(v: Any) -> bool:

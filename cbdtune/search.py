@@ -64,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="where results/<dataset>/<name> go")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest search of this name from its storage")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use --name (or the default name) even if a search of that name exists: "
+                        "its results files are replaced and Tune starts a new experiment in its "
+                        "storage (ignored with --resume)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a trial (and of its worker group) after a failure")
     p.add_argument("--allow-autoscale", action="store_true",
@@ -178,23 +182,48 @@ def _storage_root(args: argparse.Namespace) -> str:
     return str(Path("~/ray_results").expanduser())
 
 
-def _search_name(args: argparse.Namespace, root: str, stem: str) -> str:
-    """``<dataset>-<space>``; a fresh search takes the next free suffix, --resume the latest."""
+def _search_name(args: argparse.Namespace, root: str, stem: str, *, results_dir: Path) -> str:
+    """The search's name, decided once for its Ray storage and its results folder.
+
+    ``--name``, else ``<dataset>-<space>``. A name is taken when ``{root}/{name}`` holds a Tune
+    experiment or ``{results_dir}/{name}`` is a non-empty folder. A fresh search takes the first
+    free one of ``name``, ``name-2``, ``name-3``...; ``--resume`` the latest taken one that Tune
+    can restore; ``--overwrite`` (ignored with ``--resume``) ``name`` itself, taken or not.
+
+    Args:
+        args: the parsed command line (``name``, ``dataset``, ``resume``, ``overwrite``).
+        root: the Ray storage root (a folder or a URI).
+        stem: the space file's stem, for the default name.
+        results_dir: the dataset's results folder, ``<--results-dir>/<dataset name>``.
+
+    Raises:
+        CbdtuneError: ``--resume`` with no restorable search of this name.
+    """
     from ray import tune
 
     base = args.name or f"{args.dataset}-{stem}"
     names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
-    taken = []
+    taken: list[str] = []
+    restorable: list[str] = []
     for name in names:
-        if not tune.Tuner.can_restore(f"{root}/{name}"):
+        if tune.Tuner.can_restore(f"{root}/{name}"):
+            restorable.append(name)
+        elif not _has_results(results_dir / name):
             break
         taken.append(name)
     if args.resume:
-        if not taken:
+        if not restorable:
             raise CbdtuneError(f"--resume: no search named {base} in {root}; run it without "
                                "--resume first, or pass --name/--storage")
-        return taken[-1]
+        return restorable[-1]
+    if args.overwrite:
+        return base
     return names[len(taken)]
+
+
+def _has_results(folder: Path) -> bool:
+    """True when ``folder`` exists and is not an empty folder (a file there counts too)."""
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
 def _parent_run(mlc: Any, exp_id: str, name: str, resume: bool, tags: dict[str, Any],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from cbdtune import results
+from cbdtune.config import CbdtuneError
 from cbdtune.space import load_space
 
 
@@ -72,3 +74,74 @@ def test_importances_rank_the_varied_parameters() -> None:
     imp = results.importances(_completed([0.5, 0.6, 0.7, 0.9, 0.8]), load_space("smoke"),
                               "val_accuracy", "max")
     assert isinstance(imp, dict) and sum(imp.values()) == pytest.approx(1.0)
+
+
+def _write(folder: Path, df: pd.DataFrame) -> dict[str, Path]:
+    space = load_space("smoke")
+    return results.write(folder, df, space, space.base, metric="val_accuracy", mode="max",
+                         command="python -m cbdtune.search --dataset gesture", header={"x": 1})
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_write_crash_at_replace_leaves_old_files_and_no_temporaries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(tmp_path, _df())
+    before = _snapshot(tmp_path)
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(results.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        _write(tmp_path, _df().iloc[:1])
+    assert _snapshot(tmp_path) == before  # also: no .tmp file left behind
+
+
+def test_write_error_while_rendering_replaces_nothing(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(tmp_path, _df())
+    before = _snapshot(tmp_path)
+
+    def broken(*args: object) -> str:
+        raise RuntimeError("summary failed")
+
+    monkeypatch.setattr(results, "_summary", broken)
+    with pytest.raises(RuntimeError):
+        _write(tmp_path, _df().iloc[:1])
+    assert _snapshot(tmp_path) == before
+
+
+def test_write_without_a_best_trial_removes_a_stale_best_config(tmp_path: Path) -> None:
+    _write(tmp_path, _df())
+    paths = _write(tmp_path, _df()[_df()["status"] != "completed"])
+    assert "best_config" not in paths and not (tmp_path / "best_config.yaml").exists()
+
+
+def test_atomic_write_text_replaces_and_keeps_umask_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "a.md"
+    results.atomic_write_text(path, "old")
+    results.atomic_write_text(path, "new ü")
+    assert path.read_text(encoding="utf-8") == "new ü"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.md"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("where", ["itself", "a parent"])
+def test_check_results_dir_refuses_a_file_with_one_line(tmp_path: Path, where: str) -> None:
+    file = tmp_path / "results"
+    file.write_text("not a folder")
+    path = file if where == "itself" else file / "sub"
+    with pytest.raises(CbdtuneError, match="is a file") as info:
+        results.check_results_dir(path)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(path) in message and "pass a folder" in message
+
+
+def test_check_results_dir_accepts_a_missing_folder_without_creating_it(tmp_path: Path) -> None:
+    results.check_results_dir(tmp_path / "results" / "deep")
+    assert list(tmp_path.iterdir()) == []

@@ -258,3 +258,52 @@ def test_expected_reports_covers_a_full_trial() -> None:
     assert search.expected_reports(cfg) == 2 + 16 + 1
     both = cfg.replace({"train.classifier": "both"})
     assert search.expected_reports(both) == 2 + 2 * 16 + 1
+
+
+def _fake_tune_experiment(folder: Path) -> None:
+    # Tuner.can_restore looks for exactly this file (ray/tune/impl/tuner_internal.py, _TUNER_PKL).
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"")
+
+
+def test_search_name_skips_a_taken_results_folder_and_leaves_it_untouched(tmp_path: Path) -> None:
+    from cbdtune import results
+
+    space = load_space("smoke")
+    args = search.parser().parse_args(["--dataset", "gesture"])
+    dataset_dir = tmp_path / "results" / "UWaveGestureLibrary"
+    first = dataset_dir / "gesture-default"
+    df = results.trials_frame([results.trial_row("a", {}, {"val_accuracy": 0.9}, "completed", "")])
+    results.write(first, df, space, space.base, metric="val_accuracy", mode="max",
+                  command="first", header={})
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    # The Ray storage is empty (another machine, or ~/ray_results cleaned): the folder decides.
+    name = search._search_name(args, str(tmp_path / "ray"), "default", results_dir=dataset_dir)
+    assert name == "gesture-default-2"
+    results.write(dataset_dir / name, df, space, space.base, metric="val_accuracy", mode="max",
+                  command="second", header={})
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_search_name_storage_or_results_take_a_name_resume_needs_storage(tmp_path: Path) -> None:
+    root, dataset_dir = tmp_path / "ray", tmp_path / "results" / "X"
+    _fake_tune_experiment(root / "s")
+    (dataset_dir / "s-2").mkdir(parents=True)
+    (dataset_dir / "s-2" / "summary.md").write_text("x")
+    (dataset_dir / "s-3").mkdir()  # empty: free
+    p = search.parser()
+
+    def name(*flags: str) -> str:
+        args = p.parse_args(["--dataset", "gesture", "--name", "s", *flags])
+        return search._search_name(args, str(root), "smoke", results_dir=dataset_dir)
+
+    assert name() == "s-3"
+    assert name("--resume") == "s"  # s-2 has results only: nothing for Tune to restore
+    assert name("--overwrite") == "s"
+    assert name("--resume", "--overwrite") == "s"
+
+
+def test_search_name_resume_without_storage_is_a_one_line_error(tmp_path: Path) -> None:
+    args = search.parser().parse_args(["--dataset", "gesture", "--resume"])
+    with pytest.raises(search.CbdtuneError, match="--resume: no search named gesture-smoke"):
+        search._search_name(args, str(tmp_path / "ray"), "smoke", results_dir=tmp_path / "r")
