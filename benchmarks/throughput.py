@@ -57,13 +57,13 @@ def _worker(device: str, precision: str, channels: int, length: int, steps: int,
     torch.manual_seed(0)
     model = build_model(ModelConfig(in_channels=channels, seq_len=length)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-4, betas=(0.9, 0.99),
-                            fused=True)  # as the pipeline builds it (pipeline._fused)
+                            fused=True)  # as the pipeline builds it (runtime.fused)
     loss_cfg = LossConfig()
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(BATCH, channels, length, device=device)
     cuda = device == "cuda"
 
-    def step() -> None:  # bf16: the autocast the pipeline uses (pipeline._autocast)
+    def step() -> None:  # bf16: the autocast the pipeline uses (runtime.autocast)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x, generator=gen)
             loss = dual_constraint_loss(x, out, loss_cfg)["total"]

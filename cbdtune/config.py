@@ -44,13 +44,22 @@ def _check(cond: bool, where: str, message: str) -> None:
 class DataConfig:
     dataset: str = "gesture"  # registry name, UEA/UCR archive name, or a TF-C style folder
     data_dir: str | None = None  # local folder; None -> $CBDTUNE_DATA_DIR, then the cache
-    val_fraction: float = 0.2  # stratified, carved from train (unless the archive has a val split)
+    # Model selection. cv_folds > 0: stratified k-fold cross-validation on the whole training
+    # split (an archive's own val split joins it), repeated cv_repeats times with fresh shuffles;
+    # the classifier is then refit on every training series. cv_folds = 0: one validation split,
+    # val_fraction of train (stratified, by seed) or the archive's own; the paper's protocol.
+    cv_folds: int = 5
+    cv_repeats: int = 1
+    val_fraction: float = 0.2  # only with cv_folds = 0
     length_policy: Literal["pad", "resample"] = "pad"  # variable-length series, see cbdtune.data
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "data.dataset", "must not be empty")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction",
                f"expected a float in (0, 1), but got {self.val_fraction}")
+        _check(self.cv_folds == 0 or self.cv_folds >= 2, "data.cv_folds",
+               f"must be 0 (one validation split) or >= 2, but got {self.cv_folds}")
+        _check(self.cv_repeats >= 1, "data.cv_repeats", f"must be >= 1, but got {self.cv_repeats}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,19 @@ class ModelConfig:
     cim_activation: Literal["sigmoid", "relu_softshrink"] = "sigmoid"  # [P] Eq. 5; [C] relu+shrink
     ser_energy: Literal["after_cim", "before_cim"] = "after_cim"  # [P]; [C] before
     ser_coefficients: Literal["linear", "sigmoid"] = "linear"  # [P] Eq. 11; [C] sigmoid(linear)
+    # SER's normalised energy A~: [P] softmax of the raw energies; on trained features the DC bin
+    # takes all of it (A~ = 1 there, < 1e-3 elsewhere) and K stops mattering. fraction = [C]
+    # A / sum A; tempered = A^(1/2) / sum A^(1/2), scale-free and flatter (cbd.ser_normalise).
+    ser_norm: Literal["softmax", "fraction", "tempered"] = "softmax"  # [P]; [C] fraction
+    # Positional encoding on the tokens before masking and on the restored sequence before the
+    # decoders (MAE). [C] has none; without it the encoder is permutation-equivariant.
+    pos_encoding: Literal["none", "learned", "sinusoidal"] = "none"  # [C]
+
+    # Classifier head (heads.py). [C] flattens all tokens into an MLP (14.5M parameters at HAR).
+    head: Literal["flatten", "mean", "attention"] = "flatten"  # [C]; mean/attention pool tokens
+    head_dropout: float = 0.0  # [C] none; dropout on the head's token features
+    level_features: bool = False  # [C] none; True: the head also reads per-channel mean and
+    #                               log-std of the raw series, which the instance norm removes
 
     use_cbd: bool = True  # False: the plain masked model (TimeMAE-like), temporal decoder only
     use_cim: bool = True
@@ -100,8 +122,16 @@ class ModelConfig:
                f"{self.d_model} is not divisible by model.n_heads={self.n_heads}")
         _check(self.d_model % self.decoder_heads == 0, "model.d_model",
                f"{self.d_model} is not divisible by model.decoder_heads={self.decoder_heads}")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout",
-               f"expected a float in [0, 1), but got {self.dropout}")
+        for name in ("dropout", "head_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"model.{name}",
+                   f"expected a float in [0, 1), but got {value}")
+        # from_dict checks these too; this catches a ModelConfig built directly in code
+        for name, tp in get_type_hints(ModelConfig).items():
+            if get_origin(tp) is Literal:
+                value = getattr(self, name)
+                _check(value in get_args(tp), f"model.{name}",
+                       f"expected one of {list(get_args(tp))}, but got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +169,12 @@ class TrainConfig:
     plateau_factor: float = 0.1  # PyTorch default, as in [C]
     early_stop_patience: int = 0  # stop a classifier stage after this many epochs without a
     #                               better validation accuracy; 0 = never (the paper's protocol)
+    label_smoothing: float = 0.0  # cross-entropy of the classifier stages
+    # Fine-tuning input augmentation (0 = off): Gaussian jitter (x its series' std), per-channel
+    # scaling (std of the factor around 1), window crop (share of the length cut, then stretched).
+    augment_jitter: float = 0.0
+    augment_scale: float = 0.0
+    augment_crop: float = 0.0
     probe_every: int = 10  # pretraining epochs between fidelity probes (the ASHA signal)
     probe_epochs: int = 10  # epochs of each short fidelity probe
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -160,6 +196,9 @@ class TrainConfig:
             _check(value > 0, f"train.{name}", f"must be > 0, but got {value}")
         _check(self.weight_decay >= 0, "train.weight_decay",
                f"must be >= 0, but got {self.weight_decay}")
+        for name in ("label_smoothing", "augment_jitter", "augment_scale", "augment_crop"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"train.{name}", f"expected a float in [0, 1), but got {value}")
         for name in ("beta1", "beta2", "plateau_factor"):
             value = getattr(self, name)
             _check(0.0 < value < 1.0, f"train.{name}", f"expected a float in (0, 1), but got {value}")
@@ -231,6 +270,13 @@ _SECTIONS: dict[str, type] = {
 # budget that trains in well under a minute on 2 CPU cores and still learns gesture.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
+    # The paper's model with this project's additions (see the ModelConfig comments): a SER
+    # whose A~ stays spread on trained features, token positions, and a small pooled head that
+    # also reads each series' level.
+    "default": {
+        "model.ser_norm": "tempered", "model.pos_encoding": "sinusoidal", "model.head": "mean",
+        "model.head_dropout": 0.1, "model.level_features": True,
+    },
     "smoke": {
         "model.d_model": 32, "model.n_heads": 2, "model.encoder_layers": 2, "model.ff_dim": 64,
         "model.decoder_layers": 1, "model.cbd_blocks": 1, "model.cbd_ff_dim": 32,

@@ -130,7 +130,7 @@ def test_amp_runs_matmuls_in_bf16_only_where_native(monkeypatch, amp: bool, nati
     train = dataclasses.replace(train, amp=amp)
     rt = pipeline.Runtime(device=torch.device("cpu"))
     layer = torch.nn.Linear(4, 4)
-    with pipeline._autocast(rt, train):
+    with runtime.autocast(rt, train):
         out = layer(torch.randn(2, 4))
     assert out.dtype == (torch.bfloat16 if amp and native else torch.float32)
 

@@ -18,6 +18,7 @@ from cbdtune.data._dataset import DataError, Dataset, Split
 from cbdtune.data._fetch import cache_dir, fetch, locate
 from cbdtune.data._load import load_dataset
 from cbdtune.data._registry import DatasetInfo, FileSpec, list_datasets, resolve
+from cbdtune.data._splits import stratified_folds, stratified_split
 
 __all__ = [
     "DataError",
@@ -31,4 +32,6 @@ __all__ = [
     "load_dataset",
     "locate",
     "resolve",
+    "stratified_folds",
+    "stratified_split",
 ]

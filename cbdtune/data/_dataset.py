@@ -69,12 +69,14 @@ class Dataset:
     Args:
         name: canonical name, e.g. ``"UWaveGestureLibrary"`` (a folder's name for a folder).
         train: the training split (the archive's train minus ``val`` when ``val`` was carved).
-        val: validation split, stratified from the archive's train, or the archive's own.
+        val: validation split, stratified from the archive's train, or the archive's own; empty
+            under cross-validation (``val_origin="none"``).
         test: the archive's test split; ``None`` only for TF-C folders without ``test.pt``.
         class_names: original labels as strings; index = int label.
         source: where the data was published (archive URL, repository, citation).
         location: the folder the files were read from.
-        val_origin: ``"carved"`` (from train, by seed) or ``"archive"`` (the archive's val split).
+        val_origin: ``"carved"`` (from train, by seed), ``"archive"`` (the archive's val split) or
+            ``"none"`` (cross-validation on train).
 
     Raises:
         DataError: the splits disagree on channels or length, or a label is out of range.
@@ -87,7 +89,7 @@ class Dataset:
     class_names: list[str]
     source: str
     location: str
-    val_origin: Literal["carved", "archive"] = "carved"
+    val_origin: Literal["carved", "archive", "none"] = "carved"
 
     def __post_init__(self) -> None:
         k = len(self.class_names)

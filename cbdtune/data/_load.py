@@ -23,8 +23,11 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
     (see :mod:`cbdtune.data._lengths`). Labels follow the header's ``@classLabel`` order for
     ``.ts`` and ascending value for ``.pt``; ``class_names`` keeps the originals.
 
-    The validation split is the archive's own where it has one (HAR, TF-C ``val.pt``); otherwise
-    it is carved from train, stratified by class, with ``cfg.val_fraction`` and ``seed``.
+    With ``cfg.cv_folds > 0`` (the default) there is no validation split: ``train`` holds every
+    training series (an archive's own ``val.pt`` included) and the pipeline cross-validates on
+    it. With ``cfg.cv_folds = 0`` the validation split is the archive's own where it has one
+    (HAR, TF-C ``val.pt``); otherwise it is carved from train, stratified by class, with
+    ``cfg.val_fraction`` and ``seed``.
 
     Args:
         cfg: the dataset name, alias, archive name or folder path, and the options above.
@@ -56,7 +59,13 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
     labels = {name: part.labels for name, part in zip(names, parts, strict=True)}
 
     train = Split(arrays["train"], labels["train"])
-    if "val" in arrays:
+    if cfg.cv_folds:  # cross-validation runs on every training series, the archive's val too
+        if "val" in arrays:
+            train = Split(np.concatenate([train.x, arrays["val"]]),
+                          np.concatenate([train.y, labels["val"]]))
+        empty = Split(train.x[:0], train.y[:0])
+        val, val_origin = empty, "none"
+    elif "val" in arrays:
         val, val_origin = Split(arrays["val"], labels["val"]), "archive"
     else:
         train_idx, val_idx = stratified_split(train.y, cfg.val_fraction, seed)

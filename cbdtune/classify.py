@@ -1,0 +1,305 @@
+"""The classifier stages of a trial, scored by cross-validation and refit on every training series.
+
+Selection (``data.cv_folds = k > 0``, the default): one classifier per stratified fold of the
+training split, all trained in lockstep, epoch by epoch, so that after every epoch the *mean CV
+curve* (accuracy and loss averaged over the folds' held-out parts) is known. The stage's estimate
+is that curve at one epoch count, the one with the best mean accuracy (ties: lower mean loss),
+not a per-fold argmax; its standard error is the folds' spread there over sqrt(k). The refit
+then trains one classifier on every training series for that many epochs, and that classifier
+is what reads the test split and what a user takes away.
+
+With ``data.cv_folds = 0`` there is one fold, the validation split, and the weights of the
+selected epoch are kept and tested: the paper's protocol with the selection made on validation.
+
+    pool (train [+ val]) --folds--> k fold classifiers, lockstep --mean curve--> epoch e*
+                         --refit--> one classifier on all of train, e* epochs -> test once
+
+The linear probe trains heads on features cached once per encoder (the encoder is frozen, so
+every fold shares one pass over the pool); fine-tuning gives each fold its own encoder copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbdtune.config import ExperimentConfig, TrainConfig
+from cbdtune.data import Dataset, stratified_folds
+from cbdtune.model import CBDClassifier, CBDModel, build_head, series_stats
+from cbdtune.runtime import (
+    Runtime,
+    as_tensor,
+    autocast,
+    check_finite,
+    evaluate,
+    for_epoch,
+    fused,
+    make_loader,
+    progress_bar,
+)
+
+STAGES = ("linear_probe", "fine_tune")
+_STAGE_SEED = {"linear_probe": 1, "fine_tune": 2}
+
+# report(metrics, payload): the pipeline's reporter; the classifier stages attach no payload.
+Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The labelled series a stage selects on, and its folds (index pairs into them)."""
+
+    x: np.ndarray  # (N, C, L) raw series
+    y: np.ndarray  # (N,)
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    holdout: bool  # one fold = the validation split (cv_folds = 0)
+
+
+def selection_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
+    """Cross-validation folds over ``data.train``, or the train/validation split as one fold."""
+    if cfg.data.cv_folds:
+        folds = stratified_folds(data.train.y, cfg.data.cv_folds, cfg.train.seed,
+                                 cfg.data.cv_repeats)
+        return Pool(data.train.x, data.train.y, folds, holdout=False)
+    n, m = len(data.train), len(data.val)
+    return Pool(np.concatenate([data.train.x, data.val.x]),
+                np.concatenate([data.train.y, data.val.y]),
+                [(np.arange(n), np.arange(n, n + m))], holdout=True)
+
+
+def stages(tc: TrainConfig) -> Iterator[str]:
+    if tc.classifier in ("linear_probe", "both"):
+        yield "linear_probe"
+    if tc.classifier in ("fine_tune", "both"):
+        yield "fine_tune"
+
+
+# ---- one fold's classifier ---------------------------------------------------------------------
+
+
+def new_classifier(model: CBDModel, cfg: ExperimentConfig, stage: str, rt: Runtime,
+                   salt: int = 0) -> CBDClassifier:
+    """Encoder (a copy, for fine-tuning; shared and frozen, for the probe) + a seeded new head."""
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + _STAGE_SEED[stage] + 10 * salt)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        head = build_head(cfg.model, model.num_tokens).to(rt.device)
+    if stage == "linear_probe":  # the probe trains the head alone, on cached features
+        return CBDClassifier(model, head)
+    encoder = copy.deepcopy(model)  # the pretrained model stays intact for later stages
+    for p in encoder.parameters():  # decoders stay frozen: they are not in the classifier
+        p.requires_grad_(False)
+    for p in encoder.encoder_parameters():
+        p.requires_grad_(True)
+    return CBDClassifier(encoder, head)
+
+
+class FoldRun:
+    """One classifier on one fold: its module, optimizer, LR schedule and batches.
+
+    ``inputs`` are what the trainable part reads, indexed like the pool: raw series for
+    fine-tuning, cached (tokens, stats) for the probe. ``val_idx`` None trains without scoring
+    (the refit).
+    """
+
+    def __init__(self, clf: CBDClassifier, stage: str, inputs: tuple[Tensor, ...], y: Tensor,
+                 train_idx: np.ndarray, val_idx: np.ndarray | None, cfg: ExperimentConfig,
+                 rt: Runtime) -> None:
+        tc = cfg.train
+        self.clf, self.stage, self.tc, self.rt = clf, stage, tc, rt
+        self.trainable: nn.Module = clf if stage == "fine_tune" else clf.head
+        if stage == "linear_probe" and not clf.head.n_stats:
+            inputs = inputs[:1]  # (tokens, stats) -> tokens: the head reads no statistics
+        if clf.head.n_stats:
+            raw = inputs[0] if stage == "fine_tune" else None
+            stats = series_stats(raw[train_idx]) if raw is not None else inputs[1][train_idx]
+            clf.head.fit_stats(stats.to(rt.device))
+        self.forward = self.trainable if stage == "fine_tune" else clf.head
+        self.wrapped = rt.wrap_model(self.trainable)
+        self.opt = torch.optim.Adam([p for p in self.trainable.parameters() if p.requires_grad],
+                                    lr=tc.classifier_lr, fused=fused(rt.device))  # [C] Adam
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience)
+        train = tuple(t[train_idx] for t in inputs) + (y[train_idx],)
+        per_rank = max(1, tc.batch_size // rt.world_size)
+        self.loader = make_loader(train, per_rank, shuffle=True, seed=tc.seed, rt=rt)
+        self.val = None if val_idx is None else (
+            tuple(t[val_idx].to(rt.device) for t in inputs), y[val_idx])
+
+    def train_epoch(self, epoch: int, augment: Callable[[Tensor], Tensor] | None) -> float:
+        self.trainable.train()
+        total, n = 0.0, 0
+        for *xb, yb in for_epoch(self.loader, epoch, self.tc.seed):
+            xb = [t.to(self.rt.device, non_blocking=True) for t in xb]
+            if augment is not None:
+                xb[0] = augment(xb[0])
+            yb = yb.to(self.rt.device, non_blocking=True)
+            with autocast(self.rt, self.tc):
+                loss = F.cross_entropy(self.wrapped(*xb).float(), yb,
+                                       label_smoothing=self.tc.label_smoothing)
+            check_finite(loss.item(), f"{self.stage} epoch {epoch}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.item() * len(yb)
+            n += len(yb)
+        return total / max(n, 1)
+
+    def score(self, n_classes: int) -> dict[str, float]:
+        assert self.val is not None
+        self.trainable.eval()
+        inputs, y = self.val
+        with autocast(self.rt, self.tc):
+            return evaluate(lambda i: self.forward(*(t[i] for t in inputs)),
+                            torch.arange(len(y)), y, n_classes)
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.clf.state_dict().items()}
+
+
+# ---- a stage: k folds in lockstep, the mean CV curve -------------------------------------------
+
+
+@dataclass
+class StageResult:
+    """A stage's estimate at the selected epoch count, and what it needs to be tested."""
+
+    stage: str
+    epoch: int  # the selected epoch count (from 1)
+    val: dict[str, float]  # mean over folds at that epoch: accuracy, loss, f1; accuracy_se
+    folds: int
+    weights: dict[str, Tensor] | None = None  # the holdout fold's classifier at ``epoch``
+
+    def key(self) -> tuple[float, float]:
+        """Ordering: the higher mean accuracy, then the lower mean loss."""
+        return self.val["accuracy"], -self.val["loss"]
+
+
+def stage_inputs(model: CBDModel, x: np.ndarray, stage: str, rt: Runtime,
+                 tc: TrainConfig) -> tuple[Tensor, ...]:
+    """Raw series for fine-tuning; for the probe, frozen features encoded once (eval mode)."""
+    raw = as_tensor(x)
+    if stage == "fine_tune":
+        return (raw,)
+    model.eval()
+    with torch.no_grad(), autocast(rt, tc):
+        tokens = torch.cat([model.encode(raw[i:i + 256].to(rt.device)).float()
+                            for i in range(0, len(raw), 256)])
+    return tokens, series_stats(raw).to(rt.device)
+
+
+def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, stage: str,
+              n_classes: int, report: Report | None = None) -> StageResult:
+    """Train one classifier per fold in lockstep; select the epoch count on the mean CV curve.
+
+    Reports after every epoch: the mean training loss, the mean held-out accuracy and loss at
+    this epoch (``val_accuracy_epoch``, ``val_loss``) and ``val_accuracy``, the stage's estimate
+    if it stopped here (the best point of the mean curve so far): what ASHA compares at a rung.
+    Stops early after ``train.early_stop_patience`` epochs without a better point.
+    """
+    tc = cfg.train
+    inputs, y = stage_inputs(model, pool.x, stage, rt, tc), as_tensor(pool.y)
+    runs = [FoldRun(new_classifier(model, cfg, stage, rt, salt=i), stage, inputs, y, tr, va,
+                    cfg, rt) for i, (tr, va) in enumerate(pool.folds)]
+    aug = augmenter(tc) if stage == "fine_tune" else None
+    best: StageResult | None = None
+    bar = progress_bar(tc.classifier_epochs, stage, rt) if report is not None else None
+    for epoch in range(1, tc.classifier_epochs + 1):
+        train_loss = float(np.mean([r.train_epoch(epoch, aug) for r in runs]))
+        scores = [r.score(n_classes) for r in runs]
+        point = _mean_point(scores)
+        for r, s in zip(runs, scores, strict=True):
+            # Under CV the schedule follows the training loss, which the refit has too.
+            r.sched.step(s["loss"] if pool.holdout else train_loss)
+        if best is None or (point["accuracy"], -point["loss"]) > best.key():
+            best = StageResult(stage, epoch, point, len(runs),
+                               runs[0].state() if pool.holdout else None)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}")
+        if report is not None:
+            report({"stage": stage, "epoch": epoch, "train_loss": train_loss,
+                    "val_accuracy": best.val["accuracy"], "val_accuracy_epoch": point["accuracy"],
+                    "val_loss": point["loss"], "lr": runs[0].opt.param_groups[0]["lr"]}, None)
+        if tc.early_stop_patience and epoch - best.epoch >= tc.early_stop_patience:
+            break
+    if bar is not None:
+        bar.close()
+    assert best is not None, "train.classifier_epochs must be >= 1"
+    return best
+
+
+def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
+    """The mean CV curve at one epoch, with the standard error of the accuracy over folds."""
+    acc = np.array([s["accuracy"] for s in scores])
+    se = float(acc.std(ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else math.nan
+    return {"accuracy": float(acc.mean()), "accuracy_se": se,
+            "loss": float(np.mean([s["loss"] for s in scores])),
+            "f1": float(np.mean([s["f1"] for s in scores]))}
+
+
+def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, rt: Runtime,
+          stage: str, epochs: int) -> CBDClassifier:
+    """One classifier on every series given, for exactly ``epochs`` epochs (no validation)."""
+    tc = cfg.train
+    inputs = stage_inputs(model, x, stage, rt, tc)
+    clf = new_classifier(model, cfg, stage, rt)
+    run = FoldRun(clf, stage, inputs, as_tensor(y), np.arange(len(y)), None, cfg, rt)
+    aug = augmenter(tc) if stage == "fine_tune" else None
+    for epoch in range(1, epochs + 1):
+        train_loss = run.train_epoch(epoch, aug)
+        run.sched.step(train_loss)
+    clf.eval()
+    return clf
+
+
+def predict_proba(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> np.ndarray:
+    """Class probabilities (N, K) of raw series, eval mode, batches of 256."""
+    clf.eval()
+    raw = as_tensor(x)
+    with torch.no_grad(), autocast(rt, tc):
+        logits = torch.cat([clf(raw[i:i + 256].to(rt.device)).float()
+                            for i in range(0, len(raw), 256)])
+    return logits.softmax(-1).cpu().numpy()
+
+
+# ---- input augmentation for fine-tuning ----------------------------------------------------------
+
+
+def augmenter(tc: TrainConfig) -> Callable[[Tensor], Tensor] | None:
+    """Random jitter, per-channel scaling and window crop of raw series, or None when all are off.
+
+    Draws from torch's global generator (seeded per trial), so a run is reproducible.
+    """
+    if not (tc.augment_jitter or tc.augment_scale or tc.augment_crop):
+        return None
+
+    def augment(x: Tensor) -> Tensor:  # (B, C, L)
+        if tc.augment_crop:
+            x = window_crop(x, tc.augment_crop)
+        std = x.std(dim=-1, keepdim=True, correction=0)
+        if tc.augment_scale:
+            x = x * (1 + tc.augment_scale * torch.randn(*x.shape[:2], 1, device=x.device))
+        if tc.augment_jitter:
+            x = x + tc.augment_jitter * std * torch.randn_like(x)
+        return x
+
+    return augment
+
+
+def window_crop(x: Tensor, fraction: float) -> Tensor:
+    """A random window of ``1 - fraction`` of each series, stretched back to its length."""
+    B, C, L = x.shape
+    keep = max(2, round(L * (1 - fraction)))
+    start = torch.randint(0, L - keep + 1, (B,), device=x.device)
+    idx = start[:, None] + torch.arange(keep, device=x.device)  # (B, keep)
+    window = x.gather(-1, idx[:, None, :].expand(B, C, keep))
+    return F.interpolate(window, size=L, mode="linear", align_corners=True)
