@@ -1,11 +1,14 @@
-"""What every cbdtune command shares: one-line errors (Optuna's ``cli.py``) and the config flags."""
+"""What every cbdtune command shares: one-line errors (Optuna's ``cli.py``), the usage line's
+program name, ``--version`` and the config flags."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
+from importlib import metadata
 
 from cbdtune.config import CbdtuneError, ExperimentConfig, load_yaml, parse_overrides, preset
 
@@ -33,6 +36,35 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
         return 130
 
 
+def prog(module: str) -> str:
+    """The program name for a usage line, as the command was invoked.
+
+    ``python -m cbdtune.search`` runs with ``sys.argv[0]`` set to the module's file
+    (``.../search.py``, or ``.../__main__.py`` for a package), and gets ``python -m <module>``.
+    Anything else (the console script, a test runner, ``python -c``) gets the console script's
+    name, ``cbdtune-<last part of module>``, as declared in pyproject.toml.
+    """
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if invoked.endswith(".py"):
+        return f"python -m {module}"
+    return "cbdtune-" + module.rsplit(".", 1)[-1]
+
+
+def version() -> str:
+    """The installed distribution's version; ``cbdtune.__version__`` from a bare checkout."""
+    try:
+        return metadata.version("cbdtune")
+    except metadata.PackageNotFoundError:  # on PYTHONPATH without pip install
+        from cbdtune import __version__
+
+        return __version__
+
+
+def add_version_flag(p: argparse.ArgumentParser) -> None:
+    """``--version``: print ``cbdtune <version>`` and exit 0."""
+    p.add_argument("--version", action="version", version=f"cbdtune {version()}")
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True,
                    help="registry name (gesture, awr, ...), UEA/UCR archive name, or a folder")
@@ -58,4 +90,5 @@ def build_config(args: argparse.Namespace, *, preset_name: str = "paper",
     return cfg.replace(late, where="command line")
 
 
-__all__ = ["CbdtuneError", "EXIT_USAGE", "add_config_flags", "build_config", "run"]
+__all__ = ["CbdtuneError", "EXIT_USAGE", "add_config_flags", "add_version_flag", "build_config",
+           "prog", "run", "version"]

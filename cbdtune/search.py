@@ -37,9 +37,10 @@ DRIVER_MEMORY = 256 * 1024**2  # the trial driver only waits on its TorchTrainer
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cbdtune.search",
+        prog=_cli.prog("cbdtune.search"),
         description="Hyperparameter search for CBD with Ray Tune + Optuna + ASHA, logged to "
                     "MLflow. Runs on a local Ray or the cluster at $RAY_ADDRESS.")
+    _cli.add_version_flag(p)
     _cli.add_config_flags(p)
     p.add_argument("--space", default="default",
                    help="search space YAML, or a name in search_spaces/ (default, paper, smoke)")

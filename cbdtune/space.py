@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from cbdtune.config import ConfigError, ExperimentConfig, field_type, load_yaml, preset
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 _KINDS = ("float", "int", "categorical")
 _RESERVED = ("preset",)
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The shipped spaces are package data (cbdtune/search_spaces/*.yaml), so an installed cbdtune
+# finds them without a checkout; the repo's top-level search_spaces/ is a link to this folder.
+_SHIPPED = "search_spaces"
 
 
 @dataclass(frozen=True)
@@ -84,17 +90,29 @@ class SearchSpace:
         return out
 
 
-def resolve_path(space: str) -> Path:
-    """A path as given, else ``search_spaces/<space>.yaml`` of this checkout (``--space smoke``)."""
+def shipped_spaces() -> list[str]:
+    """Names of the spaces that ship inside the package (``default``, ``paper``, ``smoke``...)."""
+    folder = resources.files("cbdtune") / _SHIPPED
+    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def resolve_path(space: str) -> Path | Traversable:
+    """A path as given, else the shipped space of that name (``--space smoke``, ``smoke.yaml``).
+
+    Raises:
+        ConfigError: neither a file nor a shipped name; the message lists the shipped names.
+    """
     path = Path(space)
     if path.is_file():
         return path
-    for candidate in (SPACES_DIR / space, SPACES_DIR / f"{space}.yaml"):
+    folder = resources.files("cbdtune") / _SHIPPED
+    for name in (space, f"{space}.yaml"):
+        candidate = folder / name
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml")) if SPACES_DIR.is_dir() else []
-    raise ConfigError(f"--space {space}: file not found; give a YAML path"
-                      + (f" or one of: {', '.join(known)}" if known else ""))
+    raise ConfigError(f"--space {space}: file not found; give a YAML path or one of: "
+                      f"{', '.join(shipped_spaces())}")
 
 
 def load_space(space: str) -> SearchSpace:
@@ -104,10 +122,11 @@ def load_space(space: str) -> SearchSpace:
         ConfigError: bad YAML, an unknown key, a malformed distribution, low > high, or a bound or
             choice the config rejects; the message names the file and the key.
     """
-    path = resolve_path(space)
-    where = str(path)
-    raw = load_yaml(path)
-    text = path.read_bytes()
+    # as_file: the file itself for a normal install, a temporary copy for a zipped one.
+    with resources.as_file(resolve_path(space)) as path:
+        where = str(path)
+        raw = load_yaml(path)
+        text = path.read_bytes()
     preset_name = raw.pop("preset", "paper")
     if not isinstance(preset_name, str):
         raise ConfigError(f"{where}: preset: expected a name, but got {preset_name!r}")

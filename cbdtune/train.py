@@ -18,7 +18,8 @@ from cbdtune.data import load_dataset
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cbdtune.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=_cli.prog("cbdtune.train"), description=__doc__.split("\n")[0])
+    _cli.add_version_flag(p)
     _cli.add_config_flags(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="starting configuration: paper (full, default) or smoke (tiny, < 1 min)")

@@ -7,21 +7,40 @@ from pathlib import Path
 import pytest
 
 from cbdtune.config import ConfigError
-from cbdtune.space import SPACES_DIR, load_space
+from cbdtune.space import load_space, shipped_spaces
 
-SPACES = sorted(SPACES_DIR.glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+SPACES = shipped_spaces()
 
 
 def test_every_search_space_yaml_ships() -> None:
-    assert {p.stem for p in SPACES} >= {"default", "paper", "smoke"}
+    assert set(SPACES) >= {"default", "paper", "smoke"}
 
 
-@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
-def test_every_search_space_yaml_validates(path: Path) -> None:
-    space = load_space(str(path))
+@pytest.mark.parametrize("name", SPACES)
+def test_every_search_space_yaml_validates(name: str) -> None:
+    space = load_space(name)
     assert len(space.sha256) == 64
     tune_space = space.to_tune()
     assert set(tune_space) == set(space.keys)
+
+
+def test_space_repo_folder_is_a_link_to_the_shipped_spaces(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The documented layout (README, cluster/) and `--space search_spaces/smoke.yaml` still work.
+    link = REPO / "search_spaces"
+    assert link.is_symlink() and link.resolve() == (REPO / "cbdtune" / "search_spaces").resolve()
+    assert sorted(p.stem for p in link.glob("*.yaml")) == SPACES
+    monkeypatch.chdir(REPO)
+    by_path = load_space("search_spaces/smoke.yaml")
+    assert by_path.path == "search_spaces/smoke.yaml"
+    assert by_path.sha256 == load_space("smoke").sha256
+
+
+def test_space_unknown_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match="--space nonexistent: file not found") as info:
+        load_space("nonexistent")
+    assert "default, " in str(info.value) and "smoke" in str(info.value)
 
 
 def test_space_paper_is_fixed_and_smoke_searches_the_papers_knobs() -> None:

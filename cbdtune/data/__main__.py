@@ -1,4 +1,5 @@
-"""``python -m cbdtune.data list | info NAME | fetch NAME``: look at and fetch datasets.
+"""``cbdtune-data`` (``python -m cbdtune.data``) ``list | info NAME | fetch NAME``: look at and
+fetch datasets.
 
 Every data problem ends as one ``error: ...`` line on stderr and exit code 2 (the traceback only
 with ``--debug``), as in Optuna's ``cli.py``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cbdtune import _cli
 from cbdtune.config import CbdtuneError, DataConfig
 from cbdtune.data._dataset import Dataset
 from cbdtune.data._fetch import cache_dir, fetch, find_in, local_data_dir
@@ -41,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="local data folder (default: $CBDTUNE_DATA_DIR, then the cache)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
-    parser = argparse.ArgumentParser(prog="python -m cbdtune.data", parents=[common],
+    parser = argparse.ArgumentParser(prog=_cli.prog("cbdtune.data"), parents=[common],
                                      description="List, inspect and fetch cbdtune datasets.")
+    _cli.add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", parents=[common], help="the registered datasets")
@@ -133,5 +136,10 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``cbdtune-data`` console script."""
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
