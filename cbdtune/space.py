@@ -18,7 +18,7 @@ weight) is refused up front with the file and key in the message.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 _KINDS = ("float", "int", "categorical")
-_RESERVED = ("preset",)
 # The shipped spaces are package data (cbdtune/search_spaces/*.yaml), so an installed cbdtune
 # finds them without a checkout; the repo's top-level search_spaces/ is a link to this folder.
 _SHIPPED = "search_spaces"
@@ -49,12 +48,12 @@ class Param:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """A validated space file: the config it starts from and the parameters it searches."""
+
     path: str
     base: ExperimentConfig  # preset + fixed values (dataset etc. are set later)
     params: tuple[Param, ...]
-    fixed: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
-    preset_name: str = "paper"
 
     @property
     def keys(self) -> list[str]:
@@ -150,8 +149,8 @@ def load_space(space: str) -> SearchSpace:
         base = base.replace(fixed, where=where)
     for p in params:
         _check_against_config(base, p, where)
-    return SearchSpace(path=where, base=base, params=tuple(params), fixed=fixed,
-                       sha256=hashlib.sha256(text).hexdigest(), preset_name=preset_name)
+    return SearchSpace(path=where, base=base, params=tuple(params),
+                       sha256=hashlib.sha256(text).hexdigest())
 
 
 def _flatten(raw: dict[str, Any], where: str) -> dict[str, Any]:
