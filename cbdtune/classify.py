@@ -228,7 +228,8 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
         if report is not None:
             report({"stage": stage, "epoch": epoch, "train_loss": train_loss,
                     "val_accuracy": best.val["accuracy"], "val_accuracy_epoch": point["accuracy"],
-                    "val_loss": point["loss"], "lr": runs[0].opt.param_groups[0]["lr"]}, None)
+                    "val_loss": point["loss"], "val_f1": point["f1"],
+                    "lr": runs[0].opt.param_groups[0]["lr"]}, None)
         if tc.early_stop_patience and epoch - best.epoch >= tc.early_stop_patience:
             break
     if bar is not None:

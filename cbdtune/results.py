@@ -22,7 +22,8 @@ from cbdtune.config import CbdtuneError, ExperimentConfig
 from cbdtune.space import SearchSpace
 
 # Columns copied from each trial's last result (when present).
-RESULT_COLUMNS = ("val_accuracy", "val_f1", "val_loss", "test_accuracy", "test_f1",
+RESULT_COLUMNS = ("val_accuracy", "val_accuracy_se", "val_f1", "val_loss", "cv_folds",
+                  "test_accuracy", "test_f1",
                   "selected_stage", "selected_epoch", "linear_probe.val_accuracy",
                   "fine_tune.val_accuracy", "training_iteration", "time_total_s", "reason")
 
@@ -46,16 +47,20 @@ def trial_row(trial_id: str, params: dict[str, Any], last: dict[str, Any] | None
     return row
 
 
-def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The best *completed* trial (it has a test score read at its selected point)."""
+def ranked(df: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Completed trials, best first: by ``metric``, ties broken by the lower ``val_loss``."""
     done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
     if done.empty or metric not in done:
-        return None
-    # Ties are common (24 validation series on gesture): the lower validation loss breaks them.
+        return done.iloc[0:0]
     keys = [metric] + (["val_loss"] if "val_loss" in done and metric != "val_loss" else [])
-    order = done.sort_values(keys, ascending=[mode == "min"] + [True] * (len(keys) - 1),
-                             kind="stable")
-    return order.iloc[0]
+    return done.sort_values(keys, ascending=[mode == "min"] + [True] * (len(keys) - 1),
+                            kind="stable")
+
+
+def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best *completed* trial (it has a test score read by its own refit)."""
+    order = ranked(df, metric, mode)
+    return None if order.empty else order.iloc[0]
 
 
 def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
@@ -94,7 +99,8 @@ def _native(value: Any) -> Any:
 
 
 def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentConfig, *,
-          metric: str, mode: str, command: str, header: dict[str, Any]) -> dict[str, Path]:
+          metric: str, mode: str, command: str, header: dict[str, Any],
+          refits: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write the three result files, each atomically; returns their paths.
 
     Every file's content is rendered before the first one is replaced, so an error while
@@ -105,7 +111,8 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
     best = best_trial(df, metric, mode)
     imp = importances(df, space, metric, mode)
     content = {"trials.parquet": df.to_parquet(index=False),
-               "summary.md": _summary(df, best, imp, metric, mode, command, header).encode()}
+               "summary.md": (_summary(df, best, imp, metric, mode, command, header)
+                              + (refit_section(refits) if refits else "")).encode()}
     if best is not None:
         params = {k[len("param."):]: _native(v) for k, v in best.items()
                   if k.startswith("param.") and not _isnan(v)}
@@ -119,6 +126,33 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
         (out_dir / "best_config.yaml").unlink(missing_ok=True)
     keys = {"trials.parquet": "trials", "summary.md": "summary", "best_config.yaml": "best_config"}
     return {keys[name]: out_dir / name for name in content}
+
+
+def refit_section(refits: dict[str, Any]) -> str:
+    """The summary's table of refit configurations and the ensemble's test accuracy."""
+    lines = ["", "## Refit on every training series, tested once", "",
+             "Each configuration's CV estimate (mean ± standard error over folds), the test "
+             "accuracy of its refits (mean ± std over seeds) and of their softmax average.", "",
+             "| rank | trial | stage | epochs | CV accuracy | refit test (mean ± std) | refits "
+             "| ensemble test |", "|---|---|---|---|---|---|---|---|"]
+    for c in refits["configs"]:
+        lines.append(f"| {c['rank']} | `{c['trial_id']}` | {c['stage']} | {c['epochs']} | "
+                     f"{_pct(c['cv_accuracy'])} ± {_pct(c['cv_se'])} | "
+                     f"{_pct(c['test_mean'])} ± {_pct(c['test_std'])} | {c['refits']} | "
+                     f"{_pct(c['ensemble_test'])} |")
+    lines.append("")
+    if "ensemble_test_accuracy" in refits:
+        lines.append(f"**The model** (the ensemble of all {refits['members']} refits): test "
+                     f"accuracy {_pct(refits['ensemble_test_accuracy'])}.")
+    if "registered" in refits:
+        name, version = refits["registered"]
+        lines.append(f"Registered in MLflow as `models:/{name}/{version}`; predict with "
+                     f"`python -m cbdtune.predict --model models:/{name}/{version} --input FILE`.")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or _isnan(v) else f"{100 * float(v):.2f}"
 
 
 # ---- atomic files -------------------------------------------------------------------------------

@@ -24,15 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cbdtune import _cli, results, tracking
-from cbdtune.config import METRIC, MODE, CbdtuneError, ExperimentConfig
+from cbdtune.config import METRIC, MODE, CbdtuneError, ExperimentConfig, preset
 from cbdtune.data import load_dataset
 from cbdtune.space import SearchSpace, load_space
 
 log = logging.getLogger("cbdtune.search")
 
 SAMPLERS = ("tpe", "random", "cmaes")
-DRIVER_MEMORY = 256 * 1024**2  # the trial driver only waits on its TorchTrainer
+DRIVER_MEMORY = 256 * 1024**2
+# What the pipeline reports at every evaluation point and in its final report (cross-validated
+# means under CV): the metrics a search may select on.
+REPORTED_METRICS = ("val_accuracy", "val_loss", "val_f1")  # the trial driver only waits on its TorchTrainer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,6 +74,18 @@ def parser() -> argparse.ArgumentParser:
                    help="use --name (or the default name) even if a search of that name exists: "
                         "its results files are replaced and Tune starts a new experiment in its "
                         "storage (ignored with --resume)")
+    p.add_argument("--cv-folds", type=int, default=None,
+                   help="k of the stratified k-fold cross-validation each trial is scored by "
+                        "(default: the space's, 5); 0 = one validation split (large datasets)")
+    p.add_argument("--cv-repeats", type=int, default=None,
+                   help="repeat the k folds with fresh shuffles (tiny datasets; default 1)")
+    p.add_argument("--refit-top", type=int, default=3,
+                   help="refit the best N configurations on all training series (default 3; "
+                        "0 = no refit, no model)")
+    p.add_argument("--refit-seeds", type=int, default=3,
+                   help="seeds per refit configuration (default 3); the model is the ensemble")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not run the paper's configuration as the first trial")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a trial (and of its worker group) after a failure")
     p.add_argument("--allow-autoscale", action="store_true",
@@ -92,9 +109,14 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value, least in (("--num-samples", args.num_samples, 1),
                                ("--workers-per-trial", args.workers_per_trial, 1),
                                ("--max-concurrent", args.max_concurrent, 0),
-                               ("--max-failures", args.max_failures, 0)):
+                               ("--max-failures", args.max_failures, 0),
+                               ("--refit-top", args.refit_top, 0),
+                               ("--refit-seeds", args.refit_seeds, 1)):
         if value < least:
             raise CbdtuneError(f"{flag}: must be >= {least}, but got {value}")
+    if args.metric not in REPORTED_METRICS:
+        raise CbdtuneError(f"--metric {args.metric}: not a metric the pipeline reports for "
+                           f"selection; choose one of {', '.join(REPORTED_METRICS)}")
     if args.gpus_per_worker < 0 or args.cpus_per_worker < 0:
         raise CbdtuneError("--gpus-per-worker/--cpus-per-worker: must be >= 0")
     if args.gpus_per_worker > 1 and not float(args.gpus_per_worker).is_integer():
@@ -156,13 +178,34 @@ def _sampler(name: str, seed: int) -> Any:
 
 
 def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, mode: str,
-                  max_concurrent: int) -> Any:
-    """OptunaSearch over the space's ``train_loop_config`` keys, limited to ``max_concurrent``."""
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+                  max_concurrent: int, baseline: bool = True) -> Any:
+    """Optuna over the space's ``train_loop_config`` keys, limited to ``max_concurrent``.
 
-    searcher = OptunaSearch(metric=metric, mode=mode, sampler=_sampler(sampler, seed))
+    Trials ASHA stopped reach Optuna as PRUNED, not COMPLETE (:mod:`cbdtune.searcher`). With
+    ``baseline`` the paper's configuration is the first trial (``points_to_evaluate``).
+    """
+    from ray.tune.search import ConcurrencyLimiter
+
+    from cbdtune.searcher import FullFidelityOptunaSearch
+
+    points = [baseline_point(space)] if baseline and space.params else None
+    searcher = FullFidelityOptunaSearch(metric=metric, mode=mode,
+                                        sampler=_sampler(sampler, seed),
+                                        points_to_evaluate=points)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def baseline_point(space: SearchSpace) -> dict[str, Any]:
+    """The paper's value of every searched key (the space's base value where the paper's lies
+    outside the searched range), keyed as Ray's OptunaSearch names its parameters."""
+    paper, base = preset("paper").to_dict(), space.base.to_dict()
+    point = {}
+    for p in space.params:
+        value = paper[p.key]
+        inside = (value in p.choices if p.kind == "categorical"
+                  else p.low is not None and p.low <= value <= p.high)
+        point[f"train_loop_config/{p.key}"] = value if inside else base[p.key]
+    return point
 
 
 def param_space(space: SearchSpace, args: argparse.Namespace, storage: str | None) -> dict:
@@ -242,8 +285,8 @@ def _parent_run(mlc: Any, exp_id: str, name: str, resume: bool, tags: dict[str, 
     return run.info.run_id
 
 
-def main(args: argparse.Namespace) -> int:
-    # [1] Validate everything before Ray starts: bad input costs nothing.
+def _inputs(args: argparse.Namespace) -> tuple[SearchSpace, ExperimentConfig, Any, str]:
+    """Everything checked before Ray starts: flags, space, config, dataset, MLflow, results."""
     validate_args(args)
     space = load_space(args.space)
     late: dict[str, Any] = {"data.dataset": args.dataset}
@@ -251,26 +294,49 @@ def main(args: argparse.Namespace) -> int:
         late["data.data_dir"] = str(Path(args.data_dir).resolve())
     if args.seed is not None:
         late["train.seed"] = args.seed
+    if args.cv_folds is not None:
+        late["data.cv_folds"] = args.cv_folds
+    if args.cv_repeats is not None:
+        late["data.cv_repeats"] = args.cv_repeats
     base = space.base.replace(late, where="command line")
+    results.check_results_dir(Path(args.results_dir))
     data = load_dataset(base.data, seed=base.train.seed)
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     tracking.check_tracking_uri(uri)
+    return space, base, data, uri
+
+
+def _scheduler(args: argparse.Namespace, base: ExperimentConfig, space: SearchSpace) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if args.scheduler != "asha":
+        return FIFOScheduler()
+    # First rung after a third of the pretraining probes (short cross-validated linear probes),
+    # then x3 per rung; rungs in the classifier stage compare the mean CV curve's best point.
+    max_t = expected_reports(base, space) + 1
+    probes = math.ceil(base.train.pretrain_epochs / base.train.probe_every)
+    grace = max(1, math.ceil(probes / 3))
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                         grace_period=max(1, min(grace, max_t)), reduction_factor=3)
+
+
+def main(args: argparse.Namespace) -> int:
+    # [1] Validate everything before Ray starts: bad input costs nothing.
+    space, base, data, uri = _inputs(args)
     metric, mode = args.metric, _mode(args)
-    seed = base.train.seed
     command = "python -m cbdtune.search " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     # [2] Ray: join a cluster or start one; check that one trial fits.
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from cbdtune.worker import connect, train_driver_fn
+    from cbdtune.worker import connect
 
     where = connect()
     fits = check_resources(args)
     max_concurrent = args.max_concurrent or min(fits, args.num_samples)
     root = _storage_root(args)
-    name = _search_name(args, root, Path(space.path).stem)
+    name = _search_name(args, root, Path(space.path).stem,
+                        results_dir=Path(args.results_dir) / data.name)
     log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s/%s",
              name, args.num_samples, max_concurrent, where, ray.cluster_resources(), root, name)
 
@@ -279,69 +345,125 @@ def main(args: argparse.Namespace) -> int:
     exp_id = tracking.experiment_id(mlc, args.experiment or tracking.default_experiment(data.name))
     header = {"dataset": data.name, "space": space.path, "space_sha256": space.sha256,
               "git_commit": tracking.git_commit(), "sampler": args.sampler,
-              "scheduler": args.scheduler, "seed": seed, "metric": metric, "mode": mode,
+              "scheduler": args.scheduler, "seed": base.train.seed, "metric": metric,
+              "mode": mode, "cv_folds": base.data.cv_folds, "cv_repeats": base.data.cv_repeats,
               "num_samples": args.num_samples, "workers_per_trial": args.workers_per_trial,
               "gpus_per_worker": args.gpus_per_worker}
     parent = _parent_run(mlc, exp_id, name, args.resume, {"cbdtune.command": command}, header)
-    callback = tracking.MLflowTrialCallback(uri, exp_id, parent, base)
 
-    # [4] The trainable: the dataset goes to the object store once, for every trial and worker.
+    # [4] Tune: the dataset goes to the object store once, for every trial, refit and worker.
     data_ref = ray.put(data)
-    trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=base.to_dict()),
-        {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
-    train_storage = f"{root}/{name}/train"
-    if args.scheduler == "asha":
-        # First rung after a third of the pretraining probes (the cheap fidelity signal: the
-        # short probe's validation accuracy), then x3 per rung.
-        max_t = expected_reports(base, space) + 1
-        probes = math.ceil(base.train.pretrain_epochs / base.train.probe_every)
-        grace = max(1, math.ceil(probes / 3))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=max(1, min(grace, max_t)), reduction_factor=3)
-    else:
-        scheduler = FIFOScheduler()
-    # Tune checkpoints the experiment (searcher, scheduler, callbacks) into storage: --resume.
-    run_config = tune.RunConfig(
-        name=name, storage_path=root, callbacks=[callback],
-        failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1)
-    tune_config = tune.TuneConfig(
-        metric=metric, mode=mode, num_samples=args.num_samples, scheduler=scheduler,
-        search_alg=make_searcher(space, sampler=args.sampler, seed=seed, metric=metric,
-                                 mode=mode, max_concurrent=max_concurrent),
-        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
-    if args.resume:
-        tuner = tune.Tuner.restore(f"{root}/{name}", trainable, resume_errored=True,
-                                   param_space=param_space(space, args, train_storage))
-    else:
-        tuner = tune.Tuner(trainable, param_space=param_space(space, args, train_storage),
-                           tune_config=tune_config, run_config=run_config)
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    grid = _tuner(args, space, base, data_ref, uri, exp_id, parent, root, name,
+                  max_concurrent, metric, mode).fit()
     wall = time.perf_counter() - t0
 
-    # [5] Results: table, best config, summary; the parent run gets them as artifacts.
+    # [5] Results: table, best config, summary; then the refits and the model.
     df = results.trials_frame(_rows(grid))
     interrupted = len(df) < args.num_samples or bool((df["status"] == "unfinished").any())
     out_dir = Path(args.results_dir) / data.name / name
     header.update({"wall_s": round(wall, 1), "ray": where})
-    paths = results.write(out_dir, df, space, base, metric=metric, mode=mode, command=command,
-                          header=header)
-    for path in paths.values():
-        mlc.log_artifact(parent, str(path))
+    write = dict(space=space, base=base, metric=metric, mode=mode, command=command, header=header)
+    paths = results.write(out_dir, df, **write)
     best = results.best_trial(df, metric, mode)
     if best is not None:
         tracking.log_metrics(mlc, parent, {f"best_{k}": best.get(k) for k in
-                                           ("val_accuracy", "val_f1", "test_accuracy", "test_f1")
-                                           if k in best}, step=len(df))
+                                           ("val_accuracy", "val_accuracy_se", "val_f1",
+                                            "test_accuracy", "test_f1") if k in best},
+                             step=len(df))
         tracking.set_tags(mlc, parent, {"cbdtune.best_trial": best["trial_id"]})
+    if best is not None and args.refit_top and not interrupted:
+        top = results.ranked(df, metric, mode).head(args.refit_top)
+        outcome = _refit_and_register(args, top, base, data, data_ref, uri, parent, out_dir,
+                                      metric, root, name)
+        paths = results.write(out_dir, df, refits=outcome, **write)
+    for path in paths.values():
+        mlc.log_artifact(parent, str(path))
     mlc.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
-    _print_best(df, best, metric, out_dir, wall, name)
+    _print_best(df, best, metric, out_dir, time.perf_counter() - t0, name)
     if interrupted:
         print(f"search {name} stopped before its {args.num_samples} trials finished; continue it "
               f"with: {command} --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _tuner(args: argparse.Namespace, space: SearchSpace, base: ExperimentConfig, data_ref: Any,
+           uri: str, exp_id: str, parent: str, root: str, name: str, max_concurrent: int,
+           metric: str, mode: str) -> Any:
+    """The Tuner (fresh, or restored from storage with ``--resume``)."""
+    from ray import tune
+
+    from cbdtune.worker import train_driver_fn
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=base.to_dict()),
+        {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
+    settings = param_space(space, args, f"{root}/{name}/train")
+    if args.resume:
+        return tune.Tuner.restore(f"{root}/{name}", trainable, resume_errored=True,
+                                  param_space=settings)
+    callback = tracking.MLflowTrialCallback(uri, exp_id, parent, base)
+    # Tune checkpoints the experiment (searcher, scheduler, callbacks) into storage: --resume.
+    run_config = tune.RunConfig(
+        name=name, storage_path=root, callbacks=[callback],
+        failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1)
+    tune_config = tune.TuneConfig(
+        metric=metric, mode=mode, num_samples=args.num_samples,
+        scheduler=_scheduler(args, base, space),
+        search_alg=make_searcher(space, sampler=args.sampler, seed=base.train.seed,
+                                 metric=metric, mode=mode, max_concurrent=max_concurrent,
+                                 baseline=not args.no_baseline),
+        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
+    return tune.Tuner(trainable, param_space=settings, tune_config=tune_config,
+                      run_config=run_config)
+
+
+def _refit_and_register(args: argparse.Namespace, top: Any, base: ExperimentConfig, data: Any,
+                        data_ref: Any, uri: str, parent: str, out_dir: Path, metric: str,
+                        root: str, name: str) -> dict[str, Any]:
+    """Refit the top configurations, save and register their ensemble; the summary's numbers."""
+    from cbdtune import refit, serving
+
+    trainer_args = {"workers": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker,
+                    "cpus_per_worker": args.cpus_per_worker, "max_failures": args.max_failures,
+                    "storage_path": f"{root}/{name}/refit"}
+    refits = refit.run(top, base, data_ref, seeds=args.refit_seeds, trainer_args=trainer_args)
+    y_test = data.test.y if data.test is not None else None
+    configs = refit.summarise(top, refits, y_test, metric)
+    members = [(ExperimentConfig.from_dict(r.config, where="refit"), r.weights,
+                {"rank": r.rank, "source_trial": r.trial_id, "seed": r.seed})
+               for r in refits]
+    model_dir = serving.save_model(out_dir / "model", members, class_names=data.class_names,
+                                   dataset=data.name)
+    ensemble = serving.CBDEnsemble.load(model_dir)
+    outcome: dict[str, Any] = {"configs": [c.row() for c in configs], "members": len(refits),
+                               "model_dir": model_dir}
+    if data.test is not None:  # the ensemble reads test once, through the code users load
+        pred = ensemble.predict_proba(data.test.x).argmax(1)
+        outcome["ensemble_test_accuracy"] = float(np.mean(pred == data.test.y))
+    registered = f"cbdtune-{_dataset_slug(args.dataset, data.name)}"
+    outcome["registered"] = (registered, serving.log_model(
+        uri, parent, model_dir, registered_name=registered, input_example=data.train.x[:2]))
+    _log_refits(uri, parent, outcome)
+    return outcome
+
+
+def _log_refits(uri: str, parent: str, outcome: dict[str, Any]) -> None:
+    mlc = tracking.client(uri)
+    metrics = {"ensemble_test_accuracy": outcome.get("ensemble_test_accuracy")}
+    for c in outcome["configs"]:
+        for key in ("cv_accuracy", "cv_se", "test_mean", "test_std", "ensemble_test"):
+            metrics[f"refit.{c['rank']}.{key}"] = c[key]
+    tracking.log_metrics(mlc, parent, {k: v for k, v in metrics.items() if v is not None}, step=0)
+    name, version = outcome["registered"]
+    tracking.set_tags(mlc, parent, {"cbdtune.model": f"models:/{name}/{version}"})
+
+
+def _dataset_slug(arg: str, name: str) -> str:
+    """``gesture`` stays ``gesture``; a folder path becomes its dataset's name."""
+    slug = name if ("/" in arg or "\\" in arg) else arg
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in slug)
 
 
 def _rows(grid: Any) -> list[dict[str, Any]]:

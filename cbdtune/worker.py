@@ -13,6 +13,7 @@ Shaped like Ray's ``train_tune_interop.py``: ``train_fn_per_worker`` runs on eve
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from cbdtune.config import ExperimentConfig
 from cbdtune.data import Dataset, load_dataset
-from cbdtune.pipeline import Runtime, run_trial
+from cbdtune.pipeline import Runtime, refit_trial, run_trial
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -76,6 +77,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # [3] DDP only when data-parallel; the model is already on `device`.
     rt = Runtime(device=device, rank=rank, world_size=world,
                  wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    if loop_config.get("refit"):
+        return _refit(cfg, data, rt, **loop_config["refit"])
     result = run_trial(cfg, data, report, rt=rt, state=state)
     if rank != 0:
         return None
@@ -84,11 +87,26 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "history": history, "resumed": state is not None}
 
 
+def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, *, stage: str,
+           epochs: int) -> dict[str, Any] | None:
+    """A refit (:func:`cbdtune.pipeline.refit_trial`): rank 0 returns its test metrics, test
+    probabilities and the classifier's weights (on the CPU) with its resolved config."""
+    metrics, clf, proba = refit_trial(cfg, data, stage=stage, epochs=epochs, rt=rt)
+    ray.train.report({**metrics, "final": 1})
+    if rt.rank != 0:
+        return None
+    return {"final": metrics, "test_proba": proba,
+            "config": dataclasses.replace(cfg, model=clf.model.cfg).to_dict(),
+            # Train V2 returns no tensors (they fail to deserialise): numpy arrays instead.
+            "weights": {k: v.detach().cpu().numpy() for k, v in clf.state_dict().items()}}
+
+
 def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
                  workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  storage_path: str | None = None, max_failures: int = 0,
                  callbacks: list[Any] | None = None,
-                 train_fn: Callable[[dict[str, Any]], Any] | None = None) -> TorchTrainer:
+                 train_fn: Callable[[dict[str, Any]], Any] | None = None,
+                 refit: dict[str, Any] | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for one trial.
 
     Args:
@@ -103,6 +121,7 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         max_failures: worker-group restarts (from the latest checkpoint) before the trial fails.
         callbacks: Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
         train_fn: the per-worker function (default :func:`train_fn_per_worker`).
+        refit: ``{"stage": ..., "epochs": ...}`` runs a refit instead of a selecting trial.
     """
     use_gpu = gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": cpus_per_worker}
@@ -115,7 +134,8 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
-    loop_config = {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None}
+    loop_config = {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None,
+                   "refit": refit}
     return TorchTrainer(train_fn or train_fn_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling, run_config=run_config)
 

@@ -1,0 +1,143 @@
+"""After the search: refit the best configurations on every training series, test once, ensemble.
+
+The search ranks configurations by their cross-validated estimate. The top ``top`` of them are
+trained again from scratch (pretraining and classifier, at the epoch count their CV curve chose)
+on the whole training split, ``seeds`` times each with seeds ``seed, seed + 1, ...``. Each refit
+reads the test split once; so does the softmax average of all of them (the ensemble), which is
+the model the search hands over (:mod:`cbdtune.serving`).
+
+Each refit is a Ray Train ``TorchTrainer`` run (:func:`cbdtune.worker.make_trainer` with
+``refit=...``), launched from a zero-CPU Ray task so that refits run side by side as far as the
+cluster's CPUs and GPUs allow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cbdtune.config import ExperimentConfig
+
+log = logging.getLogger("cbdtune.refit")
+
+
+@dataclass
+class Refit:
+    """One refit: which configuration (its rank and source trial), which seed, what it scored."""
+
+    rank: int  # 1 = the best configuration
+    trial_id: str
+    seed: int
+    metrics: dict[str, Any]
+    config: dict[str, Any]  # resolved (model shape filled in): rebuilds the classifier
+    weights: dict[str, Any]
+    test_proba: np.ndarray
+
+
+@dataclass
+class ConfigSummary:
+    """Per configuration: its CV estimate, the refits' test accuracies and their ensemble's."""
+
+    rank: int
+    trial_id: str
+    cv_accuracy: float
+    cv_se: float
+    stage: str
+    epochs: int
+    test: list[float] = field(default_factory=list)
+    ensemble_test: float = math.nan
+
+    def row(self) -> dict[str, Any]:
+        t = np.asarray(self.test, dtype=float)
+        return {"rank": self.rank, "trial_id": self.trial_id, "stage": self.stage,
+                "epochs": self.epochs, "cv_accuracy": self.cv_accuracy, "cv_se": self.cv_se,
+                "refits": len(t), "test_mean": float(t.mean()) if len(t) else math.nan,
+                "test_std": float(t.std(ddof=1)) if len(t) > 1 else math.nan,
+                "ensemble_test": self.ensemble_test}
+
+
+def plan(top: pd.DataFrame, base: ExperimentConfig,
+         seeds: int) -> list[tuple[int, pd.Series, ExperimentConfig]]:
+    """``(rank, trial row, config)`` for every refit: each top trial's config with each seed."""
+    jobs = []
+    for rank, (_, row) in enumerate(top.iterrows(), start=1):
+        params = {k[len("param."):]: _native(v) for k, v in row.items()
+                  if k.startswith("param.") and not _isnan(v)}
+        cfg = base.replace(params, where=f"trial {row['trial_id']}")
+        for j in range(seeds):
+            jobs.append((rank, row, cfg.replace({"train.seed": cfg.train.seed + j})))
+    return jobs
+
+
+def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
+        trainer_args: dict[str, Any]) -> list[Refit]:
+    """Run every refit of :func:`plan` as a Ray task; one progress line as each one ends."""
+    import ray
+
+    from cbdtune.worker import make_trainer
+
+    def one(cfg_dict: dict[str, Any], refs: list[Any], stage: str, epochs: int,
+            name: str) -> dict[str, Any]:
+        cfg = ExperimentConfig.from_dict(cfg_dict, where="refit config")
+        trainer = make_trainer(cfg, data_ref=refs[0], name=name, refit={"stage": stage,
+                                                                        "epochs": epochs},
+                               **trainer_args)
+        return trainer.fit().return_value
+
+    remote = ray.remote(num_cpus=0)(one)
+    jobs = plan(top, base, seeds)
+    pending = {}
+    for rank, row, cfg in jobs:
+        stage, epochs = str(row["selected_stage"]), int(row["selected_epoch"])
+        ref = remote.remote(cfg.to_dict(), [data_ref], stage, epochs,
+                            f"refit_{row['trial_id']}_seed{cfg.train.seed}")
+        pending[ref] = (rank, str(row["trial_id"]), cfg.train.seed)
+    refits: list[Refit] = []
+    t0 = time.perf_counter()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        rank, trial_id, seed = pending.pop(done[0])
+        out = ray.get(done[0])
+        weights = {k: torch.from_numpy(np.array(v)) for k, v in out["weights"].items()}
+        refits.append(Refit(rank, trial_id, seed, out["final"], out["config"], weights,
+                            out["test_proba"]))
+        log.info("refit %d/%d: config #%d (trial %s), seed %d: test accuracy %.4f (%.0f s)",
+                 len(refits), len(jobs), rank, trial_id, seed,
+                 out["final"].get("test_accuracy", math.nan), time.perf_counter() - t0)
+    return sorted(refits, key=lambda r: (r.rank, r.seed))
+
+
+def summarise(top: pd.DataFrame, refits: list[Refit], y_test: np.ndarray | None,
+              metric: str) -> list[ConfigSummary]:
+    """Per configuration: the CV estimate, refit test accuracies and their ensemble's."""
+    out = []
+    for rank, (_, row) in enumerate(top.iterrows(), start=1):
+        mine = [r for r in refits if r.rank == rank]
+        s = ConfigSummary(rank, str(row["trial_id"]), float(row[metric]),
+                          float(row.get("val_accuracy_se", math.nan)),
+                          str(row["selected_stage"]), int(row["selected_epoch"]),
+                          [float(r.metrics.get("test_accuracy", math.nan)) for r in mine])
+        if y_test is not None and mine:
+            s.ensemble_test = ensemble_accuracy([r.test_proba for r in mine], y_test)
+        out.append(s)
+    return out
+
+
+def ensemble_accuracy(probas: list[np.ndarray], y: np.ndarray) -> float:
+    """Accuracy of the softmax average."""
+    return float(np.mean(np.mean(probas, axis=0).argmax(1) == y))
+
+
+def _native(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
