@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
 
-from cbdtune.config import ModelConfig
+from cbdtune.config import DataConfig, LossConfig, ModelConfig
+from cbdtune.data import load_dataset
+from cbdtune.losses import dual_constraint_loss
+from cbdtune.model import build_model
 from cbdtune.model.cbd import (
     CIM,
     SER,
@@ -18,6 +22,7 @@ from cbdtune.model.cbd import (
     cim_modulation,
     dft_matrices,
     ser_gain,
+    ser_normalise,
 )
 
 
@@ -107,6 +112,141 @@ def test_ser_constant_coefficients_scale_spectrum() -> None:
     torch.testing.assert_close(ser(z, z), 0.7 * z)
 
 
+# ---- SER normalised energy A~ (ser_norm) ---------------------------------------------------------
+
+
+NORMS = ["softmax", "fraction", "tempered"]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_ser_normalise_is_a_distribution_over_frequencies(norm: str) -> None:
+    energy = 10 * _rand(4, 9)
+    a = ser_normalise(energy, norm)
+    assert a.shape == (4, 9) and (a >= 0).all() and (a <= 1).all()
+    torch.testing.assert_close(a.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_ser_normalise_formulas() -> None:
+    """softmax [P]; fraction [C] = A / sum A = softmax(log A); tempered = A^(1/2) / sum A^(1/2)."""
+    energy = 5 * _rand(3, 7) + 0.1
+    torch.testing.assert_close(ser_normalise(energy, "softmax"), energy.softmax(-1))
+    fraction = energy / energy.sum(-1, keepdim=True)
+    torch.testing.assert_close(ser_normalise(energy, "fraction"), fraction)
+    torch.testing.assert_close(fraction, energy.log().softmax(-1))
+    root = energy.sqrt()
+    torch.testing.assert_close(ser_normalise(energy, "tempered"), root / root.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("norm", ["fraction", "tempered"])
+def test_ser_normalise_is_scale_free_unlike_softmax(norm: str) -> None:
+    energy = _rand(2, 9) + 0.1
+    torch.testing.assert_close(ser_normalise(100 * energy, norm), ser_normalise(energy, norm))
+    assert not torch.allclose(ser_normalise(100 * energy, "softmax"),
+                              ser_normalise(energy, "softmax"))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_ser_normalise_zero_energy_is_finite_with_finite_gradient(norm: str) -> None:
+    """A constant series has zero energy at every non-DC bin, or everywhere after LayerNorm."""
+    energy = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0]], requires_grad=True)
+    a = ser_normalise(energy, norm)
+    a.square().sum().backward()
+    assert torch.isfinite(a).all() and torch.isfinite(energy.grad).all()
+
+
+def test_ser_normalise_rejects_unknown_norm() -> None:
+    with pytest.raises(ValueError, match="got 'max'"):
+        ser_normalise(torch.ones(2, 3), "max")
+
+
+@pytest.mark.parametrize("coefficients", ["linear", "sigmoid"])
+def test_ser_norm_decides_a_tilde_in_both_coefficient_modes(coefficients: str) -> None:
+    """Same parameters and input: A~ (and so the output) follows ``norm`` in both modes."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 5, 3, dtype=torch.complex64)
+    outs = []
+    for norm in NORMS:
+        torch.manual_seed(1)
+        outs.append(SER(5, K=4, coefficients=coefficients, norm=norm)(z, z))
+    for i in range(3):
+        for j in range(i):
+            assert not torch.allclose(outs[i], outs[j], atol=1e-6), (NORMS[i], NORMS[j])
+
+
+def test_ser_sigmoid_with_fraction_is_the_authors_code() -> None:
+    """[C]: A~ = A / sum A, f = sigmoid(W_c A + b_c) on the raw energy A."""
+    torch.manual_seed(0)
+    ser = SER(5, K=4, terms="0..K-1", coefficients="sigmoid", norm="fraction")
+    z = torch.randn(2, 5, 3, dtype=torch.complex64)
+    energy = z.abs().square().sum(-1).sqrt()  # (B, S) ||Z(lambda_s)||_2
+    f = torch.sigmoid(energy @ ser.coef.weight.T + ser.coef.bias)
+    gain = ser_gain(energy / energy.sum(-1, keepdim=True), f, 4)
+    torch.testing.assert_close(ser(z, z), z * gain.unsqueeze(-1))
+
+
+def _pretrained_ser_input(steps: int = 20) -> torch.Tensor:
+    """The spectrum SER sees (after CIM, [P]) in a tiny CBD model pretrained for ``steps``
+    steps on gesture with the dual loss, Eq. (14): (64, S, 32) complex, S = 22."""
+    cv = {"cv_folds": 0} if "cv_folds" in {f.name for f in fields(DataConfig)} else {}
+    x = torch.as_tensor(load_dataset(DataConfig(dataset="gesture", **cv), seed=0,
+                                     download=False).train.x)  # (96, 3, 315)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(in_channels=3, seq_len=315, d_model=32, n_heads=2,
+                                    decoder_heads=2, ff_dim=64, encoder_layers=2,
+                                    decoder_layers=1, cbd_blocks=1, cbd_ff_dim=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        batch = x[torch.randint(len(x), (16,), generator=g)]
+        loss = dual_constraint_loss(batch, model(batch, generator=g), LossConfig())["total"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses  # it trained (5.9 -> ~1.3 at seed 0)
+    seen: list[torch.Tensor] = []
+    ser = model.cbd_decoder.blocks[0].spectral.ser
+    ser.register_forward_hook(lambda m, inp, out: seen.append(inp[1]))  # energy_from
+    with torch.no_grad():
+        model.eval()(x[:64], generator=g)
+    return seen[0]
+
+
+def test_ser_norm_on_pretrained_features_softmax_is_degenerate_fraction_tempered_not() -> None:
+    """On trained features the DC bin leads by ~20 (A ~ 22 vs ~2.6 at D = 32): softmax [P] puts
+    all of A~ there and K does nothing; fraction [C] and tempered keep A~ spread, so K matters.
+
+    K is compared with one coefficient function sampled at k/K, f(k/K) = (k/K)^2 (zero W_c,
+    b_c = f): p_K(x) = x^2 + x (1 - x) / K, which depends on K except at x = 0 or 1.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on the shared 2-core machines, 2 threads ran 5x slower under load
+    try:
+        z = _pretrained_ser_input()
+    finally:
+        torch.set_num_threads(threads)
+    S = z.shape[1]
+    stats = {}
+    for norm in NORMS:
+        gains = []
+        for K in (2, 12):
+            ser = SER(S, K, norm=norm)
+            with torch.no_grad():
+                ser.coef.weight.zero_()
+                ser.coef.bias.copy_((torch.arange(K + 1.0) / K) ** 2)
+                gains.append(ser(torch.ones(1, S, 1, dtype=z.dtype), z)[..., 0].real)  # (B, S)
+        a = ser_normalise(ser.energy(z), norm)  # (B, S)
+        entropy = -torch.special.xlogy(a, a).sum(-1).mean().item()
+        stats[norm] = (a.max().item(), entropy, (gains[0] - gains[1]).abs().max().item())
+    a_max, entropy, k_effect = stats["softmax"]
+    assert a_max > 0.999 and entropy < 1e-3 and k_effect < 1e-4, stats  # degenerate
+    for norm in ("fraction", "tempered"):
+        a_max, entropy, k_effect = stats[norm]
+        assert a_max < 0.9 and entropy > 0.5 * math.log(S) and k_effect > 1e-2, (norm, stats)
+    assert stats["tempered"][1] > stats["fraction"][1], stats  # tempered is the flatter
+
+
 # ---- CIM, Eq. 4-6 -------------------------------------------------------------------------------
 
 
@@ -171,7 +311,8 @@ def test_spectral_unit_is_identity_without_cim_and_ser(T: int) -> None:
 
 @pytest.mark.parametrize("switch", [
     {"cim_activation": "relu_softshrink"}, {"ser_energy": "before_cim"},
-    {"ser_coefficients": "sigmoid"},
+    {"ser_coefficients": "sigmoid"}, {"ser_norm": "fraction"}, {"ser_norm": "tempered"},
+    {"ser_coefficients": "sigmoid", "ser_norm": "fraction"},
 ])
 def test_spectral_unit_switches_change_output(switch: dict[str, str]) -> None:
     """Same parameters, different switch: the output must change."""

@@ -11,6 +11,7 @@ from cbdtune.model.cbd import (
     cim,
     cim_modulation,
     ser_gain,
+    ser_normalise,
 )
 from cbdtune.model.cbd_model import CBDModel, ModelOutput, build_model
 from cbdtune.model.encoder import Encoder, TransformerLayer, random_masking
@@ -53,5 +54,6 @@ __all__ = [
     "num_tokens",
     "random_masking",
     "ser_gain",
+    "ser_normalise",
     "series_stats",
 ]

@@ -30,6 +30,8 @@ from cbdtune.model.tokenizer import build_detokenizer
 
 SOFTSHRINK = 0.01  # [C] sparsity_threshold of the ReLU + softshrink modulation
 INIT_SCALE = 0.02  # [C] CIM weights and biases ~ 0.02 * randn
+SER_TEMPERATURE = 2.0  # [I] ser_norm="tempered": A~ = A^(1/2) / sum A^(1/2)
+ENERGY_FLOOR = 1e-12  # keeps A / sum A and log A finite for an all-zero spectrum
 
 
 # ---- pure functions ---------------------------------------------------------------------------
@@ -126,6 +128,37 @@ def ser_gain(a_tilde: Tensor, coefficients: Tensor, K: int, *, binom: Tensor | N
     return torch.einsum("...sn,...n->...s", basis, coefficients)
 
 
+def ser_normalise(energy: Tensor, norm: str = "softmax") -> Tensor:
+    """Normalised spectrum energy A~ over the S frequencies, the input of Eq. (10)-(11), Han et
+    al., AAAI 2025 (arXiv 2412.13232).
+
+    * ``softmax`` [P]: A~ = softmax_s(A). Not scale-free: on trained features A is O(sqrt(T D))
+      and the DC bin's lead of ~40 (A ~ 45 vs ~5) makes A~ one-hot (1 at DC, < 1e-3 elsewhere).
+      The Bernstein polynomial interpolates its end points, p_K(0) = f(0) and p_K(1) = f(1), so
+      on a one-hot A~ the order K has no effect.
+    * ``fraction`` [C]: A~ = A / sum_s A (= softmax_s(log A)).
+    * ``tempered``: A~ = softmax_s(log A / tau) = A^(1/tau) / sum_s A^(1/tau), tau = 2. Scale-free
+      like ``fraction`` and flatter: a 9x energy ratio becomes 3x, so A~ stays spread even when
+      one bin dominates. [I] our choice; tau = 2 is not tuned.
+
+    Args:
+        energy: (..., S) non-negative energies A.
+        norm: ``"softmax"``, ``"fraction"`` or ``"tempered"``.
+
+    Returns:
+        (..., S) A~ in [0, 1], summing to 1 over S (an all-zero A gives 0 for ``fraction`` and
+        the uniform 1/S otherwise).
+    """
+    if norm == "softmax":
+        return energy.softmax(dim=-1)
+    if norm == "fraction":
+        return energy / energy.sum(dim=-1, keepdim=True).clamp_min(ENERGY_FLOOR)
+    if norm == "tempered":
+        # log of the clamped energy: finite value and gradient where A = 0 (a constant series)
+        return (energy.clamp_min(ENERGY_FLOOR).log() / SER_TEMPERATURE).softmax(dim=-1)
+    raise ValueError(f"ser norm must be softmax, fraction or tempered, but got {norm!r}")
+
+
 def dft_matrices(T: int) -> tuple[Tensor, Tensor]:
     """Real matrices for ``rfft(., n=T, norm="ortho")`` and its inverse along one axis.
 
@@ -175,34 +208,43 @@ class CIM(nn.Module):
 class SER(nn.Module):
     """Spectrum energy rebalance, Eq. (10)-(12), Han et al., AAAI 2025 (arXiv 2412.13232).
 
-    Energy A(lambda_s) = ||Z(lambda_s)||_2 over hidden channels, per sample: (B, S).
+    Energy A(lambda_s) = ||Z(lambda_s)||_2 over hidden channels, per sample: (B, S). ``norm``
+    turns it into A~ for the Bernstein basis (:func:`ser_normalise`): ``softmax`` [P], ``fraction``
+    [C], ``tempered``. The coefficients f(k/K) of Eq. (10):
 
-    * ``coefficients="linear"`` [P]: A~ = softmax_s(A); f = W_c A~ + b_c (Eq. 11), no squashing.
-    * ``coefficients="sigmoid"`` [C]: A~ = A / sum_s A (= [C]'s softmax of log A);
-      f = sigmoid(W_c A + b_c) on the raw energy.
+    * ``coefficients="linear"`` [P]: f = W_c A~ + b_c (Eq. 11), no squashing.
+    * ``coefficients="sigmoid"`` [C]: f = sigmoid(W_c A + b_c) on the raw energy.
+
+    The authors' code is ``coefficients="sigmoid"`` with ``norm="fraction"``; the paper is
+    ``"linear"`` with ``"softmax"``, the defaults.
 
     W_c is (num_terms x S): the coefficients are per sample, computed from its whole energy
     profile, and the gain p_K (B, S) is shared by all channels (Eq. 12). Which spectrum the energy
     comes from (after CIM [P] or before [C]) is the caller's choice (``energy_from``).
     """
 
-    def __init__(self, num_freqs: int, K: int, *, terms: str = "0..K", coefficients: str = "linear"):
+    def __init__(self, num_freqs: int, K: int, *, terms: str = "0..K", coefficients: str = "linear",
+                 norm: str = "softmax"):
         super().__init__()
         self.K = K
         self.coefficients = coefficients
+        self.norm = norm
         num_terms = K + 1 if terms == "0..K" else K
         self.coef = nn.Linear(num_freqs, num_terms)  # W_c, b_c of Eq. 11
         self.register_buffer("binom", binomial_coefficients(K, num_terms), persistent=False)
 
-    def forward(self, z_f: Tensor, energy_from: Tensor) -> Tensor:
+    def energy(self, energy_from: Tensor) -> Tensor:
+        """(B, S, D) complex spectrum -> (B, S) energy A, the L2 norm over hidden channels."""
         # Over (re, im) pairs: the same norm, but the complex kernel is ~100x slower on CPU.
         # vector_norm's backward is 0 (not NaN) where the energy is 0, e.g. a constant series.
-        energy = torch.linalg.vector_norm(torch.view_as_real(energy_from), dim=(-2, -1))  # (B, S)
+        return torch.linalg.vector_norm(torch.view_as_real(energy_from), dim=(-2, -1))
+
+    def forward(self, z_f: Tensor, energy_from: Tensor) -> Tensor:
+        energy = self.energy(energy_from)  # (B, S)
+        a_tilde = ser_normalise(energy, self.norm)  # (B, S)
         if self.coefficients == "linear":
-            a_tilde = energy.softmax(dim=-1)
             f = self.coef(a_tilde)  # (B, n)
         else:
-            a_tilde = energy / energy.sum(dim=-1, keepdim=True).clamp_min(1e-12)
             f = torch.sigmoid(self.coef(energy))
         p = ser_gain(a_tilde, f, self.K, binom=self.binom)  # (B, S)
         return z_f * p.unsqueeze(-1)  # Eq. 12: one gain per frequency, broadcast over channels
@@ -226,7 +268,7 @@ class SpectralUnit(nn.Module):
         self.register_buffer("idft", idft, persistent=False)  # (T, 2S)
         self.cim = CIM(cfg.d_model, cfg.cim_activation) if cfg.use_cim else None
         self.ser = SER(num_tokens // 2 + 1, cfg.bernstein_order, terms=cfg.bernstein_terms,
-                       coefficients=cfg.ser_coefficients) if cfg.use_ser else None
+                       coefficients=cfg.ser_coefficients, norm=cfg.ser_norm) if cfg.use_ser else None
 
     # Inductor has no complex codegen (it warns and falls back) and the CPU build corrupted the
     # heap on this graph (torch 2.13): keep the complex part eager under torch.compile.
