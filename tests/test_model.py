@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from cbdtune.model import (
 )
 from cbdtune.model.diagnostics import diagnose
 from cbdtune.model.encoder import dropout_, dropout_keep_mask, fast_dropout_supported
+from cbdtune.model.pos_encoding import sinusoidal_encoding
 from cbdtune.model.tokenizer import MaxPool2, normalize_series
 
 TINY = dict(d_model=16, n_heads=2, decoder_heads=2, ff_dim=32, encoder_layers=2,
@@ -150,7 +153,8 @@ def test_generator_drives_the_mask() -> None:
 # ---- gradients and training modes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [{}, {"tokenizer": "patch"}, {"use_cbd": False}])
+@pytest.mark.parametrize("kw", [{}, {"tokenizer": "patch"}, {"use_cbd": False},
+                                {"pos_encoding": "learned"}])
 def test_model_backward_every_param_gets_grad(kw: dict[str, object]) -> None:
     model = make(tiny(3, 100, **kw))
     x = torch.randn(4, 3, 100)
@@ -222,7 +226,8 @@ def test_same_seed_same_output() -> None:
     {"cim_activation": "relu_softshrink"}, {"ser_energy": "before_cim"},
     {"ser_coefficients": "sigmoid"}, {"bernstein_terms": "0..K-1"}, {"bernstein_order": 8},
     {"mask_sharing": "per_batch"}, {"use_cim": False}, {"use_ser": False},
-    {"tokenizer": "patch"},
+    {"tokenizer": "patch"}, {"ser_norm": "fraction"}, {"ser_norm": "tempered"},
+    {"pos_encoding": "learned"}, {"pos_encoding": "sinusoidal"},
 ])
 def test_switches_change_output(switch: dict[str, object]) -> None:
     x = torch.randn(4, 3, 144)
@@ -241,6 +246,90 @@ def test_use_cbd_false_gives_no_spectrum_and_zero_cbd_loss() -> None:
     terms = dual_constraint_loss(x, out, LossConfig())
     assert terms["freq_rec"].item() == 0.0 and terms["time_dual"].item() == 0.0
     torch.testing.assert_close(terms["total"], terms["time_rec"] + terms["freq_dual"])
+
+
+# ---- positional encoding (model.pos_encoding) ----------------------------------------------------
+
+
+POS_KINDS = ["learned", "sinusoidal"]
+
+
+def test_pos_encoding_none_adds_no_module_or_state() -> None:
+    model = make(tiny(3, 144))
+    assert model.pos_embed is None and model.decoder_pos_embed is None
+    assert not any("pos_embed" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("kind", POS_KINDS)
+def test_pos_encoding_is_added_after_the_tokenizer(kind: str) -> None:
+    """tokenize (what encode and the masked encoder read) = tokenizer output + PE, only when on."""
+    x = torch.randn(2, 3, 144)
+    for pos, added in (("none", False), (kind, True)):
+        model = make(tiny(3, 144, pos_encoding=pos)).eval()
+        raw = model.tokenizer(normalize_series(x)[0])  # (B, T, D)
+        tokens = model.tokenize(x)[0]
+        if added:
+            torch.testing.assert_close(tokens, raw + model.pos_embed.weight)
+        else:
+            assert torch.equal(tokens, raw)
+
+
+@pytest.mark.parametrize("kind", POS_KINDS)
+def test_pos_encoding_changes_encode_only_when_on(kind: str) -> None:
+    """Built last, so with the same seed every other weight is the same as without it."""
+    x = torch.randn(2, 3, 144)
+    base = make(tiny(3, 144)).eval()
+    on = make(tiny(3, 144, pos_encoding=kind)).eval()
+    missing, unexpected = on.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected
+    assert set(missing) == ({"pos_embed.weight", "decoder_pos_embed.weight"}
+                            if kind == "learned" else set())  # sinusoidal: fixed, not saved
+    assert torch.equal(make(tiny(3, 144, pos_encoding="none")).eval().encode(x), base.encode(x))
+    assert not torch.allclose(on.encode(x), base.encode(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", POS_KINDS)
+def test_pos_encoding_encoder_sees_visible_tokens_with_their_position(kind: str) -> None:
+    model = make(tiny(3, 144, pos_encoding=kind)).eval()
+    x = torch.randn(2, 3, 144)
+    seen = []
+    model.encoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model(x, generator=gen(4))
+    ids_keep, _, _ = random_masking(2, model.num_tokens, model.num_masked, generator=gen(4))
+    tokens = model.tokenize(x)[0]  # (B, T, D) with position
+    expected = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    torch.testing.assert_close(seen[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["none", *POS_KINDS])
+def test_pos_encoding_tells_mask_tokens_apart_in_the_decoders(kind: str) -> None:
+    """Without it every mask token enters both decoders as the same vector ([C]); with it, not."""
+    model = make(tiny(3, 144, pos_encoding=kind)).eval()
+    seen = []
+    for decoder in (model.temporal_decoder, model.cbd_decoder):
+        decoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    out = model(torch.randn(2, 3, 144), generator=gen())
+    assert torch.equal(seen[0], seen[1])  # both decoders read the same restored sequence
+    masked = seen[0][out.mask]  # (B * num_masked, D)
+    assert torch.equal(masked, masked[:1].expand_as(masked)) == (kind == "none")
+
+
+def test_pos_encoding_learned_is_fine_tuned_with_the_encoder_not_the_decoder_one() -> None:
+    model = make(tiny(3, 144, pos_encoding="learned"))
+    trained = {id(p) for p in model.encoder_parameters()}
+    assert id(model.pos_embed.weight) in trained
+    assert id(model.decoder_pos_embed.weight) not in trained
+
+
+@pytest.mark.parametrize(("T", "D"), [(5, 8), (7, 5), (1, 2)])
+def test_sinusoidal_encoding_matches_vaswani(T: int, D: int) -> None:
+    pe = sinusoidal_encoding(T, D)
+    assert pe.shape == (T, D)
+    for t in range(T):
+        for i in range(D):
+            angle = t / 10000 ** (2 * (i // 2) / D)
+            expected = math.sin(angle) if i % 2 == 0 else math.cos(angle)
+            assert pe[t, i].item() == pytest.approx(expected, abs=1e-6)
 
 
 # ---- tokenizer pieces ---------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from cbdtune.model.cbd import (
     ser_normalise,
 )
 from cbdtune.model.cbd_model import CBDModel, ModelOutput, build_model
-from cbdtune.model.encoder import Encoder, TransformerLayer, random_masking
 from cbdtune.model.classifier import CBDClassifier
+from cbdtune.model.encoder import Encoder, TransformerLayer, random_masking
 from cbdtune.model.heads import ClassifierHead, build_head, series_stats
+from cbdtune.model.pos_encoding import PositionalEncoding, build_pos_encoding, sinusoidal_encoding
 from cbdtune.model.temporal_decoder import TemporalDecoder
 from cbdtune.model.tokenizer import (
     ConvDetokenizer,
@@ -40,6 +41,7 @@ __all__ = [
     "ModelOutput",
     "PatchDetokenizer",
     "PatchTokenizer",
+    "PositionalEncoding",
     "SER",
     "SpectralUnit",
     "TemporalDecoder",
@@ -48,6 +50,7 @@ __all__ = [
     "binomial_coefficients",
     "build_head",
     "build_model",
+    "build_pos_encoding",
     "cim",
     "cim_modulation",
     "normalize_series",
@@ -56,4 +59,5 @@ __all__ = [
     "ser_gain",
     "ser_normalise",
     "series_stats",
+    "sinusoidal_encoding",
 ]

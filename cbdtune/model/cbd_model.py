@@ -1,7 +1,7 @@
 """The CBD masked model: tokenizer, encoder over visible tokens, temporal and CBD decoders.
 
-    x (B, C, L) -> normalise -> tokenizer (B, T, D) -> mask: keep T - int(T * ratio) tokens
-      -> encoder (B, V, D) -> append mask tokens, restore order (B, T, D)
+    x (B, C, L) -> normalise -> tokenizer (B, T, D) [+ position] -> mask: keep T - int(T * ratio)
+      -> encoder (B, V, D) -> append mask tokens, restore order (B, T, D) [+ decoder position]
       -> temporal decoder -> de-normalise -> recon (B, C, L)
       -> CBD decoder -> de-normalise -> rfft(ortho) -> spectrum (B, C, L//2 + 1)
 
@@ -9,6 +9,8 @@ References:
     [P] Han et al., "Content-aware Balanced Spectrum Encoding in Masked Modeling for Time Series
         Classification", AAAI 2025, https://arxiv.org/abs/2412.13232 (Fig. 2)
     [C] github.com/Einstone-rose/CBD, models/base_model_mae_full.py (BaseModel.pretrain/finetune)
+    MAE: He et al., CVPR 2022, https://arxiv.org/abs/2111.06377 (encoder and decoder position
+        embeddings, ``model.pos_encoding``; [C] has none, the default)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from cbdtune.config import ConfigError, ModelConfig
 from cbdtune.model.cbd import CBDDecoder
 from cbdtune.model.encoder import Encoder, random_masking
+from cbdtune.model.pos_encoding import build_pos_encoding
 from cbdtune.model.temporal_decoder import TemporalDecoder
 from cbdtune.model.tokenizer import build_tokenizer, normalize_series, num_tokens
 
@@ -50,16 +53,28 @@ class CBDModel(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(cfg.d_model))  # [C] randn init
         self.temporal_decoder = TemporalDecoder(cfg)
         self.cbd_decoder = CBDDecoder(cfg, self.num_tokens) if cfg.use_cbd else None
+        # Built last: with pos_encoding="none" they are None and the modules above get the same
+        # random initialisation as without the switch (and as learned/sinusoidal, for a seed).
+        self.pos_embed = build_pos_encoding(cfg.pos_encoding, self.num_tokens, cfg.d_model)
+        self.decoder_pos_embed = build_pos_encoding(cfg.pos_encoding, self.num_tokens,
+                                                    cfg.d_model)
 
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Tokenizer + encoder parameters: what fine-tuning trains besides the head."""
+        """Tokenizer + encoder parameters (and the encoder's learned position embedding): what
+        fine-tuning trains besides the head."""
         yield from self.tokenizer.parameters()
+        if self.pos_embed is not None:
+            yield from self.pos_embed.parameters()
         yield from self.encoder.parameters()
 
     def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, C, L) raw -> tokens (B, T, D), plus mean and std (B, C, 1) to de-normalise."""
+        """(B, C, L) raw -> tokens (B, T, D) with their positional encoding (if any), plus mean
+        and std (B, C, 1) to de-normalise. What the encoder reads, masked or not."""
         x, mean, std = normalize_series(x)
-        return self.tokenizer(x), mean, std
+        tokens = self.tokenizer(x)  # (B, T, D)
+        if self.pos_embed is not None:
+            tokens = self.pos_embed(tokens)  # before masking: visible tokens keep their position
+        return tokens, mean, std
 
     def encode(self, x: Tensor) -> Tensor:
         """Features for classifiers: (B, C, L) -> (B, T, D), every token, no masking.
@@ -82,6 +97,8 @@ class CBDModel(nn.Module):
         h = self.encoder(visible)  # (B, V, D)
         h = torch.cat([h, self.mask_token.to(h.dtype).expand(B, self.num_masked, D)], dim=1)
         h = h.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # (B, T, D) original order
+        if self.decoder_pos_embed is not None:
+            h = self.decoder_pos_embed(h)  # MAE: both decoders see where each mask token sits
 
         recon = self.temporal_decoder(h).float() * std + mean  # (B, C, L) de-normalised [C]
         spectrum = None

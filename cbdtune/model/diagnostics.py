@@ -56,7 +56,7 @@ def diagnose(model: CBDModel, x: Tensor) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
-        h = model.tokenize(x)[0]  # (B, T, D)
+        h = model.tokenize(x)[0]  # (B, T, D), with the positional encoding the encoder reads
         feats = {"tok": h}
         for i, layer in enumerate(model.encoder.layers):
             h = layer(h)

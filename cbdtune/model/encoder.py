@@ -6,7 +6,8 @@ References:
     MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
         https://arxiv.org/abs/2111.06377 (argsort-of-noise masking, ids_restore)
 
-No positional encoding anywhere ([C]). The encoder is therefore permutation-equivariant over
+No positional encoding by default ([C]; ``model.pos_encoding`` adds one, see
+:mod:`cbdtune.model.pos_encoding`). Without it the encoder is permutation-equivariant over
 tokens, so the order of the visible tokens it receives does not matter; position information
 enters only through the conv tokenizer's receptive field, the spectral (FFT along tokens) CBD
 blocks and the detokenizers' convolutions. A consequence the authors accept: in the temporal
