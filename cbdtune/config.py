@@ -274,7 +274,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # whose A~ stays spread on trained features, token positions, and a small pooled head that
     # also reads each series' level.
     "default": {
-        "model.ser_norm": "tempered", "model.pos_encoding": "sinusoidal", "model.head": "mean",
+        "model.ser_norm": "tempered", "model.pos_encoding": "learned", "model.head": "mean",
         "model.head_dropout": 0.1, "model.level_features": True,
     },
     "smoke": {

@@ -8,6 +8,7 @@ from cbdtune.config import (
     PRESETS,
     ConfigError,
     ExperimentConfig,
+    ModelConfig,
     parse_overrides,
     preset,
     valid_keys,
@@ -42,6 +43,13 @@ def test_config_rejects_unknown_section() -> None:
     ("model.encoder_layers", 2.5, "expected an integer"),
     ("model.use_cbd", "yes", "expected true or false"),
     ("train.classifier", "svm", "expected one of"),
+    ("model.ser_norm", "max",
+     "expected one of \\['softmax', 'fraction', 'tempered'\\], but got 'max'"),
+    ("model.pos_encoding", "rope", "expected one of \\['none', 'learned', 'sinusoidal'\\]"),
+    ("model.head", "cls", "expected one of \\['flatten', 'mean', 'attention'\\]"),
+    ("model.head_dropout", 1.0, "expected a float in \\[0, 1\\), but got 1.0"),
+    ("model.head_dropout", -0.1, "expected a float in \\[0, 1\\)"),
+    ("model.level_features", "yes", "expected true or false"),
 ])
 def test_config_rejects_bad_value_naming_the_field(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=f"{key}: {message}"):
@@ -76,3 +84,44 @@ def test_config_yaml_round_trip(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert ExperimentConfig.from_yaml(path) == cfg
+
+
+def test_config_model_switches_default_to_the_paper() -> None:
+    """The paper preset is ``{}``: the switches' defaults are [P] / [C], so nothing changes."""
+    m = ModelConfig()
+    assert (m.ser_norm, m.pos_encoding, m.head, m.head_dropout, m.level_features) == (
+        "softmax", "none", "flatten", 0.0, False)
+    assert PRESETS["paper"] == {} and preset("paper").model == m
+
+
+def test_config_default_preset_sets_the_model_switches() -> None:
+    m = preset("default").model
+    assert (m.ser_norm, m.pos_encoding, m.head, m.head_dropout, m.level_features) == (
+        "tempered", "learned", "mean", 0.1, True)
+    assert all(k.startswith("train.") for k in PRESETS["default"]
+               if k not in ("model.ser_norm", "model.pos_encoding", "model.head",
+                            "model.head_dropout", "model.level_features"))
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"ser_norm": "max"}, "model.ser_norm: expected one of ['softmax', 'fraction', 'tempered'], "
+                          "but got 'max'"),
+    ({"pos_encoding": "rope"}, "model.pos_encoding: expected one of"),
+    ({"head": "cls"}, "model.head: expected one of"),
+    ({"head_dropout": 1.5}, "model.head_dropout: expected a float in [0, 1), but got 1.5"),
+])
+def test_config_model_switches_checked_when_built_in_code(kw: dict[str, object],
+                                                          message: str) -> None:
+    """A ModelConfig built directly (not through from_dict) is checked too, in one line."""
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(**kw)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_config_bad_switch_from_yaml_is_one_line(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  head: cls\n")
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_yaml(path)
+    assert str(info.value) == (f"{path}: model.head: expected one of ['flatten', 'mean', "
+                               "'attention'], but got 'cls'")

@@ -10,12 +10,15 @@ import torch
 from cbdtune.config import ConfigError, LossConfig, ModelConfig
 from cbdtune.losses import dual_constraint_loss
 from cbdtune.model import (
+    CBDClassifier,
     CBDModel,
     ClassifierHead,
     ModelOutput,
+    build_head,
     build_model,
     num_tokens,
     random_masking,
+    series_stats,
 )
 from cbdtune.model.diagnostics import diagnose
 from cbdtune.model.encoder import dropout_, dropout_keep_mask, fast_dropout_supported
@@ -246,6 +249,185 @@ def test_use_cbd_false_gives_no_spectrum_and_zero_cbd_loss() -> None:
     terms = dual_constraint_loss(x, out, LossConfig())
     assert terms["freq_rec"].item() == 0.0 and terms["time_dual"].item() == 0.0
     torch.testing.assert_close(terms["total"], terms["time_rec"] + terms["freq_dual"])
+
+
+# ---- classifier heads (model.head, head_dropout, level_features) --------------------------------
+
+HEADS = ["flatten", "mean", "attention"]
+
+
+def head_for(kind: str, level: bool = False, T: int = 7, **kw: object) -> ClassifierHead:
+    torch.manual_seed(0)
+    return build_head(tiny(3, 50, num_classes=5, head=kind, level_features=level, **kw), T)
+
+
+@pytest.mark.parametrize("level", [False, True])
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_output_shapes_and_stats_width(kind: str, level: bool) -> None:
+    head = head_for(kind, level)
+    assert head.n_stats == (6 if level else 0)  # 2 * in_channels
+    stats = torch.randn(4, 6) if level else None
+    logits = head(torch.randn(4, 7, 16), stats)
+    assert logits.shape == (4, 5) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kind", ["mean", "attention"])
+def test_head_pooled_heads_are_small(kind: str) -> None:
+    """LayerNorm(D) + Linear(D + 2C -> D) + Linear(D -> classes) [+ query D]: no T*D weights."""
+    D, n = 16, 6
+    expected = 2 * D + (D + n) * D + D + D * 5 + 5 + (D if kind == "attention" else 0)
+    assert sum(p.numel() for p in head_for(kind, True, T=42).parameters()) == expected
+
+
+def test_head_attention_starts_as_mean_pooling() -> None:
+    """q = 0 gives uniform weights; a trained q weighs the tokens differently."""
+    mean, attention = head_for("mean", True), head_for("attention", True)
+    attention.load_state_dict(mean.state_dict(), strict=False)  # all but the query
+    features, stats = torch.randn(4, 7, 16), torch.randn(4, 6)
+    torch.testing.assert_close(attention(features, stats), mean(features, stats))
+    with torch.no_grad():
+        attention.query.normal_()
+    assert not torch.allclose(attention(features, stats), mean(features, stats), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_fit_stats_standardises(kind: str) -> None:
+    """After fit_stats the head reads (s - mean) / std of the training split's statistics, so an
+    affine change of the statistics, refitted, leaves the logits unchanged."""
+    head = head_for(kind, True).eval()
+    train = torch.randn(50, 6, generator=gen(0)) * torch.arange(1.0, 7.0) + 3.0
+    head.fit_stats(train)
+    torch.testing.assert_close(head.stats_mean, train.mean(0))
+    torch.testing.assert_close(head.stats_std, train.std(0, correction=0))
+    z = (train - head.stats_mean) / head.stats_std
+    torch.testing.assert_close(z.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, correction=0), torch.ones(6))
+    features = torch.randn(4, 7, 16)
+    before = head(features, train[:4])
+    scale, shift = torch.tensor([2.0, 0.5, 10.0, 1.0, 3.0, 7.0]), torch.arange(6.0) - 2
+    head.fit_stats(train * scale + shift)
+    torch.testing.assert_close(head(features, train[:4] * scale + shift), before)
+
+
+def test_head_fit_stats_are_saved_and_reloaded() -> None:
+    head = head_for("mean", True)
+    head.fit_stats(torch.randn(20, 6) * 4 + 1)
+    fresh = head_for("mean", True)
+    fresh.load_state_dict(head.state_dict())
+    assert torch.equal(fresh.stats_mean, head.stats_mean)
+    assert torch.equal(fresh.stats_std, head.stats_std)
+    assert not any(k.startswith("stats_") for k in head_for("mean", False).state_dict())
+
+
+def test_head_fit_stats_constant_statistic_is_finite() -> None:
+    """A z-normalised archive has the same mean (0) and log-std (0) for every series."""
+    head = head_for("mean", True).eval()
+    train = torch.cat([torch.zeros(10, 3), torch.randn(10, 3)], dim=1)
+    head.fit_stats(train)
+    assert head.stats_std[:3].min() > 0
+    assert torch.isfinite(head(torch.randn(2, 7, 16), train[:2] + 1e-7)).all()
+
+
+def test_head_fit_stats_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="expected \\(N >= 1, 6\\)"):
+        head_for("mean", True).fit_stats(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        head_for("mean", True).fit_stats(torch.full((3, 6), float("nan")))
+    with pytest.raises(ValueError, match="n_stats = 0"):
+        head_for("mean", False).fit_stats(torch.randn(10, 6))
+
+
+def test_head_stats_required_exactly_when_built_for_them() -> None:
+    with pytest.raises(AssertionError, match="reads 6 series statistics, got None"):
+        head_for("flatten", True)(torch.randn(2, 7, 16))
+    with pytest.raises(AssertionError, match="reads 0 series statistics"):
+        head_for("flatten", False)(torch.randn(2, 7, 16), torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_dropout_only_in_training(kind: str) -> None:
+    head = head_for(kind, True, head_dropout=0.5)
+    features, stats = torch.randn(4, 7, 16), torch.randn(4, 6)
+    assert not torch.allclose(head(features, stats), head(features, stats))
+    head.eval()
+    assert torch.equal(head(features, stats), head(features, stats))
+    no_drop = head_for(kind, True)  # head_dropout = 0 [C]: deterministic in training too
+    assert torch.equal(no_drop(features, stats), no_drop(features, stats))
+
+
+@pytest.mark.parametrize("level", [False, True])
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_backward_every_param_gets_grad(kind: str, level: bool) -> None:
+    head = head_for(kind, level)
+    loss = head(torch.randn(4, 7, 16), torch.randn(4, 6) if level else None).square().sum()
+    loss.backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"No gradient for {name}"
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_classifier_level_features_see_the_series_level(kind: str) -> None:
+    """The instance norm makes the encoder blind to a * x + b; level features give it back."""
+    x = torch.randn(3, 3, 50, generator=gen(0))
+    for level in (False, True):
+        cfg = tiny(3, 50, num_classes=5, head=kind, level_features=level)
+        model = make(cfg)
+        clf = CBDClassifier(model, build_head(cfg, model.num_tokens)).eval()
+        if level:
+            clf.head.fit_stats(series_stats(torch.randn(20, 3, 50)))
+        with torch.no_grad():
+            same = torch.allclose(clf(x), clf(4 * x + 3), atol=1e-4)
+        assert same != level, (kind, level)
+
+
+def test_build_head_requires_classes_and_channels() -> None:
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        build_head(ModelConfig(in_channels=3, seq_len=50), 7)
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        build_head(ModelConfig(seq_len=50, num_classes=3, level_features=True), 7)
+    assert build_head(ModelConfig(seq_len=50, num_classes=3), 7).n_stats == 0
+
+
+# ---- the paper model is unchanged by the switches ------------------------------------------------
+
+# Switch values that are the paper's ([P]) or its authors' code ([C]): the ModelConfig defaults.
+PAPER_SWITCHES = dict(ser_norm="softmax", pos_encoding="none", head="flatten", head_dropout=0.0,
+                      level_features=False)
+
+
+def _paper_classifier(**switches: object) -> CBDClassifier:
+    cfg = tiny(3, 100, num_classes=4, **switches)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return CBDClassifier(model, build_head(cfg, model.num_tokens)).eval()
+
+
+def test_paper_model_unchanged_bit_for_bit_by_the_switches() -> None:
+    """Switches at their paper values give the same parameters and outputs as no switches at all,
+    and both match numbers recorded before the switches existed (commit 79d1c8b)."""
+    x = torch.randn(4, 3, 100, generator=gen(1))
+    runs = []
+    for clf in (_paper_classifier(), _paper_classifier(**PAPER_SWITCHES)):
+        with torch.no_grad():
+            out, logits = clf.model(x, generator=gen(2)), clf(x)
+        names = [n for n, _ in clf.named_parameters()]
+        runs.append((names, clf.state_dict(), out, logits))
+    (names, state, out, logits), (names2, state2, out2, logits2) = runs
+    assert names == names2 and state.keys() == state2.keys()
+    assert all(torch.equal(state[k], state2[k]) for k in state)
+    assert torch.equal(out.recon, out2.recon) and torch.equal(out.spectrum, out2.spectrum)
+    assert torch.equal(logits, logits2)
+    # recorded at 79d1c8b with the same seeds (torch 2.13, CPU); the tolerance is for other BLAS
+    n_params = sum(p.numel() for p in _paper_classifier().parameters())
+    assert (len(names), n_params, len(state)) == (90, 114525, 117)
+    golden = [out.recon.double().sum(), out.recon.double().abs().sum(),
+              out.spectrum.abs().double().sum(), logits.double().sum()]
+    torch.testing.assert_close(torch.stack(golden), torch.tensor(
+        [-52.27654326148331, 147.4599564280361, 22.769172959553543, -0.40548370871692896],
+        dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], torch.tensor(
+        [0.1440848857164383, 0.02190224826335907, -0.3917909264564514, 0.09523075819015503]),
+        rtol=1e-5, atol=1e-6)
 
 
 # ---- positional encoding (model.pos_encoding) ----------------------------------------------------

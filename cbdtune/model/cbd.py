@@ -268,7 +268,8 @@ class SpectralUnit(nn.Module):
         self.register_buffer("idft", idft, persistent=False)  # (T, 2S)
         self.cim = CIM(cfg.d_model, cfg.cim_activation) if cfg.use_cim else None
         self.ser = SER(num_tokens // 2 + 1, cfg.bernstein_order, terms=cfg.bernstein_terms,
-                       coefficients=cfg.ser_coefficients, norm=cfg.ser_norm) if cfg.use_ser else None
+                       coefficients=cfg.ser_coefficients,
+                       norm=cfg.ser_norm) if cfg.use_ser else None
 
     # Inductor has no complex codegen (it warns and falls back) and the CPU build corrupted the
     # heap on this graph (torch 2.13): keep the complex part eager under torch.compile.

@@ -1,17 +1,33 @@
-"""Classifier head for linear probe and fine-tune ([C] BaseModel.logits).
+"""Classifier heads for linear probe and fine-tune (``model.head``).
 
-[C] github.com/Einstone-rose/CBD, models/base_model_mae_full.py: flatten all tokens,
-Linear(T*D -> T*D/2) -> ReLU -> Linear(-> classes). It is not part of :class:`CBDModel`: the
-authors build this 14.5M-parameter head during pretraining without using it; we build it only
-for the classifier stages.
+* ``flatten`` [C] (BaseModel.logits in github.com/Einstone-rose/CBD,
+  models/base_model_mae_full.py): flatten all tokens, Linear(T*D -> T*D/2) -> ReLU ->
+  Linear(-> classes). The authors build this 14.5M-parameter head (HAR, D = 128) during
+  pretraining without using it; we build it only for the classifier stages.
+* ``mean``: mean over tokens -> LayerNorm -> Linear(D -> D) -> GELU -> Linear(-> classes).
+* ``attention``: as ``mean``, but the pooling weights are softmax_t(q . h_t / sqrt(D)) with one
+  learned query q, the one-query, one-head case of PMA (Lee et al., "Set Transformer", ICML
+  2019, https://arxiv.org/abs/1810.00825). q starts at 0, i.e. at mean pooling.
+
+``model.head_dropout`` drops the head's token features (after pooling and LayerNorm) before its
+first Linear. With ``model.level_features`` the head also reads the per-channel mean and log-std
+of the raw series (:func:`series_stats`), standardised with the training split's statistics
+(:meth:`ClassifierHead.fit_stats`) and concatenated after the dropout.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cbdtune.config import ModelConfig
+from cbdtune.config import ConfigError, ModelConfig
+
+STATS_STD_FLOOR = 1e-5  # a statistic constant over the training split (z-normalised archives)
+#                         is centred but not blown up
 
 
 def series_stats(x: Tensor) -> Tensor:
@@ -27,24 +43,93 @@ def series_stats(x: Tensor) -> Tensor:
 
 
 class ClassifierHead(nn.Module):
-    """(B, T, D) token features [+ (B, n_stats) series statistics] -> (B, num_classes) logits."""
+    """(B, T, D) token features [+ (B, n_stats) series statistics] -> (B, num_classes) logits.
 
-    def __init__(self, num_tokens: int, d_model: int, num_classes: int, *, n_stats: int = 0):
+    Args:
+        num_tokens: T.
+        d_model: D.
+        num_classes: >= 1.
+        n_stats: width of the statistics it reads, 0 (none) or 2C (:func:`series_stats`).
+        kind: ``"flatten"`` [C], ``"mean"`` or ``"attention"`` (see the module docstring).
+        dropout: on the token features, in [0, 1).
+    """
+
+    def __init__(self, num_tokens: int, d_model: int, num_classes: int, *, n_stats: int = 0,
+                 kind: Literal["flatten", "mean", "attention"] = "flatten",
+                 dropout: float = 0.0):
         super().__init__()
-        assert num_tokens >= 1 and d_model >= 1 and num_classes >= 1, (
-            f"num_tokens={num_tokens}, d_model={d_model}, num_classes={num_classes} must be >= 1")
+        assert num_tokens >= 1 and d_model >= 1 and num_classes >= 1 and n_stats >= 0, (
+            f"num_tokens={num_tokens}, d_model={d_model}, num_classes={num_classes} must be >= 1"
+            f" and n_stats={n_stats} >= 0")
+        assert kind in ("flatten", "mean", "attention"), f"unknown head kind {kind!r}"
         self.num_tokens, self.d_model, self.n_stats = num_tokens, d_model, n_stats
-        width = num_tokens * d_model
-        self.fc1 = nn.Linear(width, width // 2)
-        self.fc2 = nn.Linear(width // 2, num_classes)
+        self.kind, self.dropout = kind, dropout
+        if kind == "flatten":  # [C]; no other module, so the paper head's init is unchanged
+            width = num_tokens * d_model
+            self.fc1 = nn.Linear(width + n_stats, width // 2)
+        else:
+            if kind == "attention":
+                self.query = nn.Parameter(torch.zeros(d_model))  # 0: starts as mean pooling
+            self.norm = nn.LayerNorm(d_model)
+            self.fc1 = nn.Linear(d_model + n_stats, d_model)
+        self.fc2 = nn.Linear(self.fc1.out_features, num_classes)
+        if n_stats:  # buffers: saved with the head, so serving standardises as training did
+            self.register_buffer("stats_mean", torch.zeros(n_stats))
+            self.register_buffer("stats_std", torch.ones(n_stats))
+
+    @torch.no_grad()
+    def fit_stats(self, stats: Tensor) -> None:
+        """Set the standardisation of the statistics from the training split's (N, n_stats)."""
+        if self.n_stats == 0:
+            raise ValueError("this head reads no series statistics (n_stats = 0)")
+        if stats.ndim != 2 or stats.shape[1] != self.n_stats or stats.shape[0] < 1:
+            raise ValueError(f"expected (N >= 1, {self.n_stats}) statistics, "
+                             f"got {tuple(stats.shape)}")
+        stats = stats.float()
+        if not torch.isfinite(stats).all():
+            raise ValueError("series statistics contain NaN or inf; clean the training series")
+        self.stats_mean.copy_(stats.mean(dim=0))
+        self.stats_std.copy_(stats.std(dim=0, correction=0).clamp_min(STATS_STD_FLOOR))
+
+    def pool(self, features: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T*D) for ``flatten``, else the LayerNormed pooled (B, D)."""
+        B, T, D = features.shape
+        if self.kind == "flatten":
+            return features.reshape(B, T * D)
+        if self.kind == "mean":
+            return self.norm(features.mean(dim=1))
+        scores = features @ self.query.to(features.dtype) / math.sqrt(D)  # (B, T)
+        return self.norm(torch.einsum("bt,btd->bd", scores.softmax(dim=1), features))  # (B, D)
 
     def forward(self, features: Tensor, stats: Tensor | None = None) -> Tensor:
         B, T, D = features.shape
         assert (T, D) == (self.num_tokens, self.d_model), (
             f"head built for {self.num_tokens} tokens x {self.d_model}, got {T} x {D}")
-        return self.fc2(self.fc1(features.reshape(B, T * D)).relu())  # (B, T*D) -> (B, K)
+        assert (stats is not None) == bool(self.n_stats), (
+            f"head reads {self.n_stats} series statistics, got "
+            f"{None if stats is None else tuple(stats.shape)}")
+        z = self.pool(features)
+        if self.dropout > 0:  # skipped at 0, so the paper head's forward is unchanged
+            z = F.dropout(z, self.dropout, self.training)
+        if stats is not None:
+            stats = (stats.float() - self.stats_mean) / self.stats_std  # (B, n_stats)
+            z = torch.cat([z, stats.to(z.dtype)], dim=-1)
+        h = self.fc1(z)
+        h = h.relu() if self.kind == "flatten" else F.gelu(h)
+        return self.fc2(h)  # (B, num_classes)
 
 
 def build_head(cfg: ModelConfig, num_tokens: int) -> ClassifierHead:
-    """The head ``cfg`` asks for (``cfg.num_classes`` and ``cfg.in_channels`` must be set)."""
-    return ClassifierHead(num_tokens, cfg.d_model, cfg.num_classes)
+    """The head ``cfg`` asks for (``model.head``, ``head_dropout``, ``level_features``).
+
+    Raises:
+        ConfigError: ``cfg.num_classes`` not set, or ``cfg.in_channels`` not set while
+            ``cfg.level_features`` is on (the pipeline sets both from the dataset).
+    """
+    if cfg.num_classes <= 0 or (cfg.level_features and cfg.in_channels <= 0):
+        name = "num_classes" if cfg.num_classes <= 0 else "in_channels"
+        raise ConfigError(f"model.{name}: must be set from the dataset (> 0) before building "
+                          f"the head, but got {getattr(cfg, name)}")
+    n_stats = 2 * cfg.in_channels if cfg.level_features else 0
+    return ClassifierHead(num_tokens, cfg.d_model, cfg.num_classes, n_stats=n_stats,
+                          kind=cfg.head, dropout=cfg.head_dropout)
