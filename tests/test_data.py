@@ -32,7 +32,7 @@ from cbdtune.data import (
 from cbdtune.data.__main__ import main
 from cbdtune.data._lengths import fix_length, pad_series, resample_series
 from cbdtune.data._readers import read_ts
-from cbdtune.data._splits import stratified_split
+from cbdtune.data._splits import stratified_folds, stratified_split
 
 PAPER_TEN = {"HAR", "PhonemeSpectra", "SelfRegulationSCP1", "MotorImagery", "FingerMovements",
              "ArticularyWordRecognition", "SpokenArabicDigits", "ECG5000", "FordB",
@@ -61,7 +61,7 @@ def real(shared_data_dir: Path) -> Callable[..., Dataset]:
 
     def load(name: str, seed: int = 0) -> Dataset:
         if (name, seed) not in loaded:
-            cfg = DataConfig(dataset=name, data_dir=str(shared_data_dir))
+            cfg = DataConfig(dataset=name, data_dir=str(shared_data_dir), cv_folds=0)
             loaded[name, seed] = load_dataset(cfg, seed=seed, download=False)
         return loaded[name, seed]
 
@@ -170,7 +170,7 @@ def test_registry_sha256_matches_shared_files(shared_data_dir: Path) -> None:
 
 def test_load_dataset_tfc_gesture_by_path(shared_data_dir: Path) -> None:
     """A TF-C folder given by path uses its own val split; float labels become int64."""
-    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "TFC_Gesture")))
+    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "TFC_Gesture"), cv_folds=0))
     assert ds.val_origin == "archive"
     assert (len(ds.train), len(ds.val), len(ds.test)) == (320, 120, 120)
     assert (ds.n_channels, ds.seq_len, ds.n_classes) == (3, 206, 8)
@@ -180,7 +180,7 @@ def test_load_dataset_tfc_gesture_by_path(shared_data_dir: Path) -> None:
 
 def test_load_dataset_epilepsy_tfc_by_path_has_no_test(shared_data_dir: Path) -> None:
     """A TF-C folder without test.pt loads with test None."""
-    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "Epilepsy_TFC")))
+    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "Epilepsy_TFC"), cv_folds=0))
     assert ds.test is None
     assert (len(ds.train), len(ds.val), ds.n_channels, ds.seq_len, ds.n_classes) == (
         60, 20, 1, 178, 2)
@@ -240,10 +240,44 @@ def test_load_dataset_val_split_reproducible_by_seed(shared_data_dir: Path,
                                                      real: Callable[..., Dataset]) -> None:
     """Same seed, same validation series; another seed, others; class proportions kept."""
     ds0, ds1 = real("gesture", 0), real("gesture", 1)
-    again = load_dataset(DataConfig(dataset="gesture", data_dir=str(shared_data_dir)), seed=0)
+    again = load_dataset(DataConfig(dataset="gesture", data_dir=str(shared_data_dir), cv_folds=0),
+                         seed=0)
     assert np.array_equal(ds0.val.x, again.val.x) and np.array_equal(ds0.val.y, again.val.y)
     assert not np.array_equal(ds0.val.x, ds1.val.x)
     assert (ds0.val.class_counts(8) == 3).all() and (ds0.train.class_counts(8) == 12).all()
+
+
+def test_stratified_folds_are_stratified_disjoint_and_cover_train() -> None:
+    """Within each repeat the held-out parts are disjoint and cover every index once, each
+    fold's train part is the rest, and every class is spread evenly (gesture: 15 per class)."""
+    y = np.repeat(np.arange(8), 15)
+    folds = stratified_folds(y, 5, seed=0, repeats=2)
+    assert len(folds) == 10
+    for r in range(2):
+        held = np.concatenate([va for _, va in folds[5 * r:5 * r + 5]])
+        assert sorted(held.tolist()) == list(range(120))
+    for tr, va in folds:
+        assert not set(tr.tolist()) & set(va.tolist())
+        assert len(tr) + len(va) == 120
+        assert (np.bincount(y[va], minlength=8) == 3).all()
+    assert not np.array_equal(folds[0][1], folds[5][1]), "a repeat must reshuffle"
+    again = stratified_folds(y, 5, seed=0, repeats=2)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+
+
+def test_stratified_folds_lower_k_to_the_largest_class() -> None:
+    y = np.array([0, 0, 0, 1, 1, 2])
+    folds = stratified_folds(y, 5, seed=0)
+    assert len(folds) == 3
+    assert sorted(np.concatenate([va for _, va in folds]).tolist()) == list(range(6))
+
+
+def test_cross_validation_merges_an_archive_val_split_into_train(shared_data_dir: Path) -> None:
+    """Under CV (the default) there is no validation split: train holds every labelled series."""
+    ds = load_dataset(DataConfig(dataset=str(shared_data_dir / "TFC_Gesture")))
+    assert (ds.val_origin, len(ds.train), len(ds.val)) == ("none", 440, 0)
+    ds = load_dataset(DataConfig(dataset="gesture", data_dir=str(shared_data_dir)))
+    assert (ds.val_origin, len(ds.train), len(ds.val)) == ("none", 120, 0)
 
 
 # ---- length and NaN policy ----------------------------------------------------------------------
@@ -327,7 +361,7 @@ def test_fetch_pinned_files_then_reuses_cache(monkeypatch: pytest.MonkeyPatch,
                            (remote / f"{s}.pt").as_uri()) for s in ("train", "val"))
     info = DatasetInfo(name="Tiny", kind="tf-c", format="pt", files=files, download="files")
     monkeypatch.setitem(_registry.REGISTRY, "Tiny", info)
-    ds = load_dataset(DataConfig(dataset="tiny"))  # not in the data dir, not cached: fetched
+    ds = load_dataset(DataConfig(dataset="tiny", cv_folds=0))  # not local, not cached: fetched
     assert Path(ds.location) == tmp_path / "cache" / "Tiny"
     assert (len(ds.train), len(ds.val), ds.test) == (6, 2, None)
     calls: list[str] = []

@@ -96,8 +96,10 @@ def _availability(info: DatasetInfo, data_dir: str | None) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    # The splits as the paper's protocol (cv_folds 0) sees them; cross-validation, the default,
+    # folds the whole archive train split.
     cfg = DataConfig(dataset=args.name, data_dir=args.data_dir, val_fraction=args.val_fraction,
-                     length_policy=args.length_policy)
+                     length_policy=args.length_policy, cv_folds=0)
     info = resolve(cfg.dataset)
     ds = load_dataset(cfg, seed=args.seed, download=not args.no_download)
     _print_info(ds, info, args)
@@ -116,8 +118,8 @@ def _print_info(ds: Dataset, info: DatasetInfo, args: argparse.Namespace) -> Non
     test = f" / {len(ds.test)} test" if ds.test is not None else " (no test split)"
     if ds.val_origin == "carved":
         print(f"  splits:    archive {len(ds.train) + len(ds.val)} train{test}")
-        print(f"             carved from train (seed {args.seed}, val_fraction "
-              f"{args.val_fraction}): {len(ds.train)} train / {len(ds.val)} val")
+        print(f"             with --cv-folds 0, carved from train (seed {args.seed}, "
+              f"val_fraction {args.val_fraction}): {len(ds.train)} train / {len(ds.val)} val")
     else:
         print(f"  splits:    archive {len(ds.train)} train / {len(ds.val)} val{test}")
     splits = ds.splits()
