@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from cbdtune import pipeline
+from cbdtune import classify, pipeline, runtime
 from cbdtune.config import DataConfig, preset
 from cbdtune.data import Dataset, load_dataset
 
@@ -17,6 +17,12 @@ from cbdtune.data import Dataset, load_dataset
 @pytest.fixture(scope="module")
 def gesture() -> Dataset:
     return load_dataset(DataConfig(dataset="gesture"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def gesture_holdout() -> Dataset:
+    """The paper's protocol: a validation split of 24 series carved from the 120."""
+    return load_dataset(DataConfig(dataset="gesture", cv_folds=0), seed=0)
 
 
 def _run(cfg, data, state=None):
@@ -45,15 +51,15 @@ class _CountingSplit:
         return len(self._split)
 
 
-def test_run_trial_smoke_learns_and_reads_test_once(gesture: Dataset) -> None:
-    """Smoke preset on gesture: validation accuracy well above chance (1/8).
+def test_run_trial_smoke_learns_and_reads_test_once(gesture_holdout: Dataset) -> None:
+    """Smoke preset on gesture, one validation split: accuracy well above chance (1/8).
 
     The validation split has 24 series (20% of 120, stratified: 3 per class). Guessing gets 12.5%;
     the chance of a guesser reaching >= 9/24 (0.375) is below 0.5% (binomial tail), so 0.375 is a
     margin a broken pipeline cannot pass by luck.
     """
-    counting = _CountingSplit(gesture.test)
-    data = dataclasses.replace(gesture, test=counting)
+    counting = _CountingSplit(gesture_holdout.test)
+    data = dataclasses.replace(gesture_holdout, test=counting)
     counting.reads = 0  # Dataset validated the split's shape on construction
     cfg = preset("smoke").replace({"train.classifier": "both", "train.num_threads": 2})
     result, reports = _run(cfg, data)
@@ -125,7 +131,7 @@ def test_macro_f1_matches_definition() -> None:
 
 @pytest.mark.parametrize("amp,native", [(True, True), (True, False), (False, True)])
 def test_amp_runs_matmuls_in_bf16_only_where_native(monkeypatch, amp: bool, native: bool) -> None:
-    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
     train = preset("smoke").train
     train = dataclasses.replace(train, amp=amp)
     rt = pipeline.Runtime(device=torch.device("cpu"))
@@ -137,3 +143,36 @@ def test_amp_runs_matmuls_in_bf16_only_where_native(monkeypatch, amp: bool, nati
 
 def test_native_bf16_is_false_for_meta_devices() -> None:
     assert pipeline.native_bf16(torch.device("meta")) is False
+
+
+def test_cross_validated_trial_refits_on_every_training_series(gesture: Dataset,
+                                                              monkeypatch) -> None:
+    """Under CV: k fold classifiers score the stage, the mean curve's epoch count is refit on all
+    120 training series, and that refit (not a fold's classifier) reads the test split once."""
+    runs: list[tuple[int, int | None]] = []
+    real_init = classify.FoldRun.__init__
+
+    def spy(self, clf, stage, inputs, y, train_idx, val_idx, cfg, rt):
+        runs.append((len(train_idx), None if val_idx is None else len(val_idx)))
+        real_init(self, clf, stage, inputs, y, train_idx, val_idx, cfg, rt)
+
+    monkeypatch.setattr(classify.FoldRun, "__init__", spy)
+    counting = _CountingSplit(gesture.test)
+    data = dataclasses.replace(gesture, test=counting)
+    counting.reads = 0
+    cfg = preset("smoke").replace({"train.num_threads": 2, "train.pretrain_epochs": 2,
+                                   "train.classifier_epochs": 6, "data.cv_folds": 4})
+    result, reports = _run(cfg, data)
+    final = result.metrics
+    assert len(gesture.train) == 120 and len(gesture.val) == 0
+    assert counting.reads == 1
+    assert final["cv_folds"] == 4 and final["val_accuracy_se"] > 0
+    assert 1 <= final["selected_epoch"] <= 6
+    # probes and the stage: 4 folds of 90 + 30; then exactly one refit on all 120
+    assert runs[-1] == (120, None)
+    assert all(run == (90, 30) for run in runs[:-1]) and len(runs) % 4 == 1
+    # the reported estimate is the mean curve at the selected epoch, never below a later point
+    curve = [m for m, _ in reports if m["stage"] == "linear_probe"]
+    assert final["val_accuracy"] == max(m["val_accuracy_epoch"] for m in curve)
+    assert all(b["val_accuracy"] >= a["val_accuracy"] for a, b in zip(curve, curve[1:]))
+    assert result.classifier is not None
