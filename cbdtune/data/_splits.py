@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.model_selection import RepeatedStratifiedKFold
 
 
 def stratified_split(y: np.ndarray, val_fraction: float,
@@ -60,6 +59,8 @@ def stratified_folds(y: np.ndarray, k: int, seed: int,
     Returns:
         ``k * repeats`` pairs ``(train_idx, val_idx)``, each sorted ascending.
     """
+    from sklearn.model_selection import RepeatedStratifiedKFold  # ~2 s to import: only here
+
     k = min(k, int(np.bincount(y).max()), len(y))
     if k < 2:
         raise ValueError(f"cross-validation needs two series of one class, got labels {y}")
