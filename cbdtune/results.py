@@ -65,33 +65,59 @@ def best_trial(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
 
 def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
                 seed: int = 0) -> dict[str, float] | str:
-    """fANOVA importances over completed trials, or the reason they cannot be computed."""
+    """fANOVA importances over completed trials, or the reason they cannot be computed.
+
+    A conditional parameter (``when`` in the space) is NaN in the trials that skipped it. Ranked
+    are the parameters sampled, with more than one value, in at least 3 completed trials with a
+    finite metric; each gets its fANOVA share of the variance over the trials that sampled it.
+    Parameters sampled in every trial (the switches a ``when`` reads included) share one fit
+    over all of them: Optuna's own rule, ``get_param_importances`` ranks the parameters every
+    trial holds. Parameters sampled in the same subset of trials share a fit on that subset,
+    with every parameter those trials hold as inputs. A conditional parameter's value is thus
+    its share within its branch (the values need not sum to 1); a parameter never sampled, in
+    fewer than 3 trials, or in a branch whose fit fails (no variance there) has no entry.
+    """
     import optuna
 
     dists = space.to_optuna()
     done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
-    varied = {k: d for k, d in dists.items()
-              if f"param.{k}" in done and done[f"param.{k}"].nunique() > 1}
-    if len(done) < 3 or not varied:
-        return f"needs at least 3 completed trials with varied parameters (have {len(done)})"
     values = (pd.to_numeric(done[metric], errors="coerce") if metric in done
               else pd.Series(math.nan, index=done.index))
     finite = done[values.abs() < math.inf]  # NaN and inf compare False
-    if len(finite) and finite[metric].nunique() == 1:
+    present = {k: finite[f"param.{k}"].notna() for k in dists if f"param.{k}" in finite}
+    kept = [k for k, has in present.items()
+            if has.sum() >= 3 and finite.loc[has, f"param.{k}"].nunique() > 1]
+    if len(done) < 3 or not kept:
+        return f"needs at least 3 completed trials with varied parameters (have {len(done)})"
+    if finite[metric].nunique() == 1:
         # fANOVA divides by the variance of the metric; with none there is nothing to attribute
         return (f"every completed trial has {metric} = {float(finite[metric].iloc[0]):.4f}, so "
                 "there is no variance to attribute")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    for _, row in finite.iterrows():
-        params = {k: _native(row[f"param.{k}"]) for k in varied}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=varied,
-                                                  value=float(row[metric])))
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-    try:
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except (RuntimeError, ValueError) as err:  # e.g. "zero total variance in all trees"
-        return f"fANOVA failed on {len(finite)} trials: {err}"
+    branches: dict[tuple[bool, ...], list[str]] = {}
+    for k in kept:  # one fit per subset of trials (the all-trials one first, when there is one)
+        branches.setdefault(tuple(present[k]), []).append(k)
+    out: dict[str, float] = {}
+    errors: list[str] = []
+    for mask, ranked_here in sorted(branches.items(), key=lambda b: -sum(b[0])):
+        rows = finite[list(mask)]
+        inputs = {k: dists[k] for k in kept if present[k][rows.index].all()}
+        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+        for _, row in rows.iterrows():
+            params = {k: int(row[f"param.{k}"]) if isinstance(d, optuna.distributions.IntDistribution)
+                      else _native(row[f"param.{k}"]) for k, d in inputs.items()}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=inputs,
+                                                      value=float(row[metric])))
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        try:
+            imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except (RuntimeError, ValueError) as err:  # e.g. "zero total variance in all trees"
+            errors.append(f"fANOVA failed on {len(rows)} trials: {err}")
+            continue
+        out.update({k: float(imp[k]) for k in ranked_here})
+    if not out:
+        return errors[0]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _native(value: Any) -> Any:

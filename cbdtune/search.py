@@ -179,8 +179,10 @@ def _sampler(name: str, seed: int) -> Any:
 
 def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, mode: str,
                   max_concurrent: int, baseline: bool = True) -> Any:
-    """Optuna over the space's ``train_loop_config`` keys, limited to ``max_concurrent``.
+    """Optuna over the space, sampled define-by-run, limited to ``max_concurrent``.
 
+    :meth:`SearchSpace.define_by_run` suggests only the parameters whose ``when`` holds, named
+    ``train_loop_config/<key>`` so that each trial's config nests them as the trainable expects.
     Trials ASHA stopped reach Optuna as PRUNED, not COMPLETE (:mod:`cbdtune.searcher`). With
     ``baseline`` the paper's configuration is the first trial (``points_to_evaluate``).
     """
@@ -189,34 +191,41 @@ def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, m
     from cbdtune.searcher import FullFidelityOptunaSearch
 
     points = [baseline_point(space)] if baseline and space.params else None
-    searcher = FullFidelityOptunaSearch(metric=metric, mode=mode,
+    searcher = FullFidelityOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
                                         sampler=_sampler(sampler, seed),
                                         points_to_evaluate=points)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
 def baseline_point(space: SearchSpace) -> dict[str, Any]:
-    """The paper's value of every searched key (the space's base value where the paper's lies
-    outside the searched range), keyed as Ray's OptunaSearch names its parameters."""
+    """The paper's value of every searched key whose ``when`` holds for the paper's values (the
+    space's base value where the paper's lies outside the searched range), keyed as
+    :meth:`SearchSpace.define_by_run` names its parameters; Optuna's ``enqueue_trial`` fixes
+    exactly these in trial 0, so it samples nothing else there."""
     paper, base = preset("paper").to_dict(), space.base.to_dict()
-    point = {}
+    values = {}
     for p in space.params:
         value = paper[p.key]
         inside = (value in p.choices if p.kind == "categorical"
                   else p.low is not None and p.low <= value <= p.high)
-        point[f"train_loop_config/{p.key}"] = value if inside else base[p.key]
-    return point
+        values[p.key] = value if inside else base[p.key]
+    return space.optuna_point(values)
 
 
 def param_space(space: SearchSpace, args: argparse.Namespace, storage: str | None) -> dict:
-    """Run-level settings at the top, the trial's hyperparameters under ``train_loop_config``."""
+    """Run-level settings at the top; the searcher fills ``train_loop_config`` in each trial.
+
+    Nothing here is a distribution: Tune refuses one in ``param_space`` when the searcher has its
+    own space. Tune deep-merges each suggestion into this dict (``SearchGenerator``), so a trial
+    with no parameter sampled still gets an empty ``train_loop_config``.
+    """
     return {
         "workers": args.workers_per_trial,
         "cpus_per_worker": args.cpus_per_worker,
         "gpus_per_worker": args.gpus_per_worker,
         "max_failures": args.max_failures,
         "storage_path": storage,
-        "train_loop_config": space.to_tune(),
+        "train_loop_config": {},
     }
 
 
