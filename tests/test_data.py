@@ -262,7 +262,7 @@ def test_stratified_folds_are_stratified_disjoint_and_cover_train() -> None:
         assert (np.bincount(y[va], minlength=8) == 3).all()
     assert not np.array_equal(folds[0][1], folds[5][1]), "a repeat must reshuffle"
     again = stratified_folds(y, 5, seed=0, repeats=2)
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again, strict=True))
 
 
 def test_stratified_folds_lower_k_to_the_largest_class() -> None:
