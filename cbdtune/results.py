@@ -138,6 +138,7 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
     imp = importances(df, space, metric, mode)
     content = {"trials.parquet": df.to_parquet(index=False),
                "summary.md": (_summary(df, best, imp, metric, mode, command, header)
+                              + selection_section(df, metric)
                               + (refit_section(refits) if refits else "")).encode()}
     if best is not None:
         params = {k[len("param."):]: _native(v) for k, v in best.items()
@@ -152,6 +153,26 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
         (out_dir / "best_config.yaml").unlink(missing_ok=True)
     keys = {"trials.parquet": "trials", "summary.md": "summary", "best_config.yaml": "best_config"}
     return {keys[name]: out_dir / name for name in content}
+
+
+def selection_section(df: pd.DataFrame, metric: str) -> str:
+    """Does the selection metric rank trials as the test split does? Spearman's rho over the
+    completed trials (each trial's test accuracy is its own refit's, read once, never used)."""
+    done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
+    if len(done) < 3 or metric not in done or "test_accuracy" not in done:
+        return ""
+    from scipy.stats import spearmanr
+
+    rho, p = spearmanr(done[metric], done["test_accuracy"])
+    lines = ["", "## Selection against test", "",
+             f"Spearman correlation between {metric} and test accuracy over the {len(done)} "
+             f"completed trials: {rho:.3f} (p = {p:.3g})."]
+    if "rung_" + metric in done and done["rung_" + metric].notna().sum() >= 3:
+        rung = done.dropna(subset=["rung_" + metric])
+        r2, p2 = spearmanr(rung["rung_" + metric], rung[metric])
+        lines.append(f"ASHA's first-rung {metric} against the final one over {len(rung)} "
+                     f"completed trials: {r2:.3f} (p = {p2:.3g}).")
+    return "\n".join(lines) + "\n"
 
 
 def refit_section(refits: dict[str, Any]) -> str:
