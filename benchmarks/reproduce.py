@@ -1,24 +1,29 @@
 """Reproduce the paper: CBD linear probe and fine-tune (honest and authors' protocol), MiniRocket.
 
 For each dataset and seed, the configuration of ``search_spaces/paper.yaml`` (paper model and
-budget, ``train.classifier: both``) is run stage by stage with ``cbdtune.pipeline``:
+budget, ``train.classifier: both``) is run stage by stage with ``cbdtune.pipeline`` and
+``cbdtune.classify``, with ``data.cv_folds=0`` (forced): the paper's protocol, selection on one
+stratified validation split (20% of train, carved by seed), not the pipeline's default
+cross-validation and refit (``benchmarks/selection.py`` compares the two):
 
     pretrain once -> linear_probe -> fine_tune   (the same calls, in the same order, as run_trial)
 
 and every classifier stage is scored two ways:
 
-- honest: the epoch with the best validation accuracy is selected (the pipeline's own rule) and
-  the test split is read once, there, with the pipeline's own test code (``_select_and_test``
-  given that one stage). The row "selected on validation" is what ``run_trial`` itself reports:
-  the stage with the better validation accuracy, tested once.
+- honest: the epoch with the best validation accuracy is selected (the pipeline's own rule,
+  ``classify.fit_stage`` on the one validation fold) and the test split is read once, there, by
+  that epoch's classifier, built and read with the calls ``run_trial`` uses. The row "selected
+  on validation" is what ``run_trial`` itself reports: the stage with the better validation
+  accuracy, tested once (checked equal to ``run_trial``'s own result on the smoke preset).
 - authors' protocol (optimistic): the best test accuracy over all evaluation points (every epoch
-  of the stage), as the authors' code selects (spec section 4). To get it, the pipeline's
-  per-epoch ``evaluate`` call is wrapped for the duration of the stage so that the same classifier
-  is also scored on the test split each epoch. That scoring runs under ``no_grad`` in eval mode
-  and draws no random numbers, so training is unchanged; the per-epoch test accuracy at the
-  selected epoch is checked against the honest test accuracy. (The authors also take the best
-  over pretraining checkpoints; here only the final checkpoint's stages count, so this is a lower
-  bound on their optimism.)
+  of the stage), as the authors' code selects (spec section 4). To get it,
+  ``classify.FoldRun.score`` (a fold's per-epoch validation score; with ``cv_folds=0`` the stage
+  has one fold) is wrapped for the duration of the stage so that the same classifier is also
+  scored on the test split each epoch. That scoring runs under ``no_grad`` in eval mode and draws
+  no random numbers, so training is unchanged; the per-epoch test accuracy at the selected epoch
+  is checked against the honest test accuracy. (The authors also take the best over pretraining
+  checkpoints; here only the final checkpoint's stages count, so this is a lower bound on their
+  optimism.)
 
 Beside them MiniRocket (aeon, a benchmark-only dependency) with ``random_state=seed``, fitted on
 train + validation (it selects nothing, so it may use every labelled series CBD trains or selects
@@ -82,6 +87,7 @@ def cbd_seed(cfg: Any, data: Any) -> list[dict[str, Any]]:
     """Pretrain once, then each classifier stage; one row per (stage, protocol)."""
     import torch
 
+    from cbdtune import classify
     from cbdtune import pipeline as pl
 
     tc = cfg.train
@@ -94,68 +100,98 @@ def cbd_seed(cfg: Any, data: Any) -> list[dict[str, Any]]:
     pl.pretrain(model, data, cfg, rt, lambda _m, _s: None)
     pretrain_s = time.perf_counter() - t0
 
-    x_test = pl._tensor(data.test.x).to(rt.device)
-    y_test = pl._tensor(data.test.y)
-    real_evaluate = pl.evaluate
+    pool = classify.selection_pool(data, cfg)  # data.cv_folds 0: one fold, the validation split
     rows: list[dict[str, Any]] = []
-    honest_by_stage: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {}
     stage_seconds: dict[str, float] = {}
-    for stage in pl.STAGES:
-        if tc.classifier not in (stage, "both"):
-            continue
-        # What the classifier's forward takes: cached frozen-encoder features (linear probe, as
-        # the pipeline caches them) or raw series (fine-tune).
-        test_inputs = (pl.encode_split(model, x_test, rt, tc) if stage == "linear_probe"
-                       else x_test)
-        per_epoch: list[dict[str, float]] = []
-        extra_s = [0.0]
-
-        def evaluate_and_test(forward, x, y, n_classes, *, _inputs=test_inputs,
-                              _per_epoch=per_epoch, _extra=extra_s, **kw):
-            # The pipeline calls evaluate once per epoch, on validation; score test beside it.
-            t = time.perf_counter()
-            _per_epoch.append(real_evaluate(forward, _inputs, y_test, n_classes))
-            _extra[0] += time.perf_counter() - t
-            return real_evaluate(forward, x, y, n_classes, **kw)
-
-        t1 = time.perf_counter()
-        with mock.patch.object(pl, "evaluate", evaluate_and_test):
-            best = (pl.linear_probe if stage == "linear_probe" else pl.fine_tune)(
-                model, data, cfg, rt)
-        stage_s = time.perf_counter() - t1 - extra_s[0]
-        stage_seconds[stage] = stage_s
-        if len(per_epoch) != tc.classifier_epochs:  # the hook must see every epoch, or fail
-            raise RuntimeError(f"{stage}: test was scored at {len(per_epoch)} of "
-                               f"{tc.classifier_epochs} epochs; has pipeline.evaluate's use "
-                               "in _train_classifier changed?")
-        pick = {"val": best["val"], "epoch": best["epoch"], "weights": best["state"]}
-        honest = pl._select_and_test(model, data, cfg, rt, {stage: pick})
-        honest_by_stage[stage] = honest
-        at_pick = per_epoch[best["epoch"] - 1]["accuracy"]
-        if abs(at_pick - honest["test_accuracy"]) > 1.5 / len(y_test):
+    for stage in classify.stages(tc):
+        best, per_epoch, stage_seconds[stage] = _stage_with_test_curve(model, pool, data, cfg,
+                                                                       rt, stage)
+        honest = _test_selected(model, data, cfg, rt, best)
+        results[stage] = best
+        at_pick = per_epoch[best.epoch - 1]["accuracy"]
+        if abs(at_pick - honest["test_accuracy"]) > 1.5 / len(data.test.y):
             print(f"warning: {stage}: per-epoch test accuracy at the selected epoch ({at_pick:.4f})"
                   f" differs from the honest test ({honest['test_accuracy']:.4f})",
                   file=sys.stderr)
         top = max(range(len(per_epoch)), key=lambda i: per_epoch[i]["accuracy"])
         common = {"method": f"CBD {stage.replace('_', ' ')}", "stage": stage,
-                  "time_s": pretrain_s + stage_s, "pretrain_s": pretrain_s}
-        rows.append({**common, "protocol": HONEST, "val_accuracy": honest["val_accuracy"],
-                     "epoch": best["epoch"], "test_accuracy": honest["test_accuracy"],
-                     "test_f1": honest["test_f1"]})
+                  "time_s": pretrain_s + stage_seconds[stage], "pretrain_s": pretrain_s}
+        rows.append({**common, "protocol": HONEST, "val_accuracy": best.val["accuracy"],
+                     "epoch": best.epoch, **honest})
         rows.append({**common, "protocol": AUTHORS, "val_accuracy": math.nan,
                      "epoch": top + 1, "test_accuracy": per_epoch[top]["accuracy"],
                      "test_f1": per_epoch[top]["f1"]})
-    if len(honest_by_stage) > 1:  # run_trial's rule: the better validation accuracy, then loss
-        chosen = max(honest_by_stage, key=lambda s: (honest_by_stage[s]["val_accuracy"],
-                                                     -honest_by_stage[s]["val_loss"]))
-        h = honest_by_stage[chosen]
-        rows.append({"method": "CBD, stage selected on validation", "stage": chosen,
-                     "protocol": HONEST, "val_accuracy": h["val_accuracy"],
-                     "epoch": h["selected_epoch"], "test_accuracy": h["test_accuracy"],
-                     "test_f1": h["test_f1"],
-                     "time_s": pretrain_s + sum(stage_seconds.values()),
-                     "pretrain_s": pretrain_s})
+    if len(results) > 1:  # run_trial's rule: the better validation accuracy, then loss
+        chosen = max(results.values(), key=classify.StageResult.key).stage
+        honest_row = next(r for r in rows if r["stage"] == chosen and r["protocol"] == HONEST)
+        rows.append({**honest_row, "method": "CBD, stage selected on validation",
+                     "time_s": pretrain_s + sum(stage_seconds.values())})
     return rows
+
+
+def _test_selected(model: Any, data: Any, cfg: Any, rt: Any, best: Any) -> dict[str, float]:
+    """The validation fold's classifier at its selected epoch, tested once: what run_trial's final
+    classifier is with ``data.cv_folds=0``, built and read with the same public calls."""
+    import numpy as np
+
+    from cbdtune import classify
+    from cbdtune.runtime import macro_f1
+
+    clf = classify.new_classifier(model, cfg, best.stage, rt)
+    clf.load_state_dict(best.weights)
+    pred = classify.predict_proba(clf, data.test.x, rt, cfg.train).argmax(1)
+    return {"test_accuracy": float(np.mean(pred == data.test.y)),
+            "test_f1": macro_f1(pred, data.test.y, data.n_classes)}
+
+
+def _stage_with_test_curve(model: Any, pool: Any, data: Any, cfg: Any, rt: Any,
+                           stage: str) -> tuple[Any, list[dict[str, float]], float]:
+    """``classify.fit_stage`` as run_trial calls it, with the test split scored each epoch.
+
+    ``FoldRun.score`` (the per-epoch validation score of one fold) is wrapped for the duration of
+    the stage: before scoring validation it scores the same classifier on the test split, given in
+    the form the classifier's forward takes (frozen-encoder features for the probe, raw series for
+    fine-tuning, as ``classify.stage_inputs`` builds them for the pool).
+
+    Returns:
+        The stage's selection, the per-epoch test scores, and the stage's seconds without the
+        extra test passes.
+    """
+    from cbdtune import classify
+    from cbdtune.runtime import as_tensor
+
+    if len(pool.folds) != 1:
+        raise RuntimeError("the authors' protocol needs one validation fold: data.cv_folds=0")
+    test_inputs = tuple(t.to(rt.device) for t in
+                        classify.stage_inputs(model, data.test.x, stage, rt, cfg.train))
+    y_test = as_tensor(data.test.y)
+    real_score = classify.FoldRun.score
+    per_epoch: list[dict[str, float]] = []
+    epochs: list[int] = []
+    extra_s = [0.0]
+
+    def score_and_test(run: Any, n_classes: int) -> dict[str, float]:
+        t = time.perf_counter()
+        val = run.val
+        # FoldRun keeps only the inputs its head reads (tokens, [stats]): the same prefix of test's.
+        run.val = (test_inputs[:len(val[0])], y_test)
+        try:
+            per_epoch.append(real_score(run, n_classes))
+        finally:
+            run.val = val
+        extra_s[0] += time.perf_counter() - t
+        return real_score(run, n_classes)
+
+    t1 = time.perf_counter()
+    with mock.patch.object(classify.FoldRun, "score", score_and_test):
+        best = classify.fit_stage(model, pool, cfg, rt, stage, data.n_classes,
+                                  lambda m, _p: epochs.append(m["epoch"]))
+    stage_s = time.perf_counter() - t1 - extra_s[0]
+    if len(per_epoch) != len(epochs):  # the hook must see every epoch the stage ran, or fail
+        raise RuntimeError(f"{stage}: test was scored at {len(per_epoch)} of {len(epochs)} "
+                           "epochs; has FoldRun.score's use in classify.fit_stage changed?")
+    return best, per_epoch, stage_s
 
 
 # ---- MiniRocket ------------------------------------------------------------------------------
@@ -332,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = {"train.pretrain_epochs": max(1, round(tc.pretrain_epochs * args.epochs_scale)),
               "train.classifier_epochs": max(1, round(tc.classifier_epochs * args.epochs_scale)),
               "train.num_threads": args.threads, **parse_overrides(args.set)}
-    base = base.replace(budget)
+    if budget.get("data.cv_folds", 0):
+        p.error("--set data.cv_folds: this script reproduces the paper's validation-split protocol "
+                "(data.cv_folds=0); benchmarks/selection.py compares cross-validation")
+    base = base.replace({**budget, "data.cv_folds": 0})
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
                                     else ROOT / "results"))
 
