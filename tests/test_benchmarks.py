@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 import reproduce  # noqa: E402
 import search_efficiency as eff  # noqa: E402
+import selection  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -35,6 +38,61 @@ def test_mean_std_is_percent_with_sample_std() -> None:
     mean, std = reproduce.mean_std([0.8, 0.9])
     assert mean == pytest.approx(85.0) and std == pytest.approx(7.0710678)
     assert math.isnan(reproduce.mean_std([0.5])[1])
+
+
+def _run_script(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """A benchmark run as a script (benchmarks/ on sys.path, its own process and threads)."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick",
+                           "--out-dir", str(out), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+TINY = ("--set", "train.pretrain_epochs=1", "--set", "train.probe_epochs=1")
+
+
+def test_reproduce_quick_scores_both_protocols_per_stage(tmp_path: Path) -> None:
+    proc = _run_script("reproduce.py", tmp_path, "--no-minirocket", *TINY,
+                       "--set", "train.classifier_epochs=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" not in proc.stderr  # per-epoch test at the selected epoch = the honest test
+    df = pd.read_csv(tmp_path / "reproduce.csv")
+    for stage in ("linear_probe", "fine_tune"):
+        rows = df[df["stage"] == stage].set_index("protocol")
+        # the best test accuracy over the epochs includes the honestly selected epoch's
+        assert rows.loc[reproduce.AUTHORS, "test_accuracy"] >= rows.loc[
+            reproduce.HONEST, "test_accuracy"].min()
+    assert (df["method"] == "CBD, stage selected on validation").sum() == 1
+
+
+def test_selection_quick_tables_every_protocol_and_a_three_member_ensemble(
+        tmp_path: Path) -> None:
+    proc = _run_script("selection.py", tmp_path, *TINY, "--set", "train.classifier_epochs=3",
+                       "--set", "data.cv_folds=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "selection.csv").set_index("protocol")
+    protocols = [selection.VAL_SPLIT, selection.CV_REFIT, selection.ENSEMBLE, selection.MR_ALL,
+                 selection.MR_SPLIT]
+    assert sorted(df.index) == sorted(protocols)
+    ensemble = df.loc[selection.ENSEMBLE]
+    assert ensemble["n_models"] == 3 and len(ensemble["members"].split()) == 3
+    # the ensemble's selection is (b)'s; MiniRocket trains on what each CBD protocol trains on
+    assert ensemble["epoch"] == df.loc[selection.CV_REFIT, "epoch"]
+    assert df.loc[selection.MR_ALL, "n_train"] == df.loc[selection.CV_REFIT, "n_train"]
+    assert df.loc[selection.MR_SPLIT, "n_train"] == df.loc[selection.VAL_SPLIT, "n_train"]
+    assert df.loc[selection.MR_SPLIT, "n_train"] < df.loc[selection.MR_ALL, "n_train"]
+    table = (tmp_path / "selection.md").read_text()
+    for protocol in protocols:
+        assert f"| gesture | {protocol} |" in table
+    row = next(line for line in table.splitlines() if f"| {selection.ENSEMBLE} |" in line)
+    assert row.split(" | ")[6] == "3"  # the models column
+    assert "CV estimate vs refit test: mean gap" in table
+
+
+def test_selection_gap_is_estimate_minus_test_in_points() -> None:
+    df = pd.DataFrame({"dataset": "d", "seed": [0, 1], "protocol": selection.CV_REFIT,
+                       "estimate": [0.90, 0.80], "test_accuracy": [0.80, 0.80]})
+    (line,) = selection.gap_lines(df)
+    assert "CV estimate vs refit test: mean gap 5.00 ± 7.07" in line
 
 
 def test_throughput_row_is_the_median_run_with_its_range() -> None:

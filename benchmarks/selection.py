@@ -1,0 +1,367 @@
+"""Model selection protocols compared: one validation split, CV + refit, a 3-seed refit ensemble.
+
+For each dataset and seed, one configuration (``--preset`` plus ``--set`` overrides) is run under
+three protocols with ``cbdtune.pipeline``, each reading the test split once:
+
+(a) validation split (today): ``run_trial`` with ``data.cv_folds=0``. A stratified validation
+    split (``data.val_fraction``, 20%, carved by seed) is held out of train; the stage and epoch
+    with the best validation accuracy are selected and that classifier is tested. Its estimate
+    is the validation accuracy there.
+(b) CV + refit: ``run_trial`` with ``data.cv_folds=k`` (the config's, 5 by default): stratified
+    k-fold CV on every training series selects the stage and epoch count, which is refit on all
+    of them and tested. Its estimate is the mean CV accuracy (± its standard error over folds).
+(c) refit ensemble of 3 seeds: (b)'s refit classifier plus two ``refit_trial``s of the same stage
+    and epoch count at ``train.seed = seed + 1000`` and ``seed + 2000`` (fresh pretraining, head
+    and batch order; offsets far above the ``--seeds`` range so no member repeats another task's
+    seed). Their test-split softmax probabilities are averaged and the average is tested once;
+    each member's own test accuracy is recorded too. The selection is (b)'s: no new look at data.
+
+Beside them MiniRocket (aeon ``MiniRocketClassifier(random_state=seed, n_jobs=threads)``, as in
+``benchmarks/reproduce.py``, one untimed warm-up fit per dataset and process) fitted twice and
+tested once each: on every training series, which (b)'s and (c)'s final models train on (the
+matched baseline), and on (a)'s train split without its validation part.
+
+Times: (a) and (b) are ``run_trial``'s wall time (pretraining, fidelity probes, selection, refit,
+test); (c) is (b)'s plus the two extra refits; MiniRocket is fit + predict.
+
+    python benchmarks/selection.py                                 # 3 datasets x 5 seeds, paper
+    python benchmarks/selection.py --epochs-scale 0.25 --seeds 3 --datasets gesture
+                        # a first look; neither has been timed yet: per task, (b) trains k + 1
+                        # classifiers and (c) two more pretrainings, ~6x reproduce.py's fine-tune
+    python benchmarks/selection.py --quick                         # smoke preset, gesture, 1 seed
+    python benchmarks/selection.py --threads 1 & python benchmarks/selection.py --threads 1
+                                            # two processes share the work
+
+Each (dataset, seed) lands in results/selection_runs/<dataset>_seed<k>.json when it finishes; a
+rerun skips those, processes started side by side take different tasks (PID ``.claim`` files,
+``reproduce._claim``), and every process ends by writing the table from all finished tasks with
+the same settings. Writes results/selection.md (per dataset and protocol, mean ± sample std over
+seeds) and results/selection.csv (one row per dataset, seed and protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from reproduce import _claim, fmt_ms, mean_std, minirocket_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
+ENSEMBLE_SEED_OFFSETS = (1000, 2000)  # members 2 and 3 of (c): train.seed = seed + offset
+VAL_SPLIT = "(a) validation split (today)"
+CV_REFIT = "(b) CV + refit"
+ENSEMBLE = f"(c) refit ensemble of {1 + len(ENSEMBLE_SEED_OFFSETS)} seeds"
+MR_ALL = "MiniRocket, fit on all training series (matched to b, c)"
+MR_SPLIT = "MiniRocket, fit on (a)'s train split (matched to a)"
+
+
+# ---- one (dataset, seed) -------------------------------------------------------------------------
+
+
+def _quiet(_metrics: dict[str, Any], _payload: dict[str, Any] | None) -> None:
+    """run_trial's reporter here: the final metrics come back in its result."""
+
+
+def _trial_row(protocol: str, result: Any, seconds: float, n_train: int) -> dict[str, Any]:
+    m = result.metrics
+    return {"protocol": protocol, "method": "CBD", "status": result.status,
+            "test_accuracy": m.get("test_accuracy", math.nan),
+            "test_f1": m.get("test_f1", math.nan), "estimate": m.get("val_accuracy", math.nan),
+            "estimate_se": m.get("val_accuracy_se", math.nan),
+            "stage": m.get("selected_stage", ""), "epoch": m.get("selected_epoch", 0),
+            "n_models": 1, "members": "", "n_train": n_train, "time_s": seconds}
+
+
+def _ensemble_row(cfg: Any, data: Any, cv: dict[str, Any], clf: Any, rt: Any) -> dict[str, Any]:
+    """(c): (b)'s refit and refits at seed + each offset; softmax average tested once."""
+    import numpy as np
+
+    from cbdtune import classify, pipeline
+    from cbdtune.runtime import macro_f1
+
+    stage, epochs = cv["stage"], cv["epoch"]
+    probas = [classify.predict_proba(clf, data.test.x, rt, cfg.train)]
+    seconds = cv["time_s"]
+    for offset in ENSEMBLE_SEED_OFFSETS:
+        member = cfg.replace({"train.seed": cfg.train.seed + offset})
+        metrics, _clf, proba = pipeline.refit_trial(member, data, stage=stage, epochs=epochs,
+                                                    rt=rt)
+        probas.append(proba)
+        seconds += metrics["wall_s"]
+    members = [float(np.mean(p.argmax(1) == data.test.y)) for p in probas]
+    pred = np.mean(probas, axis=0).argmax(1)
+    return {**cv, "protocol": ENSEMBLE, "test_accuracy": float(np.mean(pred == data.test.y)),
+            "test_f1": macro_f1(pred, data.test.y, data.n_classes), "n_models": len(probas),
+            "members": " ".join(f"{a:.4f}" for a in members), "time_s": seconds}
+
+
+def cbd_seed(cfg: Any, seed: int, cv_folds: int) -> tuple[list[dict[str, Any]], Any, Any]:
+    """Protocols (a), (b), (c) on one seed; also the two datasets (carved split, all of train)."""
+    from cbdtune import pipeline
+    from cbdtune.data import load_dataset
+
+    rt = pipeline.Runtime(device=pipeline.resolve_device(cfg.train))
+    rows = []
+    split_cfg = cfg.replace({"data.cv_folds": 0})
+    split_data = load_dataset(split_cfg.data, seed=seed)
+    t0 = time.perf_counter()
+    result = pipeline.run_trial(split_cfg, split_data, _quiet, rt=rt)
+    rows.append(_trial_row(VAL_SPLIT, result, time.perf_counter() - t0, len(split_data.train)))
+
+    cv_cfg = cfg.replace({"data.cv_folds": cv_folds})
+    cv_data = load_dataset(cv_cfg.data, seed=seed)
+    t0 = time.perf_counter()
+    result = pipeline.run_trial(cv_cfg, cv_data, _quiet, rt=rt)
+    rows.append(_trial_row(CV_REFIT, result, time.perf_counter() - t0, len(cv_data.train)))
+    if result.classifier is not None:  # not diverged
+        rows.append(_ensemble_row(cv_cfg, cv_data, rows[-1], result.classifier, rt))
+    return rows, split_data, cv_data
+
+
+def minirocket_rows(split_data: Any, cv_data: Any, seed: int, threads: int, *,
+                    warm_up: bool) -> list[dict[str, Any]]:
+    """MiniRocket on all of train (the CV protocol's data) and on (a)'s train split."""
+    rows = []
+    for protocol, data in ((MR_ALL, cv_data), (MR_SPLIT, split_data)):
+        r = minirocket_seed(data, seed, "train", threads, warm_up=warm_up)
+        warm_up = False
+        rows.append({"protocol": protocol, "method": "MiniRocket", "status": "completed",
+                     "test_accuracy": r["test_accuracy"], "test_f1": r["test_f1"],
+                     "estimate": math.nan, "estimate_se": math.nan, "stage": "", "epoch": 0,
+                     "n_models": 1, "members": "", "n_train": len(data.train),
+                     "time_s": r["time_s"]})
+    return rows
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+
+def summarise(df: Any) -> list[dict[str, Any]]:
+    """Per dataset and protocol: test accuracy and F1 mean ± sample std over seeds, in %."""
+    out = []
+    for (dataset, protocol), g in df.groupby(["dataset", "protocol"], sort=False):
+        mean, std = mean_std(list(g["test_accuracy"]))
+        f1_mean, f1_std = mean_std(list(g["test_f1"]))
+        est = g["estimate"].dropna()
+        se = g["estimate_se"].dropna()
+        estimate = "-" if not len(est) else (
+            f"{100 * est.mean():.2f}" + (f" (s.e. {100 * se.mean():.2f})" if len(se) else ""))
+        members = [float(a) for s in g["members"] for a in str(s).split()]
+        chosen = g["stage"][g["stage"] != ""]
+        lo, hi = g["epoch"].min(), g["epoch"].max()
+        selected = (", ".join(f"{s} {n}" for s, n in chosen.value_counts().items())
+                    + f"; epochs {lo}" + (f"-{hi}" if hi != lo else "")) if len(chosen) else "-"
+        out.append({"dataset": dataset, "protocol": protocol, "n": len(g), "mean": mean,
+                    "std": std, "f1": fmt_ms(f1_mean, f1_std), "estimate": estimate,
+                    "models": int(g["n_models"].max()),
+                    "members": fmt_ms(*mean_std(members)) if members else "-",
+                    "selected": selected, "n_train": int(g["n_train"].iloc[0]),
+                    "time_s": float(g["time_s"].mean())})
+    return out
+
+
+def gap_lines(df: Any) -> list[str]:
+    """Per dataset: how far each CBD estimate sits above the test accuracy it predicts."""
+    lines = []
+    for dataset, g in df.groupby("dataset", sort=False):
+        parts = []
+        for name, protocol in (("CV estimate vs refit test", CV_REFIT),
+                               ("validation estimate vs its test", VAL_SPLIT)):
+            rows = g[g["protocol"] == protocol]
+            if len(rows):
+                gap, std = mean_std(list(rows["estimate"] - rows["test_accuracy"]))
+                parts.append(f"{name}: mean gap {fmt_ms(gap, std)}")
+        lines.append(f"- {dataset} (estimate − test, points, over {g['seed'].nunique()} "
+                     f"seed(s)): " + "; ".join(parts))
+    return lines
+
+
+def write_table(df: Any, out_dir: Path, header: list[str]) -> None:
+    lines = [*header, "",
+             "| dataset | protocol | test acc % | n | estimate % | test macro-F1 % | models "
+             "| members' test acc % | selected (stage seeds; epochs) | train series | time s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summarise(df):
+        lines.append(f"| {r['dataset']} | {r['protocol']} | {fmt_ms(r['mean'], r['std'])} "
+                     f"| {r['n']} | {r['estimate']} | {r['f1']} | {r['models']} | {r['members']} "
+                     f"| {r['selected']} | {r['n_train']} | {r['time_s']:.1f} |")
+    lines += ["", "How optimistic each selection estimate is:", "", *gap_lines(df)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "selection.md").write_text("\n".join(lines) + "\n")
+    df.to_csv(out_dir / "selection.csv", index=False)
+    start = next(i for i, line in enumerate(lines) if line.startswith("| dataset"))
+    print("\n" + "\n".join(lines[start:]))
+    print(f"\nwrote {out_dir / 'selection.md'} and {out_dir / 'selection.csv'}")
+
+
+def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
+           aeon_version: str) -> list[str]:
+    import ray
+    import torch
+
+    from cbdtune.pipeline import native_bf16, resolve_device
+
+    tc = base.train
+    offsets = " and seed + ".join(map(str, ENSEMBLE_SEED_OFFSETS))
+    precision = "bf16 autocast" if tc.amp and native_bf16(resolve_device(tc)) else "fp32"
+    return [
+        "# Model selection: validation split vs CV + refit vs a refit ensemble, and MiniRocket", "",
+        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
+        f"- machine: {machine()}; load average at the end {load_average()} (the machine is shared)",
+        f"- torch {torch.__version__}, ray {ray.__version__}, aeon {aeon_version}, python "
+        f"{platform.python_version()}",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- config: preset {args.preset}; {tc.pretrain_epochs} pretraining epochs, "
+        f"{tc.classifier_epochs} classifier epochs, classifier {tc.classifier} (epochs scale "
+        f"{args.epochs_scale:g}{': REDUCED' if args.epochs_scale != 1 else ''}), "
+        f"{args.threads} torch threads, device {tc.device}, precision {precision}"
+        + (f", overrides {' '.join(args.set)}" if args.set else ""),
+        f"- seeds 0..{args.seeds - 1} (`train.seed`, the carved validation split, the folds); "
+        "test accuracy mean ± sample std (ddof 1) over seeds, in %",
+        f"- (a) `data.cv_folds=0`, validation split {base.data.val_fraction:g} of train; "
+        f"estimate = validation accuracy at the selection. (b) `data.cv_folds={cv_folds}`, "
+        "estimate = mean CV accuracy (s.e. over folds, averaged over seeds). (c) the softmax "
+        f"average of (b)'s refit and refits at train.seed = seed + {offsets} (same stage and "
+        "epoch count); members' test acc = each member alone, over members and seeds",
+        f"- MiniRocket: aeon `MiniRocketClassifier(random_state=seed, n_jobs={args.threads})`, "
+        "time = fit + predict after one untimed warm-up per dataset and process",
+        "- time: (a), (b) run_trial's wall time; (c) (b)'s plus its two extra refits",
+    ]
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    p.add_argument("--preset", default="paper", help="config preset (default paper)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.classifier=both (repeatable); "
+                        "data.cv_folds sets (b)'s k")
+    p.add_argument("--epochs-scale", type=float, default=1.0,
+                   help="multiply pretraining and classifier epochs (budget cut; stated)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads for CBD and MiniRocket's n_jobs (default 2)")
+    p.add_argument("--no-minirocket", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke preset, gesture, 1 seed; writes to a temp dir")
+    p.add_argument("--out-dir", default=None, help="default results/ (a temp dir with --quick)")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.epochs_scale <= 0 or args.threads < 1:
+        p.error("--seeds and --threads must be >= 1 and --epochs-scale > 0")
+    if args.quick:
+        args.preset, args.datasets, args.seeds = "smoke", ["gesture"], 1
+    return p, args
+
+
+def base_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Any, int]:
+    """The preset with the budget cut and overrides; (b)'s fold count."""
+    from cbdtune.config import parse_overrides, preset
+
+    base = preset(args.preset)
+    tc = base.train
+    base = base.replace({
+        "train.pretrain_epochs": max(1, round(tc.pretrain_epochs * args.epochs_scale)),
+        "train.classifier_epochs": max(1, round(tc.classifier_epochs * args.epochs_scale)),
+        "train.num_threads": args.threads, **parse_overrides(args.set)})
+    if base.data.cv_folds == 0:
+        p.error("data.cv_folds=0 leaves protocol (b) nothing to cross-validate; give k >= 2")
+    return base, base.data.cv_folds
+
+
+def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: Path,
+              settings: dict[str, Any], args: argparse.Namespace) -> None:
+    """Run every (dataset, seed) not finished and not claimed by a live process."""
+    warmed: set[str] = set()
+    for i, (dataset, seed) in enumerate(tasks, 1):
+        done = runs_dir / f"{dataset}_seed{seed}.json"
+        if done.exists() or not _claim(done.with_suffix(".claim")):
+            continue  # finished earlier, or another process runs it now
+        try:
+            t0 = time.perf_counter()
+            cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
+            found, split_data, cv_data = cbd_seed(cfg, seed, cv_folds)
+            if not args.no_minirocket:
+                found += minirocket_rows(split_data, cv_data, seed, args.threads,
+                                         warm_up=dataset not in warmed)
+                warmed.add(dataset)
+            for r in found:
+                print(f"{dataset:26s} seed {seed}  {r['protocol']:58s} test "
+                      f"{r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"settings": settings, "rows": found}))
+            tmp.replace(done)
+            print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
+                  f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
+        finally:
+            done.with_suffix(".claim").unlink(missing_ok=True)
+
+
+def collect(tasks: list[tuple[str, int]], runs_dir: Path,
+            settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of every finished task run with these settings, in dataset then seed order."""
+    rows, missing = [], []
+    for dataset, seed in sorted(tasks, key=lambda t: ([d for d, _ in tasks].index(t[0]), t[1])):
+        path = runs_dir / f"{dataset}_seed{seed}.json"
+        run = json.loads(path.read_text()) if path.exists() else None
+        if run is None or run["settings"] != settings:
+            missing.append(f"{dataset} seed {seed}")
+            continue
+        rows += [{"dataset": dataset, "seed": seed, **r} for r in run["rows"]]
+    if missing:
+        print(f"not in the table (running elsewhere, not run, or run with other settings): "
+              f"{', '.join(missing)}", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p, args = parse_args(argv)
+    import pandas as pd
+
+    try:
+        import aeon
+        aeon_version = aeon.__version__
+    except ImportError:
+        aeon_version, args.no_minirocket = "not installed", True
+    base, cv_folds = base_config(p, args)
+    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
+                                    else ROOT / "results"))
+    runs_dir = out_dir / "selection_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"preset": args.preset, "epochs_scale": args.epochs_scale,
+                "threads": args.threads, "set": sorted(args.set), "cv_folds": cv_folds,
+                "ensemble_seed_offsets": list(ENSEMBLE_SEED_OFFSETS),
+                "minirocket": not args.no_minirocket}
+    # seed-major, so that a run stopped early still leaves every dataset with some seeds
+    tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]
+    run_tasks(tasks, base, cv_folds, runs_dir, settings, args)
+    rows = collect(tasks, runs_dir, settings)
+    if not rows:
+        busy = any(runs_dir.glob("*.claim"))
+        print("no finished runs to tabulate" + ("; another process is still running tasks"
+                                                if busy else ""), file=sys.stderr)
+        return 0 if busy else 1
+    first = ["dataset", "seed", "protocol", "test_accuracy", "test_f1", "estimate",
+             "estimate_se", "stage", "epoch", "n_models", "members"]
+    df = pd.DataFrame(rows)
+    df = df[first + [c for c in df.columns if c not in first]]
+    write_table(df, out_dir, header(args, argv, base, cv_folds, aeon_version))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
