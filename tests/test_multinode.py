@@ -71,7 +71,7 @@ def test_search_survives_a_lost_worker_node(tmp_path: Path, monkeypatch) -> None
         code = search.cli([
             "--dataset", "gesture", "--space", str(space),
             "--num-samples", "2", "--max-concurrent", "2", "--scheduler", "none",
-            "--max-failures", "3", "--storage", str(storage),
+            "--max-failures", "3", "--refit-top", "0", "--storage", str(storage),
             "--results-dir", str(tmp_path / "results"), "--mlflow-uri", uri,
             "--experiment", "multinode"])
         killer.join(timeout=10)

@@ -3,7 +3,9 @@ resume after SIGINT, and bad input refused before Ray starts."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -34,7 +36,7 @@ def _search_cmd(tmp: Path, uri: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cbdtune.search", "--dataset", "gesture", "--space", SMOKE,
             "--num-samples", "2", "--storage", str(tmp / "ray"), "--results-dir",
             str(tmp / "results"), "--mlflow-uri", uri, "--experiment", EXPERIMENT,
-            "--data-dir", os.environ["CBDTUNE_DATA_DIR"], *extra]
+            "--data-dir", os.environ["CBDTUNE_DATA_DIR"], "--refit-top", "0", *extra]
 
 
 def _env() -> dict[str, str]:
@@ -105,18 +107,38 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.ray
 def test_search_smoke_against_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
-    """2-trial smoke search: parquet, summary, 1 parent + 2 nested runs read via MlflowClient."""
-    proc = subprocess.run(_search_cmd(tmp_path, mlflow_server), capture_output=True, text=True,
-                          env=_env(), timeout=600)
+    """2-trial smoke search: parquet, summary, 1 parent + 2 nested runs read via MlflowClient;
+    the best configuration refit with 2 seeds, registered, and its model, loaded in a fresh
+    process by `cbdtune.predict`, reproduces the search's ensemble test accuracy exactly."""
+    cmd = _search_cmd(tmp_path, mlflow_server, "--refit-top", "1", "--refit-seeds", "2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout and "test_accuracy" in proc.stdout
     _check_outputs(tmp_path, mlflow_server, 2)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
-    _, children = _runs(mlflow_server)
+    parents, children = _runs(mlflow_server)
     arts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {"config.yaml", "learning_curve.png", "spectrum_energy.png"} <= arts
+    reported = parents[0].data.metrics["ensemble_test_accuracy"]
+    [version] = client.search_model_versions("name='cbdtune-gesture'")
+    assert version.run_id == parents[0].info.run_id
+    [summary] = list((tmp_path / "results").glob("*/*/summary.md"))
+    assert "## Refit on every training series, tested once" in summary.read_text()
+    assert f"test accuracy {100 * reported:.2f}" in summary.read_text()
+    contract = json.loads((summary.parent / "model" / "contract.json").read_text())
+    assert len(contract["members"]) == 2
+    assert {m["seed"] for m in contract["members"]} == {0, 1}
+    out = subprocess.run(
+        [sys.executable, "-m", "cbdtune.predict", "--model", "models:/cbdtune-gesture/latest",
+         "--mlflow-uri", mlflow_server, "--input", "gesture",
+         "--output", str(tmp_path / "pred.csv")], capture_output=True, text=True, env=_env(),
+        timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n = len(pd.read_csv(tmp_path / "pred.csv"))
+    assert n == 320
+    assert out.stderr.strip() == f"accuracy: {reported:.4f} ({round(reported * n)}/{n})"
 
 
 @pytest.mark.ray
@@ -147,7 +169,10 @@ def test_search_ray_job_submit_succeeds(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 def test_search_resume_after_sigint_no_duplicates(tmp_path: Path) -> None:
-    """SIGINT after the first finished trial; --resume completes all trials, no duplicate runs."""
+    """SIGINT after the first finished trial: exit 130, runs ended KILLED, the printed --resume
+    command completes all trials with no duplicate runs; views and the study on the parent."""
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = _search_cmd(tmp_path, uri, "--scheduler", "none", "--max-concurrent", "1")
     cmd[cmd.index("--num-samples") + 1] = "3"
@@ -171,13 +196,30 @@ def test_search_resume_after_sigint_no_duplicates(tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=180)
     out = first()
-    assert proc.returncode != 0, out[-2000:]
-    assert "--resume" in out
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(),
-                             timeout=600)
+    assert proc.returncode == 130, out[-3000:]
+    assert "trial 1/3 " in out  # the one-line progress, also when stdout is a file
+    [resume] = [line.strip() for line in out.splitlines() if line.strip().endswith("--resume")]
+    parents, children = _runs(uri)
+    assert parents[0].info.status == "KILLED"
+    assert parents[0].data.tags["cbdtune.reason"] == "interrupted (Ctrl-C)"
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    for child in children:
+        if child.info.status == "KILLED":
+            assert child.data.tags["cbdtune.reason"] == "interrupted; --resume continues it"
+    [table] = list((tmp_path / "results").glob("*/*/trials.parquet"))
+    assert "stopped" not in set(pd.read_parquet(table)["status"])  # Ctrl-C is not ASHA
+    argv = shlex.split(resume)
+    assert argv[:3] == ["python", "-m", "cbdtune.search"]
+    resumed = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                             env=_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     df = _check_outputs(tmp_path, uri, 3)
     assert (df["status"] == "completed").all()
+    [parent], _ = _runs(uri)
+    assert parent.info.status == "FINISHED"
+    arts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "views")}
+    assert "views/optimization_history.png" in arts
+    assert (tmp_path / "optuna.db").is_file()
 
 
 # ---- bad input: refused before Ray starts -----------------------------------------------------
@@ -223,6 +265,13 @@ def test_cli_unreachable_mlflow_uri_fails_at_start(tmp_path: Path, capsys) -> No
     ["--dataset", "gestur"],
     ["--num-samples", "0"],
     ["--space", "nonexistent"],
+    ["--seed", "-1"],
+    ["--cpus-per-worker", "nan"],
+    ["--gpus-per-worker", "inf"],
+    ["--time-budget", "90x"],
+    ["--time-budget", "nan"],
+    ["--mlflow-uri", "file:///tmp/mlruns"],
+    ["--mlflow-uri", "ftp://host/store"],
 ])
 def test_cli_bad_flags_exit_2(capsys, argv: list[str]) -> None:
     base = ["--dataset", "gesture", "--space", "smoke"]
@@ -307,3 +356,325 @@ def test_search_name_resume_without_storage_is_a_one_line_error(tmp_path: Path) 
     args = search.parser().parse_args(["--dataset", "gesture", "--resume"])
     with pytest.raises(search.CbdtuneError, match="--resume: no search named gesture-smoke"):
         search._search_name(args, str(tmp_path / "ray"), "smoke", results_dir=tmp_path / "r")
+
+
+def test_cli_read_only_storage_exits_2_before_ray(tmp_path: Path, capsys) -> None:
+    import ray
+
+    storage = tmp_path / "ray"
+    storage.mkdir()
+    storage.chmod(0o555)
+    try:
+        code = search.cli(["--dataset", "gesture", "--space", "smoke", "--storage", str(storage),
+                           "--results-dir", str(tmp_path / "r"),
+                           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    finally:
+        storage.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is read-only" in err
+    assert not ray.is_initialized()
+
+
+def test_cli_truncated_mlflow_store_exits_2_before_ray(tmp_path: Path, capsys) -> None:
+    import ray
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes([16, 0]) + bytes(10) + (50).to_bytes(4, "big")
+                   + bytes(200))  # the header declares 50 pages of 4096 bytes: 232 are here
+    code = search.cli(["--dataset", "gesture", "--space", "smoke", "--mlflow-uri",
+                       f"sqlite:///{db}", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is truncated" in err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90m", 5400), ("2h", 7200), ("3600s", 3600),
+                                               ("45", 45), ("1.5h", 5400), (" 1d ", 86400)])
+def test_parse_duration_units(text: str, seconds: float) -> None:
+    assert search.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0m", "-5m", "nan", "inf", "1h30m", "2 hours", "m"])
+def test_parse_duration_rejects_with_one_line(text: str) -> None:
+    with pytest.raises(search.CbdtuneError, match="expected a positive duration") as err:
+        search.parse_duration(text)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_command_pins_the_name_and_drops_overwrite() -> None:
+    argv = ["--dataset", "gesture", "--space", "my space.yaml", "--overwrite", "--name", "old",
+            "--num-samples", "4"]
+    cmd = search.resume_command(argv, "gesture-smoke-2")
+    assert cmd.endswith("--dataset gesture --space 'my space.yaml' --num-samples 4 "
+                        "--name gesture-smoke-2 --resume")
+    assert "--overwrite" not in cmd and "old" not in cmd
+    assert search.resume_command(["--name=x", "--resume"], "x").endswith(" --name x --resume")
+
+
+def test_shown_path_is_relative_inside_the_working_directory(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spaces").mkdir()
+    inside = tmp_path / "spaces" / "s.yaml"
+    assert search.shown_path(str(inside)) == "spaces/s.yaml"
+    assert search.shown_path("smoke", inside) == "spaces/s.yaml"
+    assert search.shown_path("smoke", "/elsewhere/smoke.yaml") == "smoke"
+    assert search.shown_path("../data") == "../data"
+
+
+def _write_state(folder: Path, session: str, statuses: dict[str, str]) -> None:
+    """An experiment state file shaped like Ray 2.60's (TuneController.save_to_dir)."""
+    import json
+
+    trial_data = [[json.dumps({"trial_id": t, "status": st, "config": {}}), json.dumps({})]
+                  for t, st in statuses.items()]
+    (folder / f"experiment_state-{session}.json").write_text(
+        json.dumps({"trial_data": trial_data, "runner_data": {}, "stats": {}}))
+
+
+def test_persisted_trial_states_reads_the_newest_state_file(tmp_path: Path) -> None:
+    _write_state(tmp_path, "2026-01-01_10-00-00", {"a": "RUNNING"})
+    _write_state(tmp_path, "2026-01-02_09-00-00", {"a": "TERMINATED", "b": "PENDING"})
+    assert search.persisted_trial_states(str(tmp_path)) == {"a": "TERMINATED", "b": "PENDING"}
+    assert search.persisted_trial_states(str(tmp_path / "missing")) == {}
+
+
+def test_rows_trust_the_persisted_state_over_the_last_result(tmp_path: Path) -> None:
+    """After Ctrl-C Tune marks every trial TERMINATED in memory; the file says RUNNING."""
+    from types import SimpleNamespace
+
+    frame = pd.DataFrame({"training_iteration": [1, 2, 3], "val_accuracy": [0.5, None, 0.7]})
+
+    def result(trial_id: str, last: dict) -> SimpleNamespace:
+        return SimpleNamespace(metrics={"trial_id": trial_id, **last}, path=f"x/trial_{trial_id}",
+                               error=None, config={"train_loop_config": {"model.mask_ratio": 0.5}},
+                               metrics_dataframe=frame)
+
+    grid = [result("a", {"final": 1, "val_accuracy": 0.8}),
+            result("b", {"training_iteration": 3, "val_accuracy": 0.7})]
+    rows, curves = search._rows(grid, {"a": "TERMINATED", "b": "RUNNING"}, "val_accuracy")
+    assert [r["status"] for r in rows] == ["completed", "unfinished"]
+    assert "--resume" in rows[1]["reason"]
+    assert curves["b"] == {1: 0.5, 3: 0.7}
+
+
+# ---- views: the search as an Optuna study --------------------------------------------------------
+
+
+COND_SPACE = """preset: smoke
+model.use_cbd: {type: categorical, choices: [true, false]}
+model.mask_ratio: {type: float, low: 0.3, high: 0.9}
+model.bernstein_order: {type: int, low: 2, high: 8, when: {model.use_cbd: true}}
+"""
+
+
+def _cond_trials() -> pd.DataFrame:
+    from cbdtune import results
+
+    rows = []
+    for i, (cbd, ratio, order, acc) in enumerate([(True, 0.4, 3, 0.80), (False, 0.5, None, 0.70),
+                                                  (True, 0.6, 6, 0.85), (False, 0.8, None, 0.60),
+                                                  (True, 0.7, 8, 0.75)]):
+        params = {"model.use_cbd": cbd, "model.mask_ratio": ratio}
+        if order is not None:
+            params["model.bernstein_order"] = order
+        rows.append(results.trial_row(f"t{i}", params, {"val_accuracy": acc, "final": 1},
+                                      "completed", ""))
+    rows.append(results.trial_row("s", {"model.use_cbd": False, "model.mask_ratio": 0.35},
+                                  {"val_accuracy": 0.4}, "stopped", "ASHA"))
+    rows.append(results.trial_row("e", {"model.use_cbd": True, "model.mask_ratio": 0.5,
+                                        "model.bernstein_order": 4}, {}, "error", "boom"))
+    rows.append(results.trial_row("u", {"model.use_cbd": True, "model.mask_ratio": 0.5,
+                                        "model.bernstein_order": 4}, {}, "unfinished", "x"))
+    return results.trials_frame(rows)
+
+
+def test_views_export_study_states_values_and_conditional_params(tmp_path: Path) -> None:
+    from optuna.trial import TrialState
+
+    from cbdtune import views
+
+    path = tmp_path / "cond.yaml"
+    path.write_text(COND_SPACE)
+    space = load_space(str(path))
+    url = views.study_storage(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results")
+    assert url == f"sqlite:///{tmp_path / 'optuna.db'}"
+    curves = {"s": {1: 0.3, 2: 0.4}, "t0": {1: 0.6, 5: 0.8}}
+    for _ in range(2):  # a second export (--resume) replaces the study, it does not append
+        study = views.export_study(_cond_trials(), curves, space, storage=url, study_name="x",
+                                   metric="val_accuracy", mode="max")
+    by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert set(by_id) == {"t0", "t1", "t2", "t3", "t4", "s", "e"}  # the unfinished one is not
+    assert by_id["t0"].state == TrialState.COMPLETE and by_id["t0"].value == 0.80
+    assert by_id["t0"].params["model.bernstein_order"] == 3
+    assert "model.bernstein_order" not in by_id["t1"].params  # never sampled: NaN in the table
+    assert by_id["s"].state == TrialState.PRUNED and by_id["s"].intermediate_values == {1: 0.3,
+                                                                                       2: 0.4}
+    assert by_id["e"].state == TrialState.FAIL
+    assert study.best_trial.user_attrs["trial_id"] == "t2"
+
+
+def test_views_draw_optunas_four_figures(tmp_path: Path) -> None:
+    from cbdtune import views
+
+    path = tmp_path / "cond.yaml"
+    path.write_text(COND_SPACE)
+    study = views.export_study(_cond_trials(), {"t0": {1: 0.6, 2: 0.8}, "s": {1: 0.3}},
+                               load_space(str(path)), storage=f"sqlite:///{tmp_path / 'o.db'}",
+                               study_name="x", metric="val_accuracy", mode="max")
+    figs = views.draw(study)
+    assert set(figs) == set(views.VIEWS)
+    for fig in figs.values():
+        views.close(fig)
+
+
+# ---- callbacks ---------------------------------------------------------------------------------
+
+
+def _trial(trial_id: str, status: str, **last: object) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trial_id=trial_id, status=status, last_result=dict(last),
+                           config={"train_loop_config": {"model.mask_ratio": 0.5}},
+                           error_file=None)
+
+
+def test_progress_line_counts_ended_trials_and_names_the_best() -> None:
+    from cbdtune.callbacks import ProgressCallback
+
+    done = _trial("ab12cd34", "TERMINATED", final=1, val_accuracy=0.8667, time_total_s=40.0)
+    stopped = _trial("ee", "TERMINATED", final=0, val_accuracy=0.9, training_iteration=3)
+    running = _trial("ff", "RUNNING")
+    now = _trial("4c464057", "RUNNING", final=1, val_accuracy=0.8583, val_accuracy_se=0.021,
+                 time_total_s=47.2)
+    cb = ProgressCallback(16, "val_accuracy", "max")
+    line = cb.line([done, stopped, running, now], now, "completed", "")
+    assert line == ("trial 3/16 4c464057 completed val_accuracy 0.8583 ± 0.021 "
+                    "(best 0.8667, trial ab12cd34) 47 s")
+    line = cb.line([stopped], stopped, "stopped", "ASHA")
+    assert line == "trial 1/16 ee stopped val_accuracy 0.9000 after 3 reports (none completed yet)"
+
+
+def test_mlflow_callback_logs_best_so_far_and_reopens_a_resumed_run(tmp_path: Path) -> None:
+    from cbdtune import tracking
+    from cbdtune.callbacks import MLflowTrialCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "t")
+    parent = c.create_run(exp).info.run_id
+    cb = MLflowTrialCallback(uri, exp, parent, load_space("smoke").base)
+    a = _trial("a", "RUNNING", final=1, val_accuracy=0.7, training_iteration=2)
+    b = _trial("b", "RUNNING", training_iteration=1, val_accuracy=0.5)
+    for t in (a, b):
+        cb.on_trial_start(0, [a, b], t)
+        cb.on_trial_result(0, [a, b], t, {**t.last_result, "stage": "probe"})
+    cb.on_trial_complete(0, [a, b], a)
+    a.status = "TERMINATED"
+    history = c.get_metric_history(parent, "best_val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.7)]
+    [run_a] = c.search_runs([exp], filter_string="tags.`cbdtune.trial_id` = 'a'")
+    assert run_a.info.status == "FINISHED" and run_a.data.tags["cbdtune.status"] == "completed"
+    tracking.end_open_runs(c, exp, parent, status="KILLED", reason="interrupted")
+    resumed = MLflowTrialCallback(uri, exp, parent, load_space("smoke").base)
+    resumed.on_trial_start(0, [a, b], b)  # finds b's run by its tag: no second run
+    runs = c.search_runs([exp], filter_string="tags.`cbdtune.trial_id` = 'b'")
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING"
+    assert "cbdtune.reason" not in runs[0].data.tags
+
+
+def test_scheduler_state_callback_restores_asha_rungs() -> None:
+    """Tune 2.60 does not checkpoint the scheduler; the callback carries its rungs across."""
+    import pickle
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cbdtune.callbacks import SchedulerStateCallback
+
+    def asha() -> ASHAScheduler:
+        return ASHAScheduler(time_attr="training_iteration", metric="val_accuracy", mode="max",
+                             max_t=27, grace_period=1, reduction_factor=3)
+
+    before = asha()
+    for i, acc in enumerate([0.5, 0.7, 0.6]):
+        t = _trial(f"t{i}", "RUNNING")
+        before.on_trial_add(None, t)
+        before.on_trial_result(None, t, {"training_iteration": 3, "val_accuracy": acc})
+    state = SchedulerStateCallback(before).get_state()
+    # tuner.pkl pickles the TuneConfig and the callbacks together: one scheduler object
+    after = asha()
+    cb, sched = pickle.loads(pickle.dumps((SchedulerStateCallback(after), after)))
+    assert cb.scheduler is sched
+    cb.set_state(state)
+    rungs = lambda s: [(m, dict(r)) for b in s._brackets for m, r in b._rungs]  # noqa: E731
+    assert rungs(sched) == rungs(before) and any(r for _, r in rungs(sched))
+
+
+# ---- the search's exits: every MLflow run ends, the --resume command is printed -----------------
+
+
+def _fake_ray(monkeypatch, tmp_path: Path, outcome: BaseException | None) -> None:
+    """Replace Ray (connect, Tune) by stubs: main's MLflow handling runs for real."""
+    def connect(s: search._Search) -> None:
+        s.where, s.root, s.name = "local", str(tmp_path / "ray"), "s1"
+
+    def run(s: search._Search) -> int:
+        s.mlc.create_run(s.exp_id, tags={"mlflow.parentRunId": s.parent,
+                                         "cbdtune.trial_id": "t1"})
+        if outcome is not None:
+            raise outcome
+        return 0
+
+    monkeypatch.setattr(search, "_connect", connect)
+    monkeypatch.setattr(search, "_search", run)
+    monkeypatch.setattr(search, "_restorable", lambda path: True)
+
+
+def _exit_cmd(tmp_path: Path) -> list[str]:
+    (tmp_path / "data").symlink_to(os.environ["CBDTUNE_DATA_DIR"])
+    return ["--dataset", "gesture", "--space", "smoke", "--data-dir", "data",
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", EXPERIMENT,
+            "--results-dir", "results"]
+
+
+@pytest.mark.parametrize(("outcome", "status"), [(KeyboardInterrupt(), "KILLED"),
+                                                 (RuntimeError("boom\ndetails"), "FAILED")])
+def test_search_exit_ends_every_mlflow_run(tmp_path: Path, monkeypatch, capsys,
+                                           outcome: BaseException, status: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    _fake_ray(monkeypatch, tmp_path, outcome)
+    argv = _exit_cmd(tmp_path)
+    if status == "KILLED":
+        assert search.cli(argv) == 130
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            search.cli(argv)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    [parent], [child] = _runs(uri)
+    assert parent.info.status == status
+    assert parent.data.tags["cbdtune.reason"] == ("interrupted (Ctrl-C)" if status == "KILLED"
+                                                  else "boom")
+    assert child.info.status == "KILLED"
+    assert child.data.tags["cbdtune.reason"] == "interrupted; --resume continues it"
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(" ".join([*argv, "--name", "s1", "--resume"]))
+
+
+def test_search_parent_run_has_space_dataset_and_no_absolute_path(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from cbdtune import tracking
+
+    monkeypatch.chdir(tmp_path)
+    _fake_ray(monkeypatch, tmp_path, None)
+    assert search.cli(_exit_cmd(tmp_path)) == 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    [parent], [child] = _runs(uri)
+    assert parent.info.status == "FINISHED" and child.info.status == "KILLED"
+    assert parent.data.params["space"] == "smoke"
+    assert not [v for v in parent.data.params.values() if v.startswith(str(tmp_path))]
+    client = tracking.client(uri)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "space")} == {
+        "space/smoke.yaml"}
+    [dataset] = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.name == "UWaveGestureLibrary"
+    assert dataset.dataset.digest == parent.data.tags["cbdtune.dataset_sha256"][:32]
