@@ -9,18 +9,28 @@ The same command runs on a laptop (a local Ray is started, MLflow writes ``./mlf
 ``ray job submit -- python -m cbdtune.search ...`` on a cluster (``RAY_ADDRESS`` is set by Ray).
 
 This module sees a config and a metric, nothing of the model: ``config``, ``space``, ``worker``,
-``tracking`` and ``results`` are all it imports from cbdtune.
+``tracking``, ``callbacks``, ``views`` and ``results`` are all it imports from cbdtune.
+
+Every way out of a started search ends its MLflow runs: FINISHED; KILLED after Ctrl-C (exit 130,
+with the ``--resume`` command printed); FAILED after an exception (its first line is the parent's
+``cbdtune.reason``).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import functools
+import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +39,7 @@ import numpy as np
 from cbdtune import _cli, results, tracking
 from cbdtune.config import METRIC, MODE, CbdtuneError, ExperimentConfig, preset
 from cbdtune.data import load_dataset
-from cbdtune.space import SearchSpace, load_space
+from cbdtune.space import SearchSpace, load_space, resolve_path
 
 log = logging.getLogger("cbdtune.search")
 
@@ -69,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Ray storage: a folder or s3:// / gs:// URI (default ~/ray_results)")
     p.add_argument("--results-dir", default="results", help="where results/<dataset>/<name> go")
     p.add_argument("--resume", action="store_true",
-                   help="continue the latest search of this name from its storage")
+                   help="continue the latest search of this name from its storage (an "
+                        "interrupted search prints the exact command)")
     p.add_argument("--overwrite", action="store_true",
                    help="use --name (or the default name) even if a search of that name exists: "
                         "its results files are replaced and Tune starts a new experiment in its "
@@ -90,6 +101,11 @@ def parser() -> argparse.ArgumentParser:
                    help="retries of a trial (and of its worker group) after a failure")
     p.add_argument("--allow-autoscale", action="store_true",
                    help="skip the resource check: the cluster's autoscaler will add nodes")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="stop starting and running trials after this long (90m, 2h, 3600s); "
+                        "the trials that ended are refit as usual")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray Tune's trial table (default: one line per finished trial)")
     return p
 
 
@@ -111,17 +127,67 @@ def validate_args(args: argparse.Namespace) -> None:
                                ("--max-concurrent", args.max_concurrent, 0),
                                ("--max-failures", args.max_failures, 0),
                                ("--refit-top", args.refit_top, 0),
-                               ("--refit-seeds", args.refit_seeds, 1)):
+                               ("--refit-seeds", args.refit_seeds, 1),
+                               ("--seed", 0 if args.seed is None else args.seed, 0)):
         if value < least:
             raise CbdtuneError(f"{flag}: must be >= {least}, but got {value}")
     if args.metric not in REPORTED_METRICS:
         raise CbdtuneError(f"--metric {args.metric}: not a metric the pipeline reports for "
                            f"selection; choose one of {', '.join(REPORTED_METRICS)}")
-    if args.gpus_per_worker < 0 or args.cpus_per_worker < 0:
-        raise CbdtuneError("--gpus-per-worker/--cpus-per-worker: must be >= 0")
+    for flag, amount in (("--cpus-per-worker", args.cpus_per_worker),
+                         ("--gpus-per-worker", args.gpus_per_worker)):
+        if not math.isfinite(amount) or amount < 0:
+            raise CbdtuneError(f"{flag} {amount}: must be a finite number >= 0")
     if args.gpus_per_worker > 1 and not float(args.gpus_per_worker).is_integer():
         raise CbdtuneError(f"--gpus-per-worker {args.gpus_per_worker}: fractions must be < 1 "
                            "(a worker shares one GPU) or whole numbers")
+    if args.time_budget is not None:
+        parse_duration(args.time_budget, flag="--time-budget")
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, flag: str = "--time-budget") -> float:
+    """``"90m"`` -> 5400.0: a positive number with an optional unit s, m, h or d (seconds).
+
+    Raises:
+        CbdtuneError: anything else (``nan``, ``-5m``, ``1h30``, ``2 hours``).
+    """
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", text.strip().lower())
+    seconds = float(m.group(1)) * _SECONDS[m.group(2)] if m else 0.0
+    if not seconds > 0:
+        raise CbdtuneError(f"{flag} {text}: expected a positive duration such as 90m, 2h or "
+                           "3600s")
+    return seconds
+
+
+def check_storage(storage: str | None) -> None:
+    """Fail before Ray starts when Tune could not write under a local ``--storage`` folder.
+
+    Raises:
+        CbdtuneError: the nearest existing folder on the way is a file or is read-only.
+    """
+    if storage and "://" in storage:
+        return  # a cloud URI: Ray's pyarrow filesystem reports its own errors
+    flag = f"--storage {storage}" if storage else "the Ray storage ~/ray_results"
+    path = Path(storage or "~/ray_results").expanduser()
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise CbdtuneError(f"{flag}: {existing} is a file, not a folder; pass a folder path")
+    if not tracking.is_writable(existing):
+        raise CbdtuneError(f"{flag}: {existing} is read-only; pass a writable folder")
+
+
+def shown_path(given: str, resolved: str | Path | None = None) -> str:
+    """A path for summaries and MLflow params: relative to the working directory when it lies
+    inside it, else as the user gave it (no absolute path of this machine by default)."""
+    target = Path(resolved if resolved is not None else given).expanduser()
+    cwd = Path.cwd()
+    for candidate in (target.absolute(), target.resolve()):
+        if candidate.is_relative_to(cwd):
+            return candidate.relative_to(cwd).as_posix()
+    return given
 
 
 def expected_reports(cfg: ExperimentConfig, space: SearchSpace | None = None) -> int:
@@ -280,27 +346,38 @@ def _has_results(folder: Path) -> bool:
 
 
 def _parent_run(mlc: Any, exp_id: str, name: str, resume: bool, tags: dict[str, Any],
-                params: dict[str, Any]) -> str:
+                params: dict[str, Any]) -> tuple[str, bool]:
+    """The search's parent run (the latest of this name with ``--resume``), and whether it is
+    new."""
     if resume:
         found = mlc.search_runs([exp_id], filter_string=f"tags.`cbdtune.search` = '{name}' and "
                                                         "tags.`cbdtune.role` = 'search'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
         if found:
-            mlc.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id
+            tracking.reopen_run(mlc, found[0].info.run_id)
+            return found[0].info.run_id, False
     run = mlc.create_run(exp_id, run_name=name,
                          tags={"cbdtune.search": name, "cbdtune.role": "search", **tags})
     tracking.log_params(mlc, run.info.run_id, params)
-    return run.info.run_id
+    return run.info.run_id, True
+
+
+def _describe_parent(s: _Search) -> None:
+    """What a new parent run carries besides params: the space file and the dataset."""
+    with resources.as_file(resolve_path(s.args.space)) as path:
+        s.mlc.log_artifact(s.parent, str(path), artifact_path="space")
+    digest = tracking.log_dataset(s.mlc, s.parent, s.data)
+    tracking.set_tags(s.mlc, s.parent, {"cbdtune.dataset_sha256": digest})
 
 
 def _inputs(args: argparse.Namespace) -> tuple[SearchSpace, ExperimentConfig, Any, str]:
-    """Everything checked before Ray starts: flags, space, config, dataset, MLflow, results."""
+    """Everything checked before Ray starts: flags, space, config, dataset, MLflow, storage,
+    results."""
     validate_args(args)
     space = load_space(args.space)
     late: dict[str, Any] = {"data.dataset": args.dataset}
     if args.data_dir:
-        late["data.data_dir"] = str(Path(args.data_dir).resolve())
+        late["data.data_dir"] = shown_path(args.data_dir)
     if args.seed is not None:
         late["train.seed"] = args.seed
     if args.cv_folds is not None:
@@ -309,9 +386,10 @@ def _inputs(args: argparse.Namespace) -> tuple[SearchSpace, ExperimentConfig, An
         late["data.cv_repeats"] = args.cv_repeats
     base = space.base.replace(late, where="command line")
     results.check_results_dir(Path(args.results_dir))
+    check_storage(args.storage)
     data = load_dataset(base.data, seed=base.train.seed)
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
-    tracking.check_tracking_uri(uri)
+    tracking.check_tracking_uri(uri, writable=True)
     return space, base, data, uri
 
 
@@ -329,100 +407,287 @@ def _scheduler(args: argparse.Namespace, base: ExperimentConfig, space: SearchSp
                          grace_period=max(1, min(grace, max_t)), reduction_factor=3)
 
 
-def main(args: argparse.Namespace) -> int:
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+TRIAL_INTERRUPTED = "interrupted; --resume continues it"
+
+
+@dataclass
+class _Search:
+    """One invocation of the search, filled in as Ray and MLflow are set up."""
+
+    args: argparse.Namespace
+    space: SearchSpace
+    base: ExperimentConfig
+    data: Any
+    uri: str
+    argv: list[str]
+    metric: str = METRIC
+    mode: str = MODE
+    where: str = ""  # "local" or "cluster"
+    root: str = ""  # Ray storage root
+    name: str = ""  # the search's name: Tune experiment, results folder, Optuna study
+    max_concurrent: int = 1
+    mlc: Any = None
+    exp_id: str = ""
+    parent: str = ""  # the parent MLflow run
+    header: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        return " ".join([_cli.prog("cbdtune.search"), *map(shlex.quote, self.argv)])
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.args.results_dir) / self.data.name / self.name
+
+
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run the search; 0 when it finished, 130 when interrupted (Ctrl-C).
+
+    Once the parent MLflow run exists, every way out ends it: FINISHED, KILLED (Ctrl-C; the
+    trials that had not finished end KILLED too) or FAILED (an exception, its first line in the
+    tag ``cbdtune.reason``), and the ``--resume`` command is printed whenever Tune can continue.
+    """
     # [1] Validate everything before Ray starts: bad input costs nothing.
     space, base, data, uri = _inputs(args)
-    metric, mode = args.metric, _mode(args)
-    command = "python -m cbdtune.search " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    s = _Search(args, space, base, data, uri, list(sys.argv[1:] if argv is None else argv),
+                metric=args.metric, mode=_mode(args))
+    # [2] Ray: join a cluster or start one; check that one trial fits; name the search.
+    _connect(s)
+    status, reason = "FAILED", "the search driver stopped"
+    try:
+        # [3] MLflow: a parent run for the search (reused by --resume).
+        _open_parent(s)
+        code = _search(s)
+        status, reason = ("KILLED", "interrupted (Ctrl-C)") if code else ("FINISHED", "")
+        return code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop (refits)
+        status, reason = "KILLED", "interrupted (Ctrl-C)"
+        return EXIT_INTERRUPTED
+    except BaseException as exc:
+        reason = _first_line(exc)
+        raise
+    finally:
+        _close(s, status, reason)
 
-    # [2] Ray: join a cluster or start one; check that one trial fits.
+
+def _connect(s: _Search) -> None:
+    """Start or join Ray, check that one trial fits, and name the search."""
     import ray
 
     from cbdtune.worker import connect
 
-    where = connect()
-    fits = check_resources(args)
-    max_concurrent = args.max_concurrent or min(fits, args.num_samples)
-    root = _storage_root(args)
-    name = _search_name(args, root, Path(space.path).stem,
-                        results_dir=Path(args.results_dir) / data.name)
-    log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s/%s",
-             name, args.num_samples, max_concurrent, where, ray.cluster_resources(), root, name)
+    s.where = connect()
+    fits = check_resources(s.args)
+    s.max_concurrent = s.args.max_concurrent or min(fits, s.args.num_samples)
+    s.root = _storage_root(s.args)
+    s.name = _search_name(s.args, s.root, Path(s.space.path).stem,
+                          results_dir=Path(s.args.results_dir) / s.data.name)
+    log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s/%s", s.name,
+             s.args.num_samples, s.max_concurrent, s.where, ray.cluster_resources(), s.root,
+             s.name)
+    if s.args.resume and (s.args.time_budget or s.args.verbose):
+        log.warning("--resume: Tune restores the search's first RunConfig and TuneConfig, so "
+                    "--time-budget and --verbose keep the values of its first run")
 
-    # [3] MLflow: a parent run for the search (reused by --resume).
-    mlc = tracking.client(uri)
-    exp_id = tracking.experiment_id(mlc, args.experiment or tracking.default_experiment(data.name))
-    header = {"dataset": data.name, "space": space.path, "space_sha256": space.sha256,
-              "git_commit": tracking.git_commit(), "sampler": args.sampler,
-              "scheduler": args.scheduler, "seed": base.train.seed, "metric": metric,
-              "mode": mode, "cv_folds": base.data.cv_folds, "cv_repeats": base.data.cv_repeats,
-              "num_samples": args.num_samples, "workers_per_trial": args.workers_per_trial,
-              "gpus_per_worker": args.gpus_per_worker}
-    parent = _parent_run(mlc, exp_id, name, args.resume, {"cbdtune.command": command}, header)
+
+def _open_parent(s: _Search) -> None:
+    """The parent MLflow run: params (no absolute path of this machine), the space file and the
+    dataset on a new one; a resumed search reopens its own."""
+    s.mlc = tracking.client(s.uri)
+    s.exp_id = tracking.experiment_id(
+        s.mlc, s.args.experiment or tracking.default_experiment(s.data.name))
+    a, base = s.args, s.base
+    s.header = {"dataset": s.data.name, "space": shown_path(a.space, s.space.path),
+                "space_sha256": s.space.sha256, "git_commit": tracking.git_commit(),
+                "sampler": a.sampler, "scheduler": a.scheduler, "seed": base.train.seed,
+                "metric": s.metric, "mode": s.mode, "cv_folds": base.data.cv_folds,
+                "cv_repeats": base.data.cv_repeats, "num_samples": a.num_samples,
+                "workers_per_trial": a.workers_per_trial, "gpus_per_worker": a.gpus_per_worker,
+                "time_budget": a.time_budget or "none"}
+    s.parent, created = _parent_run(s.mlc, s.exp_id, s.name, a.resume,
+                                    {"cbdtune.command": s.command}, s.header)
+    if created:
+        _describe_parent(s)
+
+
+def _search(s: _Search) -> int:
+    """Tune, the results, the views, the refits; 130 when the search was cut short."""
+    import ray
 
     # [4] Tune: the dataset goes to the object store once, for every trial, refit and worker.
-    data_ref = ray.put(data)
+    data_ref = ray.put(s.data)
     t0 = time.perf_counter()
-    grid = _tuner(args, space, base, data_ref, uri, exp_id, parent, root, name,
-                  max_concurrent, metric, mode).fit()
+    grid = _tuner(s, data_ref).fit()
     wall = time.perf_counter() - t0
-
-    # [5] Results: table, best config, summary; then the refits and the model.
-    df = results.trials_frame(_rows(grid))
-    interrupted = len(df) < args.num_samples or bool((df["status"] == "unfinished").any())
-    out_dir = Path(args.results_dir) / data.name / name
-    header.update({"wall_s": round(wall, 1), "ray": where})
-    write = dict(space=space, base=base, metric=metric, mode=mode, command=command, header=header)
-    paths = results.write(out_dir, df, **write)
-    best = results.best_trial(df, metric, mode)
-    if best is not None:
-        tracking.log_metrics(mlc, parent, {f"best_{k}": best.get(k) for k in
-                                           ("val_accuracy", "val_accuracy_se", "val_f1",
-                                            "test_accuracy", "test_f1") if k in best},
-                             step=len(df))
-        tracking.set_tags(mlc, parent, {"cbdtune.best_trial": best["trial_id"]})
-    if best is not None and args.refit_top and not interrupted:
-        top = results.ranked(df, metric, mode).head(args.refit_top)
-        outcome = _refit_and_register(args, top, base, data, data_ref, uri, parent, out_dir,
-                                      metric, root, name)
-        paths = results.write(out_dir, df, refits=outcome, **write)
+    # [5] Results. Which trials ended is read from what Tune persisted: after Ctrl-C, Ray 2.60
+    # marks every trial TERMINATED in memory, but its experiment state on disk keeps them
+    # RUNNING/PENDING (it is written before the trials are stopped).
+    states = persisted_trial_states(f"{s.root}/{s.name}") or _memory_states(grid)
+    rows, curves = _rows(grid, states, s.metric)
+    df = results.trials_frame(rows)
+    interrupted = _interrupted(s.args, df, wall)
+    s.header.update({"wall_s": round(wall, 1), "ray": s.where})
+    write = dict(space=s.space, base=s.base, metric=s.metric, mode=s.mode, command=s.command,
+                 header=s.header)
+    paths = results.write(s.out_dir, df, **write)
+    best = results.best_trial(df, s.metric, s.mode)
+    _log_best(s, df, best)
+    study_url = _log_views(s, df, curves)
+    if best is not None and s.args.refit_top and not interrupted:
+        top = results.ranked(df, s.metric, s.mode).head(s.args.refit_top)
+        outcome = _refit_and_register(s.args, top, s.base, s.data, data_ref, s.uri, s.parent,
+                                      s.out_dir, s.metric, s.root, s.name)
+        paths = results.write(s.out_dir, df, refits=outcome, **write)
     for path in paths.values():
-        mlc.log_artifact(parent, str(path))
-    mlc.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
-    _print_best(df, best, metric, out_dir, time.perf_counter() - t0, name)
+        s.mlc.log_artifact(s.parent, str(path))
+    _print_best(df, best, s.metric, s.out_dir, time.perf_counter() - t0, s.name)
+    if study_url:
+        print(f"optuna study {s.name}: optuna-dashboard {_shown_url(study_url)}", flush=True)
     if interrupted:
-        print(f"search {name} stopped before its {args.num_samples} trials finished; continue it "
-              f"with: {command} --resume", file=sys.stderr)
-        return 130
+        print(f"search {s.name} stopped before its {s.args.num_samples} trials finished",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 
-def _tuner(args: argparse.Namespace, space: SearchSpace, base: ExperimentConfig, data_ref: Any,
-           uri: str, exp_id: str, parent: str, root: str, name: str, max_concurrent: int,
-           metric: str, mode: str) -> Any:
+def _interrupted(args: argparse.Namespace, df: Any, wall: float) -> bool:
+    """A trial did not end, or fewer trials ran than asked and no time budget ran out."""
+    if "status" in df and bool((df["status"] == "unfinished").any()):
+        return True
+    budget = parse_duration(args.time_budget) if args.time_budget else math.inf
+    return len(df) < args.num_samples and wall < budget
+
+
+def _log_best(s: _Search, df: Any, best: Any) -> None:
+    """The best completed trial's metrics on the parent run (step = trials in the table)."""
+    if best is None:
+        return
+    tracking.log_metrics(s.mlc, s.parent, {f"best_{k}": best.get(k) for k in
+                                           ("val_accuracy", "val_accuracy_se", "val_f1",
+                                            "test_accuracy", "test_f1") if k in best},
+                         step=len(df))
+    tracking.set_tags(s.mlc, s.parent, {"cbdtune.best_trial": best["trial_id"]})
+
+
+def _log_views(s: _Search, df: Any, curves: dict[str, dict[int, float]]) -> str | None:
+    """Export the trials as an Optuna study and log Optuna's figures on the parent run; returns
+    the study's storage URL (None when that failed: views never fail a search)."""
+    from cbdtune import views
+
+    url = views.study_storage(s.uri, Path(s.args.results_dir))
+    try:
+        study = views.export_study(df, curves, s.space, storage=url, study_name=s.name,
+                                   metric=s.metric, mode=s.mode)
+        views.log_views(s.mlc, s.parent, study)
+    except Exception as exc:
+        log.warning("optuna study and views not written: %s", _first_line(exc))
+        tracking.set_tags(s.mlc, s.parent, {"cbdtune.views_error": _first_line(exc)})
+        return None
+    tracking.set_tags(s.mlc, s.parent, {"cbdtune.optuna_storage": _shown_url(url),
+                                        "cbdtune.optuna_study": s.name})
+    return url
+
+
+def _shown_url(url: str) -> str:
+    """``sqlite:///<abs>`` as ``sqlite:///<path relative to the working directory>`` inside it."""
+    path = url[len("sqlite:///"):]
+    shown = shown_path(path)
+    return f"sqlite:///{shown}" if shown != path else url
+
+
+def _close(s: _Search, status: str, reason: str) -> None:
+    """End the trial runs left RUNNING (KILLED) and the parent run; print how to continue."""
+    if not s.parent:
+        return
+    try:
+        tracking.end_open_runs(s.mlc, s.exp_id, s.parent, status="KILLED",
+                               reason=TRIAL_INTERRUPTED)
+        if reason:
+            tracking.set_tags(s.mlc, s.parent, {"cbdtune.reason": reason})
+        s.mlc.set_terminated(s.parent, status=status)
+    except Exception as exc:  # MLflow itself failing must not hide why the search ended
+        log.warning("MLflow runs of search %s not ended: %s", s.name, _first_line(exc))
+    if status != "FINISHED" and _restorable(f"{s.root}/{s.name}"):
+        print(f"search {s.name} {'interrupted' if status == 'KILLED' else 'failed'}; continue "
+              f"it with:\n  {resume_command(s.argv, s.name)}", file=sys.stderr, flush=True)
+
+
+def _restorable(path: str) -> bool:
+    """Whether ``--resume`` could continue the Tune experiment at ``path``."""
+    try:
+        from ray import tune
+
+        return bool(tune.Tuner.can_restore(path))
+    except Exception:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
+
+
+def resume_command(argv: list[str], name: str) -> str:
+    """The command that continues this search: its own flags, ``--name <name> --resume``
+    (``--overwrite`` and any earlier ``--name``/``--resume`` dropped)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--name":
+            skip = True
+        elif arg not in ("--resume", "--overwrite") and not arg.startswith("--name="):
+            kept.append(arg)
+    return " ".join([_cli.prog("cbdtune.search"), *map(shlex.quote, kept), "--name",
+                     shlex.quote(name), "--resume"])
+
+
+def _tuner(s: _Search, data_ref: Any) -> Any:
     """The Tuner (fresh, or restored from storage with ``--resume``)."""
     from ray import tune
 
+    from cbdtune.callbacks import MLflowTrialCallback, ProgressCallback, SchedulerStateCallback
     from cbdtune.worker import train_driver_fn
 
+    args = s.args
     trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=base.to_dict()),
+        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=s.base.to_dict()),
         {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
-    settings = param_space(space, args, f"{root}/{name}/train")
+    settings = param_space(s.space, args, f"{s.root}/{s.name}/train")
+    # Quiet unless --verbose: Ray 2.60's default output engine ignores a progress_reporter
+    # passed in (tune.py: "ignoring passed-in ProgressReporter"), and at verbose=0
+    # (AirVerbosity.SILENT) it still prints the experiment's configuration box. The legacy
+    # engine (RAY_AIR_NEW_OUTPUT=0, read by tune.run) prints nothing at verbose=0, its CLIReporter
+    # included. A user's own RAY_AIR_NEW_OUTPUT wins.
+    if not args.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if args.resume:
-        return tune.Tuner.restore(f"{root}/{name}", trainable, resume_errored=True,
+        # ASHA's rungs come back through SchedulerStateCallback's state. TODO (worker.py): a
+        # resumed unfinished trial restarts Tune's training_iteration at 1 while its Train run
+        # continues from its last Train checkpoint: the trainable reports no Tune checkpoint
+        # (TuneReportCallback forwards metrics only) and only Trainable.restore sets _iteration,
+        # so ASHA judges it at the wrong fidelity. The worker reporting training_iteration
+        # itself (len of its restored history) would fix it: Trainable.train only setdefaults it.
+        return tune.Tuner.restore(f"{s.root}/{s.name}", trainable, resume_errored=True,
                                   param_space=settings)
-    callback = tracking.MLflowTrialCallback(uri, exp_id, parent, base)
-    # Tune checkpoints the experiment (searcher, scheduler, callbacks) into storage: --resume.
+    scheduler = _scheduler(args, s.base, s.space)
+    callbacks = [MLflowTrialCallback(s.uri, s.exp_id, s.parent, s.base, s.metric, s.mode),
+                 ProgressCallback(args.num_samples, s.metric, s.mode),
+                 SchedulerStateCallback(scheduler)]
+    # Tune checkpoints the experiment (searcher, callbacks) into storage: --resume.
     run_config = tune.RunConfig(
-        name=name, storage_path=root, callbacks=[callback],
-        failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1)
+        name=s.name, storage_path=s.root, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        verbose=1 if args.verbose else 0)
     tune_config = tune.TuneConfig(
-        metric=metric, mode=mode, num_samples=args.num_samples,
-        scheduler=_scheduler(args, base, space),
-        search_alg=make_searcher(space, sampler=args.sampler, seed=base.train.seed,
-                                 metric=metric, mode=mode, max_concurrent=max_concurrent,
+        metric=s.metric, mode=s.mode, num_samples=args.num_samples, scheduler=scheduler,
+        search_alg=make_searcher(s.space, sampler=args.sampler, seed=s.base.train.seed,
+                                 metric=s.metric, mode=s.mode, max_concurrent=s.max_concurrent,
                                  baseline=not args.no_baseline),
+        time_budget_s=parse_duration(args.time_budget) if args.time_budget else None,
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     return tune.Tuner(trainable, param_space=settings, tune_config=tune_config,
                       run_config=run_config)
@@ -475,21 +740,76 @@ def _dataset_slug(arg: str, name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in slug)
 
 
-def _rows(grid: Any) -> list[dict[str, Any]]:
-    """One row per trial of a ``ResultGrid``, with the status the MLflow callback also uses."""
-    # Tune's own trial states tell a trial that ended from one cut off by Ctrl-C.
-    states = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    rows = []
+def persisted_trial_states(experiment: str) -> dict[str, str]:
+    """Trial id -> Tune status (``TERMINATED``, ``ERROR``, ``RUNNING``, ``PENDING``...) as the
+    newest ``experiment_state-<session>.json`` in the experiment folder has it; ``{}`` when
+    there is none or it cannot be read.
+
+    That file is Ray 2.60's experiment checkpoint (``TuneController.save_to_dir``): under
+    ``trial_data``, one ``[trial JSON, run metadata JSON]`` pair per trial. Session names are
+    timestamps, so the greatest name is the newest, as in Ray's
+    ``_find_newest_experiment_checkpoint``.
+
+    Args:
+        experiment: ``{storage}/{name}``, a folder or a ``s3://``-style URI.
+    """
+    import pyarrow.fs
+
+    try:
+        if "://" in experiment:
+            fs, path = pyarrow.fs.FileSystem.from_uri(experiment)
+        else:
+            fs, path = pyarrow.fs.LocalFileSystem(), str(Path(experiment).expanduser().absolute())
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        names = sorted(i.base_name for i in infos
+                       if fnmatch.fnmatch(i.base_name, "experiment_state-*.json"))
+        if not names:
+            return {}
+        with fs.open_input_stream(f"{path}/{names[-1]}") as f:
+            state = json.loads(f.readall())
+        trials = (json.loads(trial_json) for trial_json, _ in state["trial_data"])
+        return {t["trial_id"]: t["status"] for t in trials}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cannot read Tune's experiment state in %s (%s); trial states from memory",
+                    experiment, exc)
+        return {}
+
+
+def _memory_states(grid: Any) -> dict[str, str]:
+    """Tune's in-memory trial states: the fallback when the state file cannot be read."""
+    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+
+
+def _rows(grid: Any, states: dict[str, str],
+          metric: str) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
+    """One row per trial of a ``ResultGrid``, and each trial's ``{iteration: metric}`` curve.
+
+    A trial whose persisted state (``states``) is not TERMINATED or ERROR did not end: it is
+    ``unfinished``, whatever its last result says.
+    """
+    rows, curves = [], {}
     for res in grid:
         last = res.metrics or {}
         trial_id = last.get("trial_id") or Path(res.path).name.removeprefix("trial_")
         status, reason = tracking.trial_status(last, errored=res.error is not None,
                                                error=str(res.error or ""))
         if states.get(trial_id) not in ("TERMINATED", "ERROR"):
-            status, reason = "unfinished", "the search was interrupted; --resume continues it"
+            status, reason = "unfinished", TRIAL_INTERRUPTED
         params = (res.config or {}).get("train_loop_config", {})
         rows.append(results.trial_row(trial_id, params, last, status, reason))
-    return rows
+        curves[trial_id] = _curve(res.metrics_dataframe, metric)
+    return rows, curves
+
+
+def _curve(frame: Any, metric: str) -> dict[int, float]:
+    """``{training_iteration: metric}`` of every report that has a finite ``metric``."""
+    if frame is None or metric not in frame or "training_iteration" not in frame:
+        return {}
+    out = {}
+    for step, value in zip(frame["training_iteration"], frame[metric], strict=True):
+        if isinstance(value, (int, float)) and math.isfinite(value) and step == step:
+            out[int(step)] = float(value)
+    return out
 
 
 def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, name: str) -> None:
@@ -512,7 +832,8 @@ def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, nam
 
 def cli(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no telemetry from a tool
-    return _cli.run(main, parser(), argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _cli.run(functools.partial(main, argv=argv), parser(), argv)
 
 
 if __name__ == "__main__":

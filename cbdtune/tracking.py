@@ -1,30 +1,34 @@
-"""MLflow logging for trials: parameters, metric series, final metrics, config and figures.
+"""MLflow helpers: the tracking store's checks, params, metrics, tags, trial artifacts, datasets.
 
-Used by ``python -m cbdtune.train`` (one run) and by the search's Tune callback (a parent run per
-search, a nested run per trial). Everything goes through ``MlflowClient`` with explicit run ids,
-so several trials can log concurrently from one driver and a resumed search can find and reuse
-the run a trial already has (tag ``cbdtune.trial_id``) instead of creating a duplicate.
+Used by ``python -m cbdtune.train`` (one run) and by the search (a parent run per search, a
+nested run per trial, logged by :class:`cbdtune.callbacks.MLflowTrialCallback`). Everything goes
+through ``MlflowClient`` with explicit run ids, so several trials can log concurrently from one
+driver. Nothing here imports Ray: ``import cbdtune.train`` stays free of ``ray.tune``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from ray.tune import Callback
 
 from cbdtune.config import CbdtuneError, ExperimentConfig
 
 DEFAULT_STORE = "mlflow.db"  # sqlite in the working directory (MLflow 3.17's file store raises)
 TRIAL_TAG = "cbdtune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests runs by
+# Backends MLflow 3.17 serves tracking *and* the model registry from (the search registers a
+# model); the registry's error lists the same schemes, minus the file store, which 3.17 refuses.
+SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+_SQLITE_MAGIC = b"SQLite format 3\x00"  # https://www.sqlite.org/fileformat.html, section 1.3
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -34,30 +38,115 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
 
 
-def check_tracking_uri(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast, in one line, when the tracking store cannot be reached.
+def check_tracking_uri(uri: str, *, timeout: float = 5.0, writable: bool = False) -> None:
+    """Fail fast, in one line, when the tracking store cannot be used.
+
+    Args:
+        uri: the tracking URI (after :func:`resolve_tracking_uri`).
+        timeout: seconds to wait for an HTTP server's ``/health``.
+        writable: also refuse a sqlite store that cannot be written (the search and
+            ``cbdtune.train`` write; ``cbdtune.predict`` only reads).
 
     Raises:
-        CbdtuneError: an HTTP server that does not answer ``/health``, or a sqlite file whose
-            folder does not exist.
+        CbdtuneError: a file store (``file://`` or a bare path), a scheme MLflow cannot track to,
+            an HTTP server that does not answer ``/health``, or a sqlite store whose folder does
+            not exist, that is not a complete SQLite file, or (``writable``) that is read-only.
     """
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status != 200:
-                    raise CbdtuneError(f"--mlflow-uri {uri}: /health answered {resp.status}; "
-                                       "is it an MLflow tracking server?")
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CbdtuneError(f"--mlflow-uri {uri}: cannot reach the MLflow server ({reason}); "
-                               "start it (mlflow server --host 127.0.0.1 --port 5000) or fix "
-                               "the URI") from None
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        raise CbdtuneError(f"--mlflow-uri {uri}: a file store; MLflow 3.17 no longer opens one. "
+                           "Use sqlite:///mlflow.db (mlflow migrate-filestore moves old runs)")
+    if scheme not in SUPPORTED_SCHEMES:
+        raise CbdtuneError(f"--mlflow-uri {uri}: unsupported scheme {scheme}://; use one of "
+                           f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}")
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout)
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
-        if not folder.is_dir():
-            raise CbdtuneError(f"--mlflow-uri {uri}: folder {folder} does not exist; create it "
-                               "or choose another path")
+        _check_sqlite(uri, Path(uri[len("sqlite:///"):]).expanduser(), writable=writable)
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise CbdtuneError(f"--mlflow-uri {uri}: /health answered {resp.status}; "
+                                   "is it an MLflow tracking server?")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CbdtuneError(f"--mlflow-uri {uri}: cannot reach the MLflow server ({reason}); "
+                           "start it (mlflow server --host 127.0.0.1 --port 5000) or fix "
+                           "the URI") from None
+
+
+def _check_sqlite(uri: str, db: Path, *, writable: bool) -> None:
+    """The folder exists; an existing file is a whole SQLite database; writable when asked."""
+    if not db.parent.is_dir():
+        raise CbdtuneError(f"--mlflow-uri {uri}: folder {db.parent} does not exist; create it "
+                           "or choose another path")
+    if db.exists():
+        problem = sqlite_problem(db)
+        if problem:
+            raise CbdtuneError(f"--mlflow-uri {uri}: {problem}; restore it from a backup or "
+                               "choose another path")
+    if writable:
+        target = db if db.exists() else db.parent
+        if not is_writable(target):
+            raise CbdtuneError(f"--mlflow-uri {uri}: {target} is read-only; make it writable "
+                               "(sqlite also writes a journal next to the file) or choose "
+                               "another path")
+
+
+def sqlite_problem(db: Path) -> str:
+    """What is wrong with an existing SQLite file (``""`` when nothing is).
+
+    A file cut short is found from the header alone (the page size times the page count it
+    declares), so a large store costs no full scan.
+    """
+    if db.is_dir():
+        return f"{db} is a folder, not a SQLite file"
+    size = db.stat().st_size
+    if size == 0:
+        return ""  # sqlite treats an empty file as an empty database; MLflow fills it
+    with db.open("rb") as f:
+        header = f.read(100)
+    if not header.startswith(_SQLITE_MAGIC):
+        return f"{db} is not a SQLite database"
+    if len(header) < 100:
+        return f"{db} is truncated ({size} bytes, shorter than a SQLite header)"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_valid = header[24:28] == header[92:96]  # "version-valid-for" == change counter
+    if header_valid and pages and size < page_size * pages:
+        return (f"{db} is truncated ({size} bytes, its header declares {pages} pages of "
+                f"{page_size} bytes)")
+    try:
+        with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return f"{db} cannot be read as SQLite ({exc})"
+    return ""
+
+
+def is_writable(path: Path) -> bool:
+    """Whether ``path`` (a file, or a folder a new file can be made in) accepts writes.
+
+    A file or folder with no write bit counts as read-only even for root, who could write it
+    anyway: the user marked it so. A read-only mount is found by trying, changing nothing.
+    """
+    try:
+        if not os.stat(path).st_mode & 0o222:
+            return False
+        if path.is_dir():
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        else:
+            with path.open("r+b"):
+                pass
+    except OSError:
+        return False
+    return True
 
 
 def client(uri: str) -> Any:
@@ -94,26 +183,21 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 def log_params(mlflow_client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Params as strings, cut to MLflow's 6000 characters; ``log_batch`` chunks by itself
+    (100 params per request in MLflow 3.17, ``MlflowClient.log_batch``)."""
     from mlflow.entities import Param
 
-    entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for chunk in _chunks(entries, 100):  # MLflow's batch limit for params
-        mlflow_client.log_batch(run_id, params=chunk)
+    mlflow_client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
 def log_metrics(mlflow_client: Any, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """The finite numbers of ``metrics`` at ``step`` (chunked by ``log_batch``, 1000 a request)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    entries = [Metric(k, v, now, step) for k, v in numeric(metrics).items()]
-    for chunk in _chunks(entries, 1000):  # MLflow's batch limit for metrics
-        mlflow_client.log_batch(run_id, metrics=chunk)
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, v, now, step)
+                                             for k, v in numeric(metrics).items()])
 
 
 def set_tags(mlflow_client: Any, run_id: str, tags: dict[str, Any]) -> None:
@@ -160,11 +244,6 @@ def default_experiment(dataset: str) -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"cbdtune-{dataset}"
 
 
-# Keys Tune adds to every result that are bookkeeping, not measurements.
-_TUNE_BOOKKEEPING = {"timestamp", "pid", "time_since_restore", "iterations_since_restore",
-                     "training_iteration", "done", "time_this_iter_s"}
-
-
 def trial_status(last: dict[str, Any] | None, *, errored: bool = False,
                  error: str = "") -> tuple[str, str]:
     """``(status, reason)`` of a finished Tune trial from its last result."""
@@ -176,119 +255,71 @@ def trial_status(last: dict[str, Any] | None, *, errored: bool = False,
     if last.get("final") == 1:
         return "completed", ""
     it = last.get("training_iteration", "?")
-    return "stopped", f"stopped early by the scheduler (ASHA) after {it} reports"
+    return "stopped", f"stopped before its final report (ASHA or --time-budget) after {it} reports"
 
 
-class MLflowTrialCallback(Callback):
-    """One nested MLflow run per Tune trial, under the search's parent run.
-
-    Ray's ``MLflowLoggerCallback`` logs what Tune receives; this callback adds what a search over
-    CBD needs: nesting under a parent run, the *resolved* config (preset + space + trial values)
-    as params and as ``config.yaml``, status and reason tags for trials that ASHA stopped, that
-    diverged or that raised, figures, and no duplicate run for a trial after ``--resume`` (its
-    state, kept in Tune's experiment checkpoint, maps trial ids to run ids; a tag search backs
-    it up).
+def end_open_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str, *, status: str,
+                  reason: str) -> list[str]:
+    """End every run nested under ``parent_run_id`` that is still RUNNING; returns their ids.
 
     Args:
-        uri: MLflow tracking URI.
-        experiment_id: MLflow experiment of the search.
-        parent_run_id: the search's parent run.
-        base: the config the trial values are applied to.
+        status: MLflow's end status, ``KILLED`` or ``FAILED``.
+        reason: the ``cbdtune.reason`` tag each gets (``cbdtune.status`` becomes ``unfinished``).
     """
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                                       "attributes.status = 'RUNNING'", max_results=10000)
+    for run in runs:
+        set_tags(mlflow_client, run.info.run_id,
+                 {"cbdtune.status": "unfinished", "cbdtune.reason": reason})
+        mlflow_client.set_terminated(run.info.run_id, status=status)
+    return [r.info.run_id for r in runs]
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str,
-                 base: ExperimentConfig) -> None:
-        self.uri = uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.base = base
-        self._runs: dict[str, str] = {}
-        self._history: dict[str, list[dict[str, Any]]] = {}
-        self._client: Any = None
 
-    # -- Tune's callback state: survives an interrupted search -------------------------------------
+def reopen_run(mlflow_client: Any, run_id: str) -> None:
+    """Mark a run RUNNING again (``--resume``) and drop the reason it was ended with."""
+    mlflow_client.update_run(run_id, status="RUNNING")
+    if "cbdtune.reason" in mlflow_client.get_run(run_id).data.tags:
+        mlflow_client.delete_tag(run_id, "cbdtune.reason")
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment; a live MLflow client does not pickle.
-        return {**self.__dict__, "_client": None}
 
-    def get_state(self) -> dict[str, Any]:
-        return {"runs": dict(self._runs), "history": {k: list(v) for k, v in self._history.items()}}
+def dataset_digest(data: Any) -> str:
+    """sha256 of the training arrays (x then y, as stored): the same series give the same hash."""
+    h = hashlib.sha256()
+    for array in (data.train.x, data.train.y):
+        h.update(array.tobytes())
+    return h.hexdigest()
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._runs = dict(state.get("runs", {}))
-        self._history = {k: list(v) for k, v in state.get("history", {}).items()}
 
-    # -- helpers -----------------------------------------------------------------------------------
+def log_dataset(mlflow_client: Any, run_id: str, data: Any, *, context: str = "training") -> str:
+    """Log the training split as the run's dataset input (``mlflow.data``); returns its digest.
 
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = client(self.uri)
-        return self._client
+    The source is the dataset's publication (its URL, or the citation text) when known, else the
+    folder it was read from. MLflow stores at most 36 characters of digest, so the input carries
+    the first 32 hex digits of :func:`dataset_digest`.
+    """
+    import mlflow.data
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
 
-    def trial_config(self, trial: Any) -> ExperimentConfig:
-        return self.base.replace(trial.config.get("train_loop_config", {}), where="trial")
+    text = data.source or data.location
+    url = next((w for w in text.split() if w.startswith(("http://", "https://"))), None)
+    digest = dataset_digest(data)
+    dataset = mlflow.data.from_numpy(data.train.x, targets=data.train.y, name=data.name,
+                                     digest=digest[:32],
+                                     source=HTTPDatasetSource(url) if url else text)
+    tags = [InputTag("mlflow.data.context", context), InputTag("source", text[:1000])]
+    # What mlflow.log_input does (fluent.py, _create_dataset_input), with an explicit run id
+    # instead of an active run and the global tracking URI.
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+    return digest
 
-    def _run_for(self, trial: Any) -> str:
-        trial_id = trial.trial_id
-        if trial_id in self._runs:
-            return self._runs[trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                          f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-            max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-        else:
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"trial_{trial_id}",
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
-                      "cbdtune.status": "running"})
-            run_id = run.info.run_id
-            cfg = self.trial_config(trial)
-            log_params(self.client, run_id, cfg.to_dict())
-            searched = sorted(trial.config.get("train_loop_config", {}))
-            set_tags(self.client, run_id, {"cbdtune.searched": ",".join(searched)})
-        self._runs[trial_id] = run_id
-        return run_id
 
-    # -- Tune hooks --------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # Searches pickled before the callback moved (their tuner.pkl names
+    # cbdtune.tracking.MLflowTrialCallback) still restore with --resume.
+    if name == "MLflowTrialCallback":
+        from cbdtune.callbacks import MLflowTrialCallback
 
-    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
-                        result: dict[str, Any], **info: Any) -> None:
-        run_id = self._run_for(trial)
-        step = int(result.get("training_iteration", 0))
-        metrics = {k: v for k, v in result.items() if k not in _TUNE_BOOKKEEPING}
-        log_metrics(self.client, run_id, metrics, step)
-        kept = {k: v for k, v in numeric(metrics).items()}
-        kept["stage"] = result.get("stage", "")
-        self._history.setdefault(trial.trial_id, []).append(kept)
-
-    def _finish(self, trial: Any, status: str, reason: str) -> None:
-        run_id = self._run_for(trial)
-        tags = {"cbdtune.status": status}
-        if reason:
-            tags["cbdtune.reason"] = reason
-        set_tags(self.client, run_id, tags)
-        try:
-            log_trial_artifacts(self.client, run_id, self.trial_config(trial),
-                                self._history.get(trial.trial_id, []))
-        except Exception as exc:  # a figure must never lose the run's status
-            set_tags(self.client, run_id, {"cbdtune.artifact_error": repr(exc)[:500]})
-        self.client.set_terminated(run_id, status="FAILED" if status == "error" else "FINISHED")
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
-                          **info: Any) -> None:
-        self._finish(trial, *trial_status(trial.last_result))
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        error = ""
-        path = getattr(trial, "error_file", None)
-        if path and Path(path).is_file():
-            error = Path(path).read_text(errors="replace")
-        self._finish(trial, *trial_status(trial.last_result, errored=True, error=error))
+        return MLflowTrialCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,13 +7,18 @@ in this process (``--in-process``), prints the final table, and logs the run to 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
 
+import yaml
+
 from cbdtune import _cli, tracking
-from cbdtune.config import PRESETS, ExperimentConfig
+from cbdtune.config import PRESETS, CbdtuneError, ExperimentConfig
 from cbdtune.data import load_dataset
 
 
@@ -48,20 +53,76 @@ def run_in_process(cfg: ExperimentConfig, data: Any) -> dict[str, Any]:
 
 
 def run_with_trainer(cfg: ExperimentConfig, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One run through a Ray ``TorchTrainer``; its checkpoints live in a temporary folder that is
+    removed afterwards (a single run is not resumed, and ``~/ray_results`` stays clean)."""
     import ray
-    import torch
 
     from cbdtune.worker import connect, make_trainer
 
     connect()
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
-    # A fresh name per run: Train resumes a run whose name already has checkpoints.
-    trainer = make_trainer(cfg, data_ref=ray.put(data), name=f"train-{uuid.uuid4().hex[:8]}",
-                           workers=args.workers, gpus_per_worker=gpus,
-                           cpus_per_worker=args.cpus_per_worker)
-    return trainer.fit().return_value or {}
+    gpus = _gpus_per_worker(args)
+    check_cluster_gpus(ray.cluster_resources(), args.workers, gpus)
+    with tempfile.TemporaryDirectory(prefix="cbdtune-train-", ignore_cleanup_errors=True) as tmp:
+        trainer = make_trainer(cfg, data_ref=ray.put(data), name=f"train-{uuid.uuid4().hex[:8]}",
+                               workers=args.workers, gpus_per_worker=gpus,
+                               cpus_per_worker=args.cpus_per_worker, storage_path=tmp)
+        return trainer.fit().return_value or {}
+
+
+def _gpus_per_worker(args: argparse.Namespace) -> float:
+    """``--gpus-per-worker``, else 1 when this machine has CUDA, else 0."""
+    if args.gpus_per_worker is not None:
+        return args.gpus_per_worker
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags a config does not check, before anything is loaded or started.
+
+    Raises:
+        CbdtuneError: ``--seed`` < 0, ``--workers`` < 1, a CPU or GPU amount that is negative or
+            not finite, a ``--set`` value that is not YAML, or GPUs asked of a machine without
+            CUDA when no cluster is named (``$RAY_ADDRESS``): a local Ray would wait forever.
+    """
+    if args.seed is not None and args.seed < 0:
+        raise CbdtuneError(f"--seed {args.seed}: must be >= 0")
+    if args.workers < 1:
+        raise CbdtuneError(f"--workers {args.workers}: must be >= 1")
+    for flag, amount in (("--cpus-per-worker", args.cpus_per_worker),
+                         ("--gpus-per-worker", args.gpus_per_worker)):
+        if amount is not None and (not math.isfinite(amount) or amount < 0):
+            raise CbdtuneError(f"{flag} {amount}: must be a finite number >= 0")
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        try:
+            yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise CbdtuneError(f"--set {item}: the value of {key.strip()} is not valid YAML "
+                               f"({problem}); quote a string that holds YAML syntax") from None
+    if args.in_process or not args.gpus_per_worker or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CbdtuneError(f"--gpus-per-worker {args.gpus_per_worker}: this machine has no CUDA "
+                           "GPU; drop the flag, or set RAY_ADDRESS to a cluster with GPUs")
+
+
+def check_cluster_gpus(resources: dict[str, float], workers: int, gpus: float) -> None:
+    """Refuse a run whose workers ask for more GPUs than the Ray cluster has (Ray would wait for
+    them forever, not fail).
+
+    Raises:
+        CbdtuneError: ``workers * gpus`` exceeds the cluster's ``GPU`` resource.
+    """
+    have = resources.get("GPU", 0.0)
+    if gpus and workers * gpus > have + 1e-9:
+        raise CbdtuneError(f"--gpus-per-worker {gpus:g}: {workers} worker(s) need "
+                           f"{workers * gpus:g} GPU but the Ray cluster has {have:g}; lower it "
+                           "or pass --gpus-per-worker 0")
 
 
 def print_table(out: dict[str, Any], wall_s: float, file: Any = None) -> None:
@@ -82,13 +143,14 @@ def print_table(out: dict[str, Any], wall_s: float, file: Any = None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Everything that can be wrong with the input is checked before Ray starts.
+    check_args(args)
     cfg = _cli.build_config(args, preset_name=args.preset, config_file=args.config,
                             overrides=args.overrides)
-    # Everything that can be wrong with the input is checked before Ray starts.
-    data = load_dataset(cfg.data, seed=cfg.train.seed)
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     if not args.no_mlflow:
-        tracking.check_tracking_uri(uri)
+        tracking.check_tracking_uri(uri, writable=True)
+    data = load_dataset(cfg.data, seed=cfg.train.seed)
     t0 = time.perf_counter()
     out = run_in_process(cfg, data) if args.in_process else run_with_trainer(cfg, data, args)
     wall = time.perf_counter() - t0

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from cbdtune import train
+import pytest
+
+from cbdtune import tracking, train
+from cbdtune.config import CbdtuneError
 
 
 def test_train_cli_in_process_prints_val_and_test(tmp_path: Path, capsys) -> None:
@@ -40,3 +46,69 @@ def test_train_cli_config_file_and_unknown_key(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.bernstien_order: unknown key; did you mean model.bernstein_order" \
         in err and str(path) in err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--set", "model.mask_ratio=[0.1"], "--set model.mask_ratio=[0.1: the value of "
+                                         "model.mask_ratio is not valid YAML"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--cpus-per-worker", "nan"], "--cpus-per-worker nan: must be a finite number >= 0"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker -1.0: must be a finite number >= 0"),
+    (["--workers", "0"], "--workers 0: must be >= 1"),
+    (["--mlflow-uri", "file:///tmp/mlruns"], "a file store"),
+])
+def test_train_cli_bad_input_one_line_before_ray(capsys, flags: list[str], message: str) -> None:
+    import ray
+
+    code = train.cli(["--dataset", "gesture", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not ray.is_initialized()
+
+
+def test_train_cli_gpus_on_a_machine_without_cuda_refused(capsys, monkeypatch) -> None:
+    """Ray would wait forever for a GPU this machine does not have (it hung 11 minutes)."""
+    import ray
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = train.cli(["--dataset", "gesture", "--gpus-per-worker", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "this machine has no CUDA GPU" in err[0]
+    assert not ray.is_initialized()
+
+
+def test_check_cluster_gpus_refuses_more_gpus_than_the_cluster_has() -> None:
+    train.check_cluster_gpus({"CPU": 8.0, "GPU": 2.0}, 2, 1.0)
+    train.check_cluster_gpus({"CPU": 8.0}, 4, 0.0)
+    with pytest.raises(CbdtuneError, match="need 3 GPU but the Ray cluster has 2"):
+        train.check_cluster_gpus({"CPU": 8.0, "GPU": 2.0}, 3, 1.0)
+
+
+def test_train_cli_read_only_store_refused(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "mlflow.db"
+    tracking.client(f"sqlite:///{db}").search_experiments()
+    db.chmod(0o444)
+    capsys.readouterr()  # MLflow's own lines while it made the tables
+    try:
+        code = train.cli(["--dataset", "gesture", "--in-process", "--mlflow-uri",
+                          f"sqlite:///{db}"])
+    finally:
+        db.chmod(0o644)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is read-only" in err[0]
+
+
+@pytest.mark.ray
+def test_train_cli_with_trainer_leaves_no_ray_results(tmp_path: Path) -> None:
+    """The TorchTrainer's checkpoints go to a temporary folder, removed after the run."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "cbdtune.train", "--dataset", "gesture",
+                           "--preset", "smoke", "--set", "train.classifier_epochs=2",
+                           "--set", "train.pretrain_epochs=1", "--no-mlflow"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    assert "val_accuracy" in proc.stdout
+    assert not list((tmp_path / "ray_results").glob("train-*"))
