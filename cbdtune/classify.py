@@ -227,7 +227,9 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
             bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}")
         if report is not None:
             report({"stage": stage, "epoch": epoch, "train_loss": train_loss,
-                    "val_accuracy": best.val["accuracy"], "val_accuracy_epoch": point["accuracy"],
+                    "val_accuracy": best.val["accuracy"],
+                    "val_accuracy_se": best.val["accuracy_se"],
+                    "val_accuracy_epoch": point["accuracy"],
                     "val_loss": point["loss"], "val_f1": point["f1"],
                     "lr": runs[0].opt.param_groups[0]["lr"]}, None)
         if tc.early_stop_patience and epoch - best.epoch >= tc.early_stop_patience:
