@@ -363,11 +363,16 @@ def _parent_run(mlc: Any, exp_id: str, name: str, resume: bool, tags: dict[str, 
 
 
 def _describe_parent(s: _Search) -> None:
-    """What a new parent run carries besides params: the space file and the dataset."""
-    with resources.as_file(resolve_path(s.args.space)) as path:
-        s.mlc.log_artifact(s.parent, str(path), artifact_path="space")
-    digest = tracking.log_dataset(s.mlc, s.parent, s.data)
-    tracking.set_tags(s.mlc, s.parent, {"cbdtune.dataset_sha256": digest})
+    """What a new parent run carries besides params: the space file and the dataset (a failure
+    here is logged and tagged; it never stops the search)."""
+    try:
+        with resources.as_file(resolve_path(s.args.space)) as path:
+            s.mlc.log_artifact(s.parent, str(path), artifact_path="space")
+        digest = tracking.log_dataset(s.mlc, s.parent, s.data)
+        tracking.set_tags(s.mlc, s.parent, {"cbdtune.dataset_sha256": digest})
+    except Exception as exc:
+        log.warning("space file or dataset not logged on the parent run: %s", _first_line(exc))
+        tracking.set_tags(s.mlc, s.parent, {"cbdtune.describe_error": _first_line(exc)})
 
 
 def _inputs(args: argparse.Namespace) -> tuple[SearchSpace, ExperimentConfig, Any, str]:
@@ -505,8 +510,11 @@ def _open_parent(s: _Search) -> None:
                 "cv_repeats": base.data.cv_repeats, "num_samples": a.num_samples,
                 "workers_per_trial": a.workers_per_trial, "gpus_per_worker": a.gpus_per_worker,
                 "time_budget": a.time_budget or "none"}
+    for run_id in tracking.end_orphaned_searches(s.mlc, s.exp_id):
+        log.warning("MLflow run %s: its search driver died; ended FAILED", run_id)
     s.parent, created = _parent_run(s.mlc, s.exp_id, s.name, a.resume,
                                     {"cbdtune.command": s.command}, s.header)
+    tracking.set_tags(s.mlc, s.parent, {tracking.DRIVER_TAG: tracking.driver_id()})
     if created:
         _describe_parent(s)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -25,6 +26,7 @@ from cbdtune.config import CbdtuneError, ExperimentConfig
 DEFAULT_STORE = "mlflow.db"  # sqlite in the working directory (MLflow 3.17's file store raises)
 TRIAL_TAG = "cbdtune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests runs by
+DRIVER_TAG = "cbdtune.driver"  # <host>:<pid> of the process running a search (orphan detection)
 # Backends MLflow 3.17 serves tracking *and* the model registry from (the search registers a
 # model); the registry's error lists the same schemes, minus the file store, which 3.17 refuses.
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -274,6 +276,46 @@ def end_open_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str, *,
                  {"cbdtune.status": "unfinished", "cbdtune.reason": reason})
         mlflow_client.set_terminated(run.info.run_id, status=status)
     return [r.info.run_id for r in runs]
+
+
+def driver_id() -> str:
+    """``<host>:<pid>`` of this process: the tag :data:`DRIVER_TAG` of a search's parent run."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def end_orphaned_searches(mlflow_client: Any, experiment_id: str) -> list[str]:
+    """End the parent runs whose search driver died without ending them; returns their ids.
+
+    A driver killed outright (SIGKILL, the OOM killer, Ray exiting the process when its raylet
+    dies) runs no ``finally``. Its parent run is still RUNNING with a :data:`DRIVER_TAG` of this
+    host and a pid no process has: it ends FAILED, and its trial runs still RUNNING end KILLED.
+    Runs of other hosts, or of a live pid, are left alone (they may be searching right now).
+    """
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string="tags.`cbdtune.role` = 'search' and "
+                                       "attributes.status = 'RUNNING'", max_results=1000)
+    ended = []
+    for run in runs:
+        host, _, pid = run.data.tags.get(DRIVER_TAG, "").rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        end_open_runs(mlflow_client, experiment_id, run.info.run_id, status="KILLED",
+                      reason="interrupted; --resume continues it")
+        set_tags(mlflow_client, run.info.run_id, {"cbdtune.reason": f"the search driver "
+                                                  f"(pid {pid}) died without ending its runs"})
+        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def reopen_run(mlflow_client: Any, run_id: str) -> None:

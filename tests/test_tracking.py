@@ -151,3 +151,29 @@ def test_old_callback_name_still_unpickles_from_tracking() -> None:
     from cbdtune.callbacks import MLflowTrialCallback
 
     assert tracking.MLflowTrialCallback is MLflowTrialCallback
+
+
+def test_end_orphaned_searches_ends_only_runs_of_dead_drivers_on_this_host(tmp_path: Path) -> None:
+    """A driver killed outright runs no ``finally``; the next search ends its runs."""
+    import os
+    import socket
+
+    uri, _ = _store(tmp_path)
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "t")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+
+    def parent(driver: str) -> str:
+        return c.create_run(exp, tags={"cbdtune.role": "search",
+                                       tracking.DRIVER_TAG: driver}).info.run_id
+
+    dead, live, remote = parent(f"{host}:{gone}"), parent(f"{host}:{os.getpid()}"), parent(
+        f"not-{host}:{gone}")
+    trial = c.create_run(exp, tags={tracking.PARENT_TAG: dead}).info.run_id
+    assert tracking.end_orphaned_searches(c, exp) == [dead]
+    assert c.get_run(dead).info.status == "FAILED"
+    assert f"pid {gone}" in c.get_run(dead).data.tags["cbdtune.reason"]
+    assert c.get_run(trial).info.status == "KILLED"
+    assert {c.get_run(r).info.status for r in (live, remote)} == {"RUNNING"}
