@@ -39,6 +39,7 @@ from cbdtune.runtime import (
     as_tensor,
     autocast,
     check_finite,
+    encode_split,
     evaluate,
     for_epoch,
     fused,
@@ -189,11 +190,7 @@ def stage_inputs(model: CBDModel, x: np.ndarray, stage: str, rt: Runtime,
     raw = as_tensor(x)
     if stage == "fine_tune":
         return (raw,)
-    model.eval()
-    with torch.no_grad(), autocast(rt, tc):
-        tokens = torch.cat([model.encode(raw[i:i + 256].to(rt.device)).float()
-                            for i in range(0, len(raw), 256)])
-    return tokens, series_stats(raw).to(rt.device)
+    return encode_split(model, raw, rt, tc), series_stats(raw).to(rt.device)
 
 
 def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, stage: str,

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from cbdtune.config import ExperimentConfig
+from cbdtune.results import trial_params
 
 log = logging.getLogger("cbdtune.refit")
 
@@ -68,9 +69,7 @@ def plan(top: pd.DataFrame, base: ExperimentConfig,
     """``(rank, trial row, config)`` for every refit: each top trial's config with each seed."""
     jobs = []
     for rank, (_, row) in enumerate(top.iterrows(), start=1):
-        params = {k[len("param."):]: _native(v) for k, v in row.items()
-                  if k.startswith("param.") and not _isnan(v)}
-        cfg = base.replace(params, where=f"trial {row['trial_id']}")
+        cfg = base.replace(trial_params(row), where=f"trial {row['trial_id']}")
         for j in range(seeds):
             jobs.append((rank, row, cfg.replace({"train.seed": cfg.train.seed + j})))
     return jobs
@@ -133,11 +132,3 @@ def summarise(top: pd.DataFrame, refits: list[Refit], y_test: np.ndarray | None,
 def ensemble_accuracy(probas: list[np.ndarray], y: np.ndarray) -> float:
     """Accuracy of the softmax average."""
     return float(np.mean(np.mean(probas, axis=0).argmax(1) == y))
-
-
-def _native(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)

@@ -120,6 +120,13 @@ def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def trial_params(row: pd.Series) -> dict[str, Any]:
+    """The searched values of one trial row, as plain Python (a param its trial did not sample,
+    NaN in the table, is left out: the trial kept the base config's value)."""
+    return {k[len("param."):]: _native(v) for k, v in row.items()
+            if k.startswith("param.") and not _isnan(v)}
+
+
 def _native(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
@@ -141,8 +148,7 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
                               + selection_section(df, metric)
                               + (refit_section(refits) if refits else "")).encode()}
     if best is not None:
-        params = {k[len("param."):]: _native(v) for k, v in best.items()
-                  if k.startswith("param.") and not _isnan(v)}
+        params = trial_params(best)
         content["best_config.yaml"] = (
             f"# best trial {best['trial_id']}: {metric}={best[metric]:.4f}\n"
             + base.replace(params, where="best trial").to_yaml()).encode()
