@@ -253,7 +253,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
              "cv_folds": chosen.folds if not pool.holdout else 0,
              **{f"val_{k}": v for k, v in chosen.val.items()},
              **{f"{s}.val_accuracy": r.val["accuracy"] for s, r in done.items()},
-             **_test_once(clf, data, cfg, rt)}
+             **_test_once(clf, data, cfg, rt)[0]}
     final.update({"stage": "final", "final": 1, "diverged": 0,
                   "wall_s": time.perf_counter() - t0,
                   "n_params": sum(p.numel() for p in model.parameters())})
@@ -277,13 +277,15 @@ def _final_classifier(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt:
 
 
 def _test_once(clf: CBDClassifier, data: Dataset, cfg: ExperimentConfig,
-               rt: Runtime) -> dict[str, float]:
+               rt: Runtime) -> tuple[dict[str, float], np.ndarray]:
+    """Test metrics and class probabilities (N_test, K) from one pass over the test split
+    (none and an empty array without one)."""
     if data.test is None:
-        return {}
+        return {}, np.empty((0, data.n_classes), dtype=np.float32)
     proba = classify.predict_proba(clf, data.test.x, rt, cfg.train)
     pred = proba.argmax(1)
     return {"test_accuracy": float(np.mean(pred == data.test.y)),
-            "test_f1": macro_f1(pred, data.test.y, data.n_classes)}
+            "test_f1": macro_f1(pred, data.test.y, data.n_classes)}, proba
 
 
 def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int,
@@ -299,9 +301,8 @@ def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int
     cfg, model = _prepare(cfg, data, rt, None)
     pretrain(model, data, cfg, rt, lambda _m, _s: None, probes=False)
     clf = classify.refit(model, data.train.x, data.train.y, cfg, rt, stage, epochs)
+    test, proba = _test_once(clf, data, cfg, rt)
     metrics: dict[str, Any] = {"stage": "refit", "seed": cfg.train.seed, "refit_stage": stage,
-                               "refit_epochs": epochs, **_test_once(clf, data, cfg, rt)}
-    proba = (classify.predict_proba(clf, data.test.x, rt, cfg.train) if data.test is not None
-             else np.empty((0, data.n_classes), dtype=np.float32))
-    metrics["wall_s"] = time.perf_counter() - t0
+                               "refit_epochs": epochs, **test,
+                               "wall_s": time.perf_counter() - t0}
     return metrics, clf, proba
