@@ -15,6 +15,10 @@ three protocols with ``cbdtune.pipeline``, each reading the test split once:
     and batch order; offsets far above the ``--seeds`` range so no member repeats another task's
     seed). Their test-split softmax probabilities are averaged and the average is tested once;
     each member's own test accuracy is recorded too. The selection is (b)'s: no new look at data.
+    ``--ensemble seeds`` builds (c) without new training: seed s's ensemble averages (b)'s refit
+    models of seeds s, s + 1 and s + 2 (mod ``--seeds``, so it needs >= 3 seeds); each member
+    keeps its own CV-chosen epoch count. Neighbouring ensembles share members, so their spread
+    understates the spread of independent ensembles.
 
 Beside them MiniRocket (aeon ``MiniRocketClassifier(random_state=seed, n_jobs=threads)``, as in
 ``benchmarks/reproduce.py``, one untimed warm-up fit per dataset and process) fitted twice and
@@ -29,6 +33,8 @@ test); (c) is (b)'s plus the two extra refits; MiniRocket is fit + predict.
                         # a first look; neither has been timed yet: per task, (b) trains k + 1
                         # classifiers and (c) two more pretrainings, ~6x reproduce.py's fine-tune
     python benchmarks/selection.py --quick                         # smoke preset, gesture, 1 seed
+    python benchmarks/selection.py --protocols b --ensemble seeds --preset default \
+        --name selection_default                  # (b) and (c) only -> results/selection_default.md
     python benchmarks/selection.py --threads 1 & python benchmarks/selection.py --threads 1
                                             # two processes share the work
 
@@ -62,6 +68,7 @@ ENSEMBLE_SEED_OFFSETS = (1000, 2000)  # members 2 and 3 of (c): train.seed = see
 VAL_SPLIT = "(a) validation split (today)"
 CV_REFIT = "(b) CV + refit"
 ENSEMBLE = f"(c) refit ensemble of {1 + len(ENSEMBLE_SEED_OFFSETS)} seeds"
+ENSEMBLE_SIZE = 1 + len(ENSEMBLE_SEED_OFFSETS)
 MR_ALL = "MiniRocket, fit on all training series (matched to b, c)"
 MR_SPLIT = "MiniRocket, fit on (a)'s train split (matched to a)"
 
@@ -106,27 +113,61 @@ def _ensemble_row(cfg: Any, data: Any, cv: dict[str, Any], clf: Any, rt: Any) ->
             "members": " ".join(f"{a:.4f}" for a in members), "time_s": seconds}
 
 
-def cbd_seed(cfg: Any, seed: int, cv_folds: int) -> tuple[list[dict[str, Any]], Any, Any]:
-    """Protocols (a), (b), (c) on one seed; also the two datasets (carved split, all of train)."""
-    from cbdtune import pipeline
+def cbd_seed(cfg: Any, seed: int, cv_folds: int, args: argparse.Namespace
+             ) -> tuple[list[dict[str, Any]], Any, Any, Any]:
+    """The protocols asked for on one seed; the two datasets (carved split, all of train); and
+    (b)'s refit test probabilities (for ``--ensemble seeds``; None if (b) did not run)."""
+    from cbdtune import classify, pipeline
     from cbdtune.data import load_dataset
 
     rt = pipeline.Runtime(device=pipeline.resolve_device(cfg.train))
-    rows = []
+    rows, proba = [], None
     split_cfg = cfg.replace({"data.cv_folds": 0})
     split_data = load_dataset(split_cfg.data, seed=seed)
-    t0 = time.perf_counter()
-    result = pipeline.run_trial(split_cfg, split_data, _quiet, rt=rt)
-    rows.append(_trial_row(VAL_SPLIT, result, time.perf_counter() - t0, len(split_data.train)))
+    if "a" in args.protocols:
+        t0 = time.perf_counter()
+        result = pipeline.run_trial(split_cfg, split_data, _quiet, rt=rt)
+        rows.append(_trial_row(VAL_SPLIT, result, time.perf_counter() - t0,
+                               len(split_data.train)))
 
     cv_cfg = cfg.replace({"data.cv_folds": cv_folds})
     cv_data = load_dataset(cv_cfg.data, seed=seed)
-    t0 = time.perf_counter()
-    result = pipeline.run_trial(cv_cfg, cv_data, _quiet, rt=rt)
-    rows.append(_trial_row(CV_REFIT, result, time.perf_counter() - t0, len(cv_data.train)))
-    if result.classifier is not None:  # not diverged
-        rows.append(_ensemble_row(cv_cfg, cv_data, rows[-1], result.classifier, rt))
-    return rows, split_data, cv_data
+    if "b" in args.protocols:
+        t0 = time.perf_counter()
+        result = pipeline.run_trial(cv_cfg, cv_data, _quiet, rt=rt)
+        rows.append(_trial_row(CV_REFIT, result, time.perf_counter() - t0, len(cv_data.train)))
+        if result.classifier is not None:  # not diverged
+            proba = classify.predict_proba(result.classifier, cv_data.test.x, rt, cv_cfg.train)
+            if args.ensemble == "refits":
+                rows.append(_ensemble_row(cv_cfg, cv_data, rows[-1], result.classifier, rt))
+    return rows, split_data, cv_data, proba
+
+
+def seed_ensembles(runs: dict[tuple[str, int], dict[str, Any]], seeds: int
+                   ) -> list[dict[str, Any]]:
+    """``--ensemble seeds``: per dataset and seed s, the softmax average of (b)'s refit models
+    of seeds s .. s + ENSEMBLE_SIZE - 1 (mod ``seeds``), tested once; every member must exist."""
+    import numpy as np
+
+    from cbdtune.runtime import macro_f1
+
+    out = []
+    for (dataset, seed), run in runs.items():
+        members = [runs.get((dataset, (seed + i) % seeds)) for i in range(ENSEMBLE_SIZE)]
+        if seeds < ENSEMBLE_SIZE or any(m is None or m.get("cv_proba") is None for m in members):
+            continue
+        y = np.asarray(run["test_y"])
+        probas = [np.asarray(m["cv_proba"]) for m in members]
+        cv = next(r for r in run["rows"] if r["protocol"] == CV_REFIT)
+        pred = np.mean(probas, axis=0).argmax(1)
+        out.append({"dataset": dataset, "seed": seed, **cv, "protocol": ENSEMBLE,
+                    "test_accuracy": float(np.mean(pred == y)),
+                    "test_f1": macro_f1(pred, y, probas[0].shape[1]),
+                    "n_models": len(probas),
+                    "members": " ".join(f"{np.mean(p.argmax(1) == y):.4f}" for p in probas),
+                    "time_s": sum(next(r for r in m["rows"] if r["protocol"] == CV_REFIT)
+                                  ["time_s"] for m in members)})
+    return out
 
 
 def minirocket_rows(split_data: Any, cv_data: Any, seed: int, threads: int, *,
@@ -187,7 +228,7 @@ def gap_lines(df: Any) -> list[str]:
     return lines
 
 
-def write_table(df: Any, out_dir: Path, header: list[str]) -> None:
+def write_table(df: Any, out_dir: Path, header: list[str], name: str) -> None:
     lines = [*header, "",
              "| dataset | protocol | test acc % | n | estimate % | test macro-F1 % | models "
              "| members' test acc % | selected (stage seeds; epochs) | train series | time s |",
@@ -198,11 +239,11 @@ def write_table(df: Any, out_dir: Path, header: list[str]) -> None:
                      f"| {r['selected']} | {r['n_train']} | {r['time_s']:.1f} |")
     lines += ["", "How optimistic each selection estimate is:", "", *gap_lines(df)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "selection.md").write_text("\n".join(lines) + "\n")
-    df.to_csv(out_dir / "selection.csv", index=False)
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    df.to_csv(out_dir / f"{name}.csv", index=False)
     start = next(i for i, line in enumerate(lines) if line.startswith("| dataset"))
     print("\n" + "\n".join(lines[start:]))
-    print(f"\nwrote {out_dir / 'selection.md'} and {out_dir / 'selection.csv'}")
+    print(f"\nwrote {out_dir / f'{name}.md'} and {out_dir / f'{name}.csv'}")
 
 
 def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
@@ -232,11 +273,18 @@ def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
         f"- (a) `data.cv_folds=0`, validation split {base.data.val_fraction:g} of train; "
         f"estimate = validation accuracy at the selection. (b) `data.cv_folds={cv_folds}`, "
         "estimate = mean CV accuracy (s.e. over folds, averaged over seeds). (c) the softmax "
-        f"average of (b)'s refit and refits at train.seed = seed + {offsets} (same stage and "
-        "epoch count); members' test acc = each member alone, over members and seeds",
+        + (f"average of (b)'s refit and refits at train.seed = seed + {offsets} (same stage and "
+           "epoch count)" if args.ensemble == "refits" else
+           f"average of (b)'s refit models of seeds s..s+{ENSEMBLE_SIZE - 1} mod {args.seeds} "
+           "(no new training; neighbouring ensembles share members)")
+        + "; members' test acc = each member alone, over members and seeds"
+        + (f"; protocols run: {', '.join(f'({c})' for c in args.protocols)}"
+           if args.protocols != "abc" else ""),
         f"- MiniRocket: aeon `MiniRocketClassifier(random_state=seed, n_jobs={args.threads})`, "
         "time = fit + predict after one untimed warm-up per dataset and process",
-        "- time: (a), (b) run_trial's wall time; (c) (b)'s plus its two extra refits",
+        "- time: (a), (b) run_trial's wall time; (c) " + (
+            "(b)'s plus its two extra refits" if args.ensemble == "refits"
+            else "the sum of its members' (b) times"),
     ]
 
 
@@ -259,11 +307,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     p.add_argument("--quick", action="store_true",
                    help="smoke preset, gesture, 1 seed; writes to a temp dir")
     p.add_argument("--out-dir", default=None, help="default results/ (a temp dir with --quick)")
+    p.add_argument("--name", default="selection",
+                   help="file names in --out-dir: NAME.md, NAME.csv, NAME_runs/")
+    p.add_argument("--protocols", default="abc",
+                   help="which of (a), (b), (c) to run, e.g. 'b' or 'ab' (default abc)")
+    p.add_argument("--ensemble", choices=("refits", "seeds"), default="refits",
+                   help="(c) from two fresh refits per seed (default) or from (b)'s refits of "
+                        "neighbouring seeds (no extra training; needs --seeds >= 3)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.epochs_scale <= 0 or args.threads < 1:
         p.error("--seeds and --threads must be >= 1 and --epochs-scale > 0")
+    if not set(args.protocols) <= set("abc") or not args.protocols:
+        p.error(f"--protocols takes letters from 'abc', but got {args.protocols!r}")
+    if "c" in args.protocols and "b" not in args.protocols:
+        p.error("--protocols: (c) ensembles (b)'s refits; add b")
+    if "c" not in args.protocols:
+        args.ensemble = "none"
     if args.quick:
         args.preset, args.datasets, args.seeds = "smoke", ["gesture"], 1
+    if args.ensemble == "seeds" and args.seeds < ENSEMBLE_SIZE:
+        p.error(f"--ensemble seeds needs --seeds >= {ENSEMBLE_SIZE}")
     return p, args
 
 
@@ -293,7 +356,7 @@ def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: 
         try:
             t0 = time.perf_counter()
             cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
-            found, split_data, cv_data = cbd_seed(cfg, seed, cv_folds)
+            found, split_data, cv_data, proba = cbd_seed(cfg, seed, cv_folds, args)
             if not args.no_minirocket:
                 found += minirocket_rows(split_data, cv_data, seed, args.threads,
                                          warm_up=dataset not in warmed)
@@ -302,7 +365,9 @@ def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: 
                 print(f"{dataset:26s} seed {seed}  {r['protocol']:58s} test "
                       f"{r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
             tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"settings": settings, "rows": found}))
+            extra = {} if proba is None else {"cv_proba": proba.round(6).tolist(),
+                                              "test_y": cv_data.test.y.tolist()}
+            tmp.write_text(json.dumps({"settings": settings, "rows": found, **extra}))
             tmp.replace(done)
             print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
                   f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
@@ -310,10 +375,11 @@ def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: 
             done.with_suffix(".claim").unlink(missing_ok=True)
 
 
-def collect(tasks: list[tuple[str, int]], runs_dir: Path,
-            settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of every finished task run with these settings, in dataset then seed order."""
-    rows, missing = [], []
+def collect(tasks: list[tuple[str, int]], runs_dir: Path, settings: dict[str, Any]
+            ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
+    """The rows of every finished task run with these settings, in dataset then seed order, and
+    the runs themselves by (dataset, seed)."""
+    rows, missing, runs = [], [], {}
     for dataset, seed in sorted(tasks, key=lambda t: ([d for d, _ in tasks].index(t[0]), t[1])):
         path = runs_dir / f"{dataset}_seed{seed}.json"
         run = json.loads(path.read_text()) if path.exists() else None
@@ -321,10 +387,11 @@ def collect(tasks: list[tuple[str, int]], runs_dir: Path,
             missing.append(f"{dataset} seed {seed}")
             continue
         rows += [{"dataset": dataset, "seed": seed, **r} for r in run["rows"]]
+        runs[(dataset, seed)] = run
     if missing:
         print(f"not in the table (running elsewhere, not run, or run with other settings): "
               f"{', '.join(missing)}", file=sys.stderr)
-    return rows
+    return rows, runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,16 +407,19 @@ def main(argv: list[str] | None = None) -> int:
     base, cv_folds = base_config(p, args)
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
                                     else ROOT / "results"))
-    runs_dir = out_dir / "selection_runs"
+    runs_dir = out_dir / f"{args.name}_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     settings = {"preset": args.preset, "epochs_scale": args.epochs_scale,
+                "protocols": args.protocols, "ensemble": args.ensemble,
                 "threads": args.threads, "set": sorted(args.set), "cv_folds": cv_folds,
                 "ensemble_seed_offsets": list(ENSEMBLE_SEED_OFFSETS),
                 "minirocket": not args.no_minirocket}
     # seed-major, so that a run stopped early still leaves every dataset with some seeds
     tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]
     run_tasks(tasks, base, cv_folds, runs_dir, settings, args)
-    rows = collect(tasks, runs_dir, settings)
+    rows, runs = collect(tasks, runs_dir, settings)
+    if args.ensemble == "seeds":
+        rows += seed_ensembles(runs, args.seeds)
     if not rows:
         busy = any(runs_dir.glob("*.claim"))
         print("no finished runs to tabulate" + ("; another process is still running tasks"
@@ -359,7 +429,12 @@ def main(argv: list[str] | None = None) -> int:
              "estimate_se", "stage", "epoch", "n_models", "members"]
     df = pd.DataFrame(rows)
     df = df[first + [c for c in df.columns if c not in first]]
-    write_table(df, out_dir, header(args, argv, base, cv_folds, aeon_version))
+    order = [VAL_SPLIT, CV_REFIT, ENSEMBLE, MR_ALL, MR_SPLIT]
+    df["protocol"] = pd.Categorical(df["protocol"], order, ordered=True)
+    df = df.sort_values(["protocol", "seed"], kind="stable").sort_values(
+        "dataset", key=lambda d: d.map(args.datasets.index), kind="stable")
+    df["protocol"] = df["protocol"].astype(str)
+    write_table(df, out_dir, header(args, argv, base, cv_folds, aeon_version), args.name)
     return 0
 
 
