@@ -19,6 +19,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from cbdtune import reports
 from cbdtune.config import ExperimentConfig
 from cbdtune.tracking import (
     PARENT_TAG,
@@ -35,7 +36,7 @@ from cbdtune.tracking import (
 
 # Keys Tune adds to every result that are bookkeeping, not measurements.
 TUNE_BOOKKEEPING = {"timestamp", "pid", "time_since_restore", "iterations_since_restore",
-                    "training_iteration", "done", "time_this_iter_s"}
+                    reports.ITERATION, "done", "time_this_iter_s"}
 _ENDED = ("TERMINATED", "ERROR")
 
 
@@ -92,11 +93,11 @@ class ProgressCallback(Callback):
         now = standing(trials, trial, self.metric, self.mode)
         last = trial.last_result or {}
         parts = [f"trial {now.finished}/{self.num_samples} {trial.trial_id} {status}"]
-        value, se = last.get(self.metric), last.get(f"{self.metric}_se")
+        value, se = last.get(self.metric), last.get(reports.se_of(self.metric))
         if status != "error" and _finite(value):
             parts.append(f"{self.metric} {value:.4f}" + (f" ± {se:.3f}" if _finite(se) else ""))
         if status == "stopped":
-            parts.append(f"after {last.get('training_iteration', '?')} reports")
+            parts.append(f"after {last.get(reports.ITERATION, '?')} reports")
         elif status in ("error", "diverged") and reason:
             parts.append(f"({reason[:120]})")
         parts.append(f"(best {now.best_value:.4f}, trial {now.best_trial})"
@@ -174,7 +175,8 @@ class MLflowTrialCallback(Callback):
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str,
-                 base: ExperimentConfig, metric: str = "val_accuracy", mode: str = "max") -> None:
+                 base: ExperimentConfig, metric: str = reports.VAL_ACCURACY,
+                 mode: str = "max") -> None:
         self.uri = uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -245,11 +247,11 @@ class MLflowTrialCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
         run_id, _ = self._run_for(trial)
-        step = int(result.get("training_iteration", 0))
+        step = int(result.get(reports.ITERATION, 0))
         metrics = {k: v for k, v in result.items() if k not in TUNE_BOOKKEEPING}
         log_metrics(self.client, run_id, metrics, step)
         kept: dict[str, Any] = dict(numeric(metrics))
-        kept["stage"] = result.get("stage", "")
+        kept[reports.STAGE] = result.get(reports.STAGE, "")
         self._history.setdefault(trial.trial_id, []).append(kept)
 
     def _finish(self, trials: list[Any], trial: Any, status: str, reason: str) -> None:
@@ -264,7 +266,7 @@ class MLflowTrialCallback(Callback):
         except Exception as exc:  # a figure must never lose the run's status
             set_tags(self.client, run_id, {"cbdtune.artifact_error": repr(exc)[:500]})
         self.client.set_terminated(run_id, status="FAILED" if status == "error" else "FINISHED")
-        metric, mode = getattr(self, "metric", "val_accuracy"), getattr(self, "mode", "max")
+        metric, mode = getattr(self, "metric", reports.VAL_ACCURACY), getattr(self, "mode", "max")
         now = standing(trials, trial, metric, mode)
         if now.best_value is not None:
             log_metrics(self.client, self.parent_run_id, {f"best_{metric}": now.best_value},

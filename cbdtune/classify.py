@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cbdtune import reports
 from cbdtune.config import ExperimentConfig, TrainConfig
 from cbdtune.data import Dataset, stratified_folds
 from cbdtune.model import CBDClassifier, CBDModel, build_head, series_stats
@@ -47,7 +48,7 @@ from cbdtune.runtime import (
     progress_bar,
 )
 
-STAGES = ("linear_probe", "fine_tune")
+STAGES = reports.STAGES  # the classifier stages; the report format (cbdtune.reports) owns them
 _STAGE_SEED = {"linear_probe": 1, "fine_tune": 2}
 
 # report(metrics, payload): the pipeline's reporter; the classifier stages attach no payload.
@@ -77,10 +78,8 @@ def selection_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
 
 
 def stages(tc: TrainConfig) -> Iterator[str]:
-    if tc.classifier in ("linear_probe", "both"):
-        yield "linear_probe"
-    if tc.classifier in ("fine_tune", "both"):
-        yield "fine_tune"
+    """The classifier stages ``tc.classifier`` runs, in order (:func:`cbdtune.reports.stages`)."""
+    return reports.stages(tc)
 
 
 # ---- one fold's classifier ---------------------------------------------------------------------
@@ -223,11 +222,11 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
             bar.update(1)
             bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}")
         if report is not None:
-            report({"stage": stage, "epoch": epoch, "train_loss": train_loss,
-                    "val_accuracy": best.val["accuracy"],
-                    "val_accuracy_se": best.val["accuracy_se"],
+            report({reports.STAGE: stage, reports.EPOCH: epoch, reports.TRAIN_LOSS: train_loss,
+                    reports.VAL_ACCURACY: best.val["accuracy"],
+                    reports.VAL_ACCURACY_SE: best.val["accuracy_se"],
                     "val_accuracy_epoch": point["accuracy"],
-                    "val_loss": point["loss"], "val_f1": point["f1"],
+                    reports.VAL_LOSS: point["loss"], reports.VAL_F1: point["f1"],
                     "lr": runs[0].opt.param_groups[0]["lr"]}, None)
         if tc.early_stop_patience and epoch - best.epoch >= tc.early_stop_patience:
             break

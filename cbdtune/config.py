@@ -330,13 +330,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["model.mask_ratio=0.5", "train.classifier=both"]`` -> dict; values are read as YAML."""
+    """``["model.mask_ratio=0.5", "train.classifier=both"]`` -> dict; values are read as YAML.
+
+    Raises:
+        ConfigError: an item without ``=`` or a key, or a value that is not valid YAML.
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.mask_ratio=0.5")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise ConfigError(f"--set {item}: the value of {key.strip()} is not valid YAML "
+                              f"({problem}); quote a string that holds YAML syntax") from None
     return out
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import matplotlib
 
+from cbdtune import reports
+
 matplotlib.use("Agg")  # headless: drivers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -20,26 +22,27 @@ _LAYER = re.compile(r"^diag\.energy_(low|mid|high)\.(.+)$")
 
 def learning_curve(history: list[dict[str, Any]]) -> Figure | None:
     """Validation accuracy at every evaluation point (by stage) and the pretraining loss."""
+    acc, stage_of = reports.VAL_ACCURACY, lambda h: h.get(reports.STAGE, "?")
     points = [(i, h) for i, h in enumerate(history, start=1)
-              if isinstance(h.get("val_accuracy"), (int, float)) and h.get("stage") != "final"]
+              if isinstance(h.get(acc), (int, float)) and stage_of(h) != reports.FINAL_STAGE]
     if not points:
         return None
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for stage in dict.fromkeys(h.get("stage", "?") for _, h in points):
-        xs = [i for i, h in points if h.get("stage") == stage]
-        ys = [h["val_accuracy"] for i, h in points if h.get("stage") == stage]
+    for stage in dict.fromkeys(stage_of(h) for _, h in points):
+        xs = [i for i, h in points if stage_of(h) == stage]
+        ys = [h[acc] for i, h in points if stage_of(h) == stage]
         ax_acc.plot(xs, ys, marker="." if len(xs) < 30 else None, label=str(stage))
     ax_acc.set_xlabel("report")
     ax_acc.set_ylabel("validation accuracy")
     ax_acc.legend(fontsize=8)
     ax_acc.grid(alpha=0.3)
-    pre = [h for h in history if "loss.total" in h]
+    loss = reports.LOSS_PREFIX
+    pre = [h for h in history if f"{loss}total" in h]
     if pre:
-        for key in ("loss.total", "loss.time_rec", "loss.freq_dual", "loss.freq_rec",
-                    "loss.time_dual"):
-            ys = [h.get(key) for h in pre]
+        for term in ("total", "time_rec", "freq_dual", "freq_rec", "time_dual"):
+            ys = [h.get(loss + term) for h in pre]
             if all(isinstance(y, (int, float)) for y in ys):
-                ax_loss.plot([h.get("epoch", i) for i, h in enumerate(pre)], ys, label=key[5:])
+                ax_loss.plot([h.get(reports.EPOCH, i) for i, h in enumerate(pre)], ys, label=term)
         ax_loss.set_yscale("log")
         ax_loss.set_xlabel("pretraining epoch")
         ax_loss.set_ylabel("loss (Eq. 14 terms)")

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cbdtune import classify
+from cbdtune import classify, reports
 from cbdtune.classify import STAGES, StageResult, selection_pool  # noqa: F401 (STAGES re-exported)
 from cbdtune.config import ExperimentConfig
 from cbdtune.data import Dataset
@@ -236,7 +236,8 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
                 continue
             done[stage] = classify.fit_stage(model, pool, cfg, rt, stage, data.n_classes,
                                              report_with_stages)
-            report_with_stages({"stage": stage, "epoch": done[stage].epoch, "stage_done": 1,
+            report_with_stages({reports.STAGE: stage, reports.EPOCH: done[stage].epoch,
+                                reports.STAGE_DONE: 1,
                                 **{f"val_{k}": v for k, v in done[stage].val.items()}},
                                {"stage": stage, "epoch": done[stage].epoch,
                                 "model": copy.deepcopy(model.state_dict())})
@@ -244,18 +245,19 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
         clf = _final_classifier(model, data, cfg, rt, chosen, pool.holdout)
     except TrialDiverged as exc:
         # val_accuracy 0: a diverged configuration ranks below every trial that trained.
-        final = {"stage": "final", "final": 1, "diverged": 1, "reason": str(exc),
-                 "val_accuracy": 0.0, "wall_s": time.perf_counter() - t0}
+        final = {reports.STAGE: reports.FINAL_STAGE, reports.FINAL: 1, reports.DIVERGED: 1,
+                 reports.REASON: str(exc), reports.VAL_ACCURACY: 0.0,
+                 reports.WALL_S: time.perf_counter() - t0}
         report(final, None)
         return TrialResult(status="diverged", metrics=final, reason=str(exc))
 
-    final = {"selected_stage": chosen.stage, "selected_epoch": chosen.epoch,
-             "cv_folds": chosen.folds if not pool.holdout else 0,
+    final = {reports.SELECTED_STAGE: chosen.stage, reports.SELECTED_EPOCH: chosen.epoch,
+             reports.CV_FOLDS: chosen.folds if not pool.holdout else 0,
              **{f"val_{k}": v for k, v in chosen.val.items()},
-             **{f"{s}.val_accuracy": r.val["accuracy"] for s, r in done.items()},
+             **{reports.stage_metric(s): r.val["accuracy"] for s, r in done.items()},
              **_test_once(clf, data, cfg, rt)[0]}
-    final.update({"stage": "final", "final": 1, "diverged": 0,
-                  "wall_s": time.perf_counter() - t0,
+    final.update({reports.STAGE: reports.FINAL_STAGE, reports.FINAL: 1, reports.DIVERGED: 0,
+                  reports.WALL_S: time.perf_counter() - t0,
                   "n_params": sum(p.numel() for p in model.parameters())})
     final.update(diagnose(model, _diagnostic_batch(data, rt)))
     report(final, None)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cbdtune import reports
 from cbdtune.config import ExperimentConfig
 from cbdtune.results import trial_params
 
@@ -94,7 +95,7 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
     jobs = plan(top, base, seeds)
     pending = {}
     for rank, row, cfg in jobs:
-        stage, epochs = str(row["selected_stage"]), int(row["selected_epoch"])
+        stage, epochs = str(row[reports.SELECTED_STAGE]), int(row[reports.SELECTED_EPOCH])
         ref = remote.remote(cfg.to_dict(), [data_ref], stage, epochs,
                             f"refit_{row['trial_id']}_seed{cfg.train.seed}")
         pending[ref] = (rank, str(row["trial_id"]), cfg.train.seed)
@@ -109,7 +110,7 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
                             out["test_proba"]))
         log.info("refit %d/%d: config #%d (trial %s), seed %d: test accuracy %.4f (%.0f s)",
                  len(refits), len(jobs), rank, trial_id, seed,
-                 out["final"].get("test_accuracy", math.nan), time.perf_counter() - t0)
+                 out["final"].get(reports.TEST_ACCURACY, math.nan), time.perf_counter() - t0)
     return sorted(refits, key=lambda r: (r.rank, r.seed))
 
 
@@ -120,9 +121,9 @@ def summarise(top: pd.DataFrame, refits: list[Refit], y_test: np.ndarray | None,
     for rank, (_, row) in enumerate(top.iterrows(), start=1):
         mine = [r for r in refits if r.rank == rank]
         s = ConfigSummary(rank, str(row["trial_id"]), float(row[metric]),
-                          float(row.get("val_accuracy_se", math.nan)),
-                          str(row["selected_stage"]), int(row["selected_epoch"]),
-                          [float(r.metrics.get("test_accuracy", math.nan)) for r in mine])
+                          float(row.get(reports.VAL_ACCURACY_SE, math.nan)),
+                          str(row[reports.SELECTED_STAGE]), int(row[reports.SELECTED_EPOCH]),
+                          [float(r.metrics.get(reports.TEST_ACCURACY, math.nan)) for r in mine])
         if y_test is not None and mine:
             s.ensemble_test = ensemble_accuracy([r.test_proba for r in mine], y_test)
         out.append(s)

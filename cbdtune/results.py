@@ -18,14 +18,17 @@ from typing import Any
 
 import pandas as pd
 
+from cbdtune import reports
 from cbdtune.config import CbdtuneError, ExperimentConfig
 from cbdtune.space import SearchSpace
 
-# Columns copied from each trial's last result (when present).
-RESULT_COLUMNS = ("val_accuracy", "val_accuracy_se", "val_f1", "val_loss", "cv_folds",
-                  "test_accuracy", "test_f1",
-                  "selected_stage", "selected_epoch", "linear_probe.val_accuracy",
-                  "fine_tune.val_accuracy", "training_iteration", "time_total_s", "reason")
+# Columns copied from each trial's last result (when present): the pipeline's final report
+# (cbdtune.reports) and Tune's count and time.
+RESULT_COLUMNS = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.VAL_F1, reports.VAL_LOSS,
+                  reports.CV_FOLDS, reports.TEST_ACCURACY, reports.TEST_F1,
+                  reports.SELECTED_STAGE, reports.SELECTED_EPOCH,
+                  *(reports.stage_metric(stage) for stage in reports.STAGES),
+                  reports.ITERATION, "time_total_s", reports.REASON)
 
 
 def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -42,7 +45,7 @@ def trial_row(trial_id: str, params: dict[str, Any], last: dict[str, Any] | None
     row: dict[str, Any] = {"trial_id": trial_id, "status": status, "reason": reason}
     row.update({f"param.{k}": v for k, v in params.items()})
     for col in RESULT_COLUMNS:
-        if col in last and col != "reason":
+        if col in last and col != reports.REASON:
             row[col] = last[col]
     return row
 

@@ -8,8 +8,13 @@ parent run. Each trial is a Tune function trainable that launches a Ray Train ``
 The same command runs on a laptop (a local Ray is started, MLflow writes ``./mlflow.db``) and as
 ``ray job submit -- python -m cbdtune.search ...`` on a cluster (``RAY_ADDRESS`` is set by Ray).
 
-This module sees a config and a metric, nothing of the model: ``config``, ``space``, ``worker``,
-``tracking``, ``callbacks``, ``views`` and ``results`` are all it imports from cbdtune.
+This module sees a config and a metric, nothing of the model: ``config``, ``settings``,
+``reports``, ``space``, ``worker``, ``tracking``, ``callbacks``, ``views`` and ``results`` are all
+it imports from cbdtune.
+
+In Python: ``run_search(SearchSettings(dataset="gesture", space="smoke"))`` returns a
+:class:`SearchResult`; the command line is a thin mapping of its flags onto
+:class:`~cbdtune.settings.SearchSettings`.
 
 Every way out of a started search ends its MLflow runs: FINISHED; KILLED after Ctrl-C (exit 130,
 with the ``--resume`` command printed); FAILED after an exception (its first line is the parent's
@@ -25,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -36,18 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from cbdtune import _cli, results, tracking
+from cbdtune import _cli, reports, results, tracking
 from cbdtune.config import METRIC, MODE, CbdtuneError, ExperimentConfig, preset
 from cbdtune.data import load_dataset
+from cbdtune.settings import (  # noqa: F401 (parse_duration re-exported)
+    SAMPLERS,
+    SCHEDULERS,
+    SearchSettings,
+    parse_duration,
+)
 from cbdtune.space import SearchSpace, load_space, resolve_path
 
 log = logging.getLogger("cbdtune.search")
 
-SAMPLERS = ("tpe", "random", "cmaes")
-DRIVER_MEMORY = 256 * 1024**2
-# What the pipeline reports at every evaluation point and in its final report (cross-validated
-# means under CV): the metrics a search may select on.
-REPORTED_METRICS = ("val_accuracy", "val_loss", "val_f1")  # the trial driver only waits on its TorchTrainer
+DRIVER_MEMORY = 256 * 1024**2  # the trial driver only waits on its TorchTrainer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,27 +63,29 @@ def parser() -> argparse.ArgumentParser:
                     "MLflow. Runs on a local Ray or the cluster at $RAY_ADDRESS.")
     _cli.add_version_flag(p)
     _cli.add_config_flags(p)
-    p.add_argument("--space", default="default",
+    p.add_argument("--space",
                    help="search space YAML, or a name in search_spaces/ (default, paper, smoke)")
-    p.add_argument("--num-samples", type=int, default=16, help="trials to run (default 16)")
-    p.add_argument("--max-concurrent", type=int, default=0,
+    p.add_argument("--num-samples", type=int, help="trials to run (default %(default)s)")
+    p.add_argument("--max-concurrent", type=int,
                    help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="data-parallel workers")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+    p.add_argument("--workers-per-trial", type=int, help="data-parallel workers")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default %(default)s)")
+    p.add_argument("--gpus-per-worker", type=float,
                    help="GPUs per worker; fractions (0.25) let trials share a GPU")
-    p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (seeded)")
-    p.add_argument("--scheduler", choices=("asha", "none"), default="asha")
-    p.add_argument("--metric", default=METRIC, help=f"what to optimise (default {METRIC})")
-    p.add_argument("--mode", choices=("max", "min"), default=None,
+    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler, seeded (default %(default)s)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="default %(default)s")
+    p.add_argument("--metric", help="what to optimise (default %(default)s)")
+    p.add_argument("--mode", choices=("max", "min"),
                    help="direction (default: min for losses, else max)")
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:///./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default cbdtune-<dataset>)")
     p.add_argument("--name", help="search name: Tune run and results folder "
                                   "(default <dataset>-<space>, suffixed -2, -3... when taken)")
-    p.add_argument("--storage", default=None,
+    p.add_argument("--storage",
                    help="Ray storage: a folder or s3:// / gs:// URI (default ~/ray_results)")
-    p.add_argument("--results-dir", default="results", help="where results/<dataset>/<name> go")
+    p.add_argument("--address",
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--results-dir", help="where <results-dir>/<dataset>/<name> goes (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest search of this name from its storage (an "
                         "interrupted search prints the exact command)")
@@ -85,81 +93,32 @@ def parser() -> argparse.ArgumentParser:
                    help="use --name (or the default name) even if a search of that name exists: "
                         "its results files are replaced and Tune starts a new experiment in its "
                         "storage (ignored with --resume)")
-    p.add_argument("--cv-folds", type=int, default=None,
+    p.add_argument("--cv-folds", type=int,
                    help="k of the stratified k-fold cross-validation each trial is scored by "
                         "(default: the space's, 5); 0 = one validation split (large datasets)")
-    p.add_argument("--cv-repeats", type=int, default=None,
+    p.add_argument("--cv-repeats", type=int,
                    help="repeat the k folds with fresh shuffles (tiny datasets; default 1)")
-    p.add_argument("--refit-top", type=int, default=3,
-                   help="refit the best N configurations on all training series (default 3; "
+    p.add_argument("--refit-top", type=int,
+                   help="refit the best N configurations on all training series (default %(default)s; "
                         "0 = no refit, no model)")
-    p.add_argument("--refit-seeds", type=int, default=3,
-                   help="seeds per refit configuration (default 3); the model is the ensemble")
+    p.add_argument("--refit-seeds", type=int,
+                   help="seeds per refit configuration (default %(default)s); the model is the ensemble")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not run the paper's configuration as the first trial")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="retries of a trial (and of its worker group) after a failure")
+    p.add_argument("--max-failures", type=int,
+                   help="retries of a trial (and of its worker group) after a failure (default %(default)s)")
     p.add_argument("--allow-autoscale", action="store_true",
                    help="skip the resource check: the cluster's autoscaler will add nodes")
-    p.add_argument("--time-budget", default=None, metavar="DURATION",
+    p.add_argument("--time-budget", metavar="DURATION",
                    help="stop starting and running trials after this long (90m, 2h, 3600s); "
                         "the trials that ended are refit as usual")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray Tune's trial table (default: one line per finished trial)")
+    p.set_defaults(**SearchSettings.defaults())  # one place for every default: the settings
     return p
 
 
-# ---- validation (all before Ray starts) -----------------------------------------------------------
-
-
-def _mode(args: argparse.Namespace) -> str:
-    if args.mode:
-        return args.mode
-    return "min" if "loss" in args.metric else MODE
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    if args.metric.startswith("test"):
-        raise CbdtuneError(f"--metric {args.metric}: the search never selects on a test metric; "
-                           f"use a validation metric such as {METRIC}")
-    for flag, value, least in (("--num-samples", args.num_samples, 1),
-                               ("--workers-per-trial", args.workers_per_trial, 1),
-                               ("--max-concurrent", args.max_concurrent, 0),
-                               ("--max-failures", args.max_failures, 0),
-                               ("--refit-top", args.refit_top, 0),
-                               ("--refit-seeds", args.refit_seeds, 1),
-                               ("--seed", 0 if args.seed is None else args.seed, 0)):
-        if value < least:
-            raise CbdtuneError(f"{flag}: must be >= {least}, but got {value}")
-    if args.metric not in REPORTED_METRICS:
-        raise CbdtuneError(f"--metric {args.metric}: not a metric the pipeline reports for "
-                           f"selection; choose one of {', '.join(REPORTED_METRICS)}")
-    for flag, amount in (("--cpus-per-worker", args.cpus_per_worker),
-                         ("--gpus-per-worker", args.gpus_per_worker)):
-        if not math.isfinite(amount) or amount < 0:
-            raise CbdtuneError(f"{flag} {amount}: must be a finite number >= 0")
-    if args.gpus_per_worker > 1 and not float(args.gpus_per_worker).is_integer():
-        raise CbdtuneError(f"--gpus-per-worker {args.gpus_per_worker}: fractions must be < 1 "
-                           "(a worker shares one GPU) or whole numbers")
-    if args.time_budget is not None:
-        parse_duration(args.time_budget, flag="--time-budget")
-
-
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, *, flag: str = "--time-budget") -> float:
-    """``"90m"`` -> 5400.0: a positive number with an optional unit s, m, h or d (seconds).
-
-    Raises:
-        CbdtuneError: anything else (``nan``, ``-5m``, ``1h30``, ``2 hours``).
-    """
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", text.strip().lower())
-    seconds = float(m.group(1)) * _SECONDS[m.group(2)] if m else 0.0
-    if not seconds > 0:
-        raise CbdtuneError(f"{flag} {text}: expected a positive duration such as 90m, 2h or "
-                           "3600s")
-    return seconds
+# ---- checks before Ray starts ----------------------------------------------------------------
 
 
 def check_storage(storage: str | None) -> None:
@@ -190,37 +149,35 @@ def shown_path(given: str, resolved: str | Path | None = None) -> str:
     return given
 
 
-def expected_reports(cfg: ExperimentConfig, space: SearchSpace | None = None) -> int:
-    """How many results one full trial reports at most: ASHA's ``max_t``.
-
-    ASHA stops every trial at ``max_t``, so it must not fall short of a trial's last (final)
-    report; searched epoch counts are taken at their upper bound.
-    """
+def max_reports(cfg: ExperimentConfig, space: SearchSpace | None = None) -> int:
+    """How many results one trial of the space reports at most: the pipeline's report budget
+    (:func:`cbdtune.reports.report_budget`) with searched epoch counts at their upper bound and
+    ``train.classifier`` at ``both`` when searched. ASHA stops every trial at ``max_t``, so it
+    must not fall short of a trial's last (final) report."""
     for p in space.params if space else ():
         if p.key.startswith("train.") and p.key.endswith("epochs") and p.high is not None:
             cfg = cfg.replace({p.key: int(p.high)})
-    tc = cfg.train
-    pre = math.ceil(tc.pretrain_epochs / tc.probe_every) if tc.pretrain_epochs else 0
-    stages = 2 if tc.classifier == "both" else 1
-    return max(1, pre + stages * (tc.classifier_epochs + 1) + 1)
+        if p.key == "train.classifier" and "both" in (p.choices or ()):
+            cfg = cfg.replace({p.key: "both"})
+    return reports.report_budget(cfg)
 
 
 # ---- Ray side ---------------------------------------------------------------------------------
 
 
-def check_resources(args: argparse.Namespace) -> int:
+def check_resources(settings: SearchSettings) -> int:
     """Fail fast when not even one trial fits the cluster; return how many trials fit at once."""
     import ray
 
-    need_cpu = args.cpus_per_worker
-    need_gpu = args.gpus_per_worker
+    need_cpu = settings.cpus_per_worker
+    need_gpu = settings.gpus_per_worker
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_cpu = sum(r.get("CPU", 0.0) for r in nodes)
     total_gpu = sum(r.get("GPU", 0.0) for r in nodes)
     fits_one_worker = any(r.get("CPU", 0.0) >= need_cpu and r.get("GPU", 0.0) >= need_gpu
                           for r in nodes)
-    workers = args.workers_per_trial
-    if not args.allow_autoscale and (
+    workers = settings.workers_per_trial
+    if not settings.allow_autoscale and (
             not fits_one_worker or total_cpu < workers * need_cpu
             or total_gpu + 1e-9 < workers * need_gpu):
         raise CbdtuneError(
@@ -278,30 +235,35 @@ def baseline_point(space: SearchSpace) -> dict[str, Any]:
     return space.optuna_point(values)
 
 
-def param_space(space: SearchSpace, args: argparse.Namespace, storage: str | None) -> dict:
+def trial_settings(settings: SearchSettings, storage: str | None) -> Any:
+    """The run-level settings every trial of this search runs with (the worker's
+    :class:`~cbdtune.worker.TrialSettings`, built from the search's settings only)."""
+    from cbdtune.worker import TrialSettings
+
+    return TrialSettings(workers=settings.workers_per_trial,
+                         cpus_per_worker=settings.cpus_per_worker,
+                         gpus_per_worker=settings.gpus_per_worker,
+                         max_failures=settings.max_failures, storage_path=storage)
+
+
+def param_space(settings: SearchSettings, storage: str | None) -> dict[str, Any]:
     """Run-level settings at the top; the searcher fills ``train_loop_config`` in each trial.
 
     Nothing here is a distribution: Tune refuses one in ``param_space`` when the searcher has its
     own space. Tune deep-merges each suggestion into this dict (``SearchGenerator``), so a trial
     with no parameter sampled still gets an empty ``train_loop_config``.
     """
-    return {
-        "workers": args.workers_per_trial,
-        "cpus_per_worker": args.cpus_per_worker,
-        "gpus_per_worker": args.gpus_per_worker,
-        "max_failures": args.max_failures,
-        "storage_path": storage,
-        "train_loop_config": {},
-    }
+    return trial_settings(settings, storage).param_space()
 
 
-def _storage_root(args: argparse.Namespace) -> str:
-    if args.storage:
-        return args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+def _storage_root(settings: SearchSettings) -> str:
+    if settings.storage:
+        storage = settings.storage
+        return storage if "://" in storage else str(Path(storage).resolve())
     return str(Path("~/ray_results").expanduser())
 
 
-def _search_name(args: argparse.Namespace, root: str, stem: str, *, results_dir: Path) -> str:
+def _search_name(settings: SearchSettings, root: str, stem: str, *, results_dir: Path) -> str:
     """The search's name, decided once for its Ray storage and its results folder.
 
     ``--name``, else ``<dataset>-<space>``. A name is taken when ``{root}/{name}`` holds a Tune
@@ -310,7 +272,7 @@ def _search_name(args: argparse.Namespace, root: str, stem: str, *, results_dir:
     can restore; ``--overwrite`` (ignored with ``--resume``) ``name`` itself, taken or not.
 
     Args:
-        args: the parsed command line (``name``, ``dataset``, ``resume``, ``overwrite``).
+        settings: the search's ``name``, ``dataset``, ``resume`` and ``overwrite``.
         root: the Ray storage root (a folder or a URI).
         stem: the space file's stem, for the default name.
         results_dir: the dataset's results folder, ``<--results-dir>/<dataset name>``.
@@ -320,7 +282,7 @@ def _search_name(args: argparse.Namespace, root: str, stem: str, *, results_dir:
     """
     from ray import tune
 
-    base = args.name or f"{args.dataset}-{stem}"
+    base = settings.name or f"{settings.dataset}-{stem}"
     names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
     taken: list[str] = []
     restorable: list[str] = []
@@ -330,12 +292,12 @@ def _search_name(args: argparse.Namespace, root: str, stem: str, *, results_dir:
         elif not _has_results(results_dir / name):
             break
         taken.append(name)
-    if args.resume:
+    if settings.resume:
         if not restorable:
             raise CbdtuneError(f"--resume: no search named {base} in {root}; run it without "
                                "--resume first, or pass --name/--storage")
         return restorable[-1]
-    if args.overwrite:
+    if settings.overwrite:
         return base
     return names[len(taken)]
 
@@ -366,7 +328,7 @@ def _describe_parent(s: _Search) -> None:
     """What a new parent run carries besides params: the space file and the dataset (a failure
     here is logged and tagged; it never stops the search)."""
     try:
-        with resources.as_file(resolve_path(s.args.space)) as path:
+        with resources.as_file(resolve_path(s.settings.space)) as path:
             s.mlc.log_artifact(s.parent, str(path), artifact_path="space")
         digest = tracking.log_dataset(s.mlc, s.parent, s.data)
         tracking.set_tags(s.mlc, s.parent, {"cbdtune.dataset_sha256": digest})
@@ -375,40 +337,39 @@ def _describe_parent(s: _Search) -> None:
         tracking.set_tags(s.mlc, s.parent, {"cbdtune.describe_error": _first_line(exc)})
 
 
-def _inputs(args: argparse.Namespace) -> tuple[SearchSpace, ExperimentConfig, Any, str]:
-    """Everything checked before Ray starts: flags, space, config, dataset, MLflow, storage,
-    results."""
-    validate_args(args)
-    space = load_space(args.space)
-    late: dict[str, Any] = {"data.dataset": args.dataset}
-    if args.data_dir:
-        late["data.data_dir"] = shown_path(args.data_dir)
-    if args.seed is not None:
-        late["train.seed"] = args.seed
-    if args.cv_folds is not None:
-        late["data.cv_folds"] = args.cv_folds
-    if args.cv_repeats is not None:
-        late["data.cv_repeats"] = args.cv_repeats
+def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, Any, str]:
+    """Everything checked before Ray starts (the settings checked themselves): space, config,
+    dataset, MLflow, storage, results."""
+    space = load_space(settings.space)
+    late: dict[str, Any] = {"data.dataset": settings.dataset}
+    if settings.data_dir:
+        late["data.data_dir"] = shown_path(settings.data_dir)
+    if settings.seed is not None:
+        late["train.seed"] = settings.seed
+    if settings.cv_folds is not None:
+        late["data.cv_folds"] = settings.cv_folds
+    if settings.cv_repeats is not None:
+        late["data.cv_repeats"] = settings.cv_repeats
     base = space.base.replace(late, where="command line")
-    results.check_results_dir(Path(args.results_dir))
-    check_storage(args.storage)
+    results.check_results_dir(Path(settings.results_dir))
+    check_storage(settings.storage)
     data = load_dataset(base.data, seed=base.train.seed)
-    uri = tracking.resolve_tracking_uri(args.mlflow_uri)
+    uri = tracking.resolve_tracking_uri(settings.mlflow_uri)
     tracking.check_tracking_uri(uri, writable=True)
     return space, base, data, uri
 
 
-def _scheduler(args: argparse.Namespace, base: ExperimentConfig, space: SearchSpace) -> Any:
+def _scheduler(settings: SearchSettings, base: ExperimentConfig, space: SearchSpace) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if args.scheduler != "asha":
+    if settings.scheduler != "asha":
         return FIFOScheduler()
     # First rung after a third of the pretraining probes (short cross-validated linear probes),
     # then x3 per rung; rungs in the classifier stage compare the mean CV curve's best point.
-    max_t = expected_reports(base, space) + 1
-    probes = math.ceil(base.train.pretrain_epochs / base.train.probe_every)
-    grace = max(1, math.ceil(probes / 3))
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+    # The time attribute is the trial's own report count: a resumed trial continues it (worker.py).
+    max_t = max_reports(base, space) + 1
+    grace = max(1, math.ceil(reports.probe_count(base.train) / 3))
+    return ASHAScheduler(time_attr=reports.ITERATION, max_t=max_t,
                          grace_period=max(1, min(grace, max_t)), reduction_factor=3)
 
 
@@ -420,7 +381,7 @@ TRIAL_INTERRUPTED = "interrupted; --resume continues it"
 class _Search:
     """One invocation of the search, filled in as Ray and MLflow are set up."""
 
-    args: argparse.Namespace
+    settings: SearchSettings
     space: SearchSpace
     base: ExperimentConfig
     data: Any
@@ -436,6 +397,10 @@ class _Search:
     exp_id: str = ""
     parent: str = ""  # the parent MLflow run
     header: dict[str, Any] = field(default_factory=dict)
+    trials: Any = None  # the trials' DataFrame, once Tune returned
+    best: Any = None  # the best completed trial's row
+    study_url: str | None = None
+    model_dir: Path | None = None
 
     @property
     def command(self) -> str:
@@ -443,37 +408,99 @@ class _Search:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.args.results_dir) / self.data.name / self.name
+        return Path(self.settings.results_dir) / self.data.name / self.name
+
+    @property
+    def experiment_path(self) -> str:
+        """Tune's experiment folder (or URI): ``{storage root}/{name}``."""
+        return f"{self.root}/{self.name}"
 
 
-def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """Run the search; 0 when it finished, 130 when interrupted (Ctrl-C).
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search leaves (:func:`run_search`).
+
+    ``trials`` is ``trials.parquet`` as a DataFrame (empty when the search stopped before Tune
+    returned); ``best_trial`` and ``best_value`` are the best *completed* trial's id and
+    ``metric``. ``storage_path`` is Tune's experiment (``--resume`` continues it), ``results_dir``
+    the search's results folder, ``mlflow_run_id`` the parent run in ``mlflow_uri``.
+    """
+
+    name: str
+    status: str  # "finished" | "interrupted"
+    exit_code: int  # 0 finished, EXIT_INTERRUPTED (130) interrupted
+    metric: str
+    mode: str
+    trials: Any  # pandas.DataFrame
+    best_trial: str | None
+    best_value: float | None
+    results_dir: Path
+    storage_path: str
+    mlflow_uri: str
+    mlflow_run_id: str
+    study_url: str | None = None  # the Optuna study (optuna-dashboard <url>)
+    model_dir: Path | None = None  # the refit ensemble (None without refits)
+
+
+def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> SearchResult:
+    """Run one search to the end, or until Ctrl-C (``status="interrupted"``, exit code 130).
 
     Once the parent MLflow run exists, every way out ends it: FINISHED, KILLED (Ctrl-C; the
     trials that had not finished end KILLED too) or FAILED (an exception, its first line in the
-    tag ``cbdtune.reason``), and the ``--resume`` command is printed whenever Tune can continue.
+    tag ``cbdtune.reason``, and the exception propagates), and the ``--resume`` command is
+    printed whenever Tune can continue.
+
+    Args:
+        settings: the search (validated when it was built).
+        argv: the command line as typed, for the summary and the ``--resume`` hint; default:
+            the flags that give ``settings`` (:meth:`SearchSettings.to_argv`).
+
+    Raises:
+        CbdtuneError: an input that fails its check before Ray starts (space, dataset, MLflow
+            store, storage, results folder, resources), with one line saying what to do.
     """
     # [1] Validate everything before Ray starts: bad input costs nothing.
-    space, base, data, uri = _inputs(args)
-    s = _Search(args, space, base, data, uri, list(sys.argv[1:] if argv is None else argv),
-                metric=args.metric, mode=_mode(args))
+    space, base, data, uri = _inputs(settings)
+    s = _Search(settings, space, base, data, uri,
+                list(settings.to_argv() if argv is None else argv),
+                metric=settings.metric, mode=str(settings.mode))
     # [2] Ray: join a cluster or start one; check that one trial fits; name the search.
     _connect(s)
-    status, reason = "FAILED", "the search driver stopped"
+    status, reason, code = "FAILED", "the search driver stopped", EXIT_INTERRUPTED
     try:
         # [3] MLflow: a parent run for the search (reused by --resume).
         _open_parent(s)
         code = _search(s)
         status, reason = ("KILLED", "interrupted (Ctrl-C)") if code else ("FINISHED", "")
-        return code
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop (refits)
-        status, reason = "KILLED", "interrupted (Ctrl-C)"
-        return EXIT_INTERRUPTED
+        status, reason, code = "KILLED", "interrupted (Ctrl-C)", EXIT_INTERRUPTED
     except BaseException as exc:
         reason = _first_line(exc)
         raise
     finally:
         _close(s, status, reason)
+    return _result(s, code)
+
+
+def _result(s: _Search, code: int) -> SearchResult:
+    import pandas as pd
+
+    best = s.best
+    return SearchResult(
+        name=s.name, status="interrupted" if code else "finished", exit_code=code,
+        metric=s.metric, mode=s.mode,
+        trials=s.trials if s.trials is not None else pd.DataFrame(),
+        best_trial=None if best is None else str(best["trial_id"]),
+        best_value=None if best is None else float(best[s.metric]),
+        results_dir=s.out_dir, storage_path=s.experiment_path, mlflow_uri=s.uri,
+        mlflow_run_id=s.parent, study_url=s.study_url, model_dir=s.model_dir)
+
+
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """The command line: its flags as :class:`SearchSettings`, then :func:`run_search`; 0 when
+    the search finished, 130 when it was interrupted."""
+    settings = SearchSettings.from_args(args)
+    return run_search(settings, argv=list(sys.argv[1:] if argv is None else argv)).exit_code
 
 
 def _connect(s: _Search) -> None:
@@ -482,16 +509,17 @@ def _connect(s: _Search) -> None:
 
     from cbdtune.worker import connect
 
-    s.where = connect()
-    fits = check_resources(s.args)
-    s.max_concurrent = s.args.max_concurrent or min(fits, s.args.num_samples)
-    s.root = _storage_root(s.args)
-    s.name = _search_name(s.args, s.root, Path(s.space.path).stem,
-                          results_dir=Path(s.args.results_dir) / s.data.name)
-    log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s/%s", s.name,
-             s.args.num_samples, s.max_concurrent, s.where, ray.cluster_resources(), s.root,
-             s.name)
-    if s.args.resume and (s.args.time_budget or s.args.verbose):
+    st = s.settings
+    s.where = connect(st.address)
+    fits = check_resources(st)
+    s.max_concurrent = st.max_concurrent or min(fits, st.num_samples)
+    s.root = _storage_root(st)
+    s.name = _search_name(st, s.root, Path(s.space.path).stem,
+                          results_dir=Path(st.results_dir) / s.data.name)
+    log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s", s.name,
+             st.num_samples, s.max_concurrent, s.where, ray.cluster_resources(),
+             s.experiment_path)
+    if st.resume and (st.time_budget or st.verbose):
         log.warning("--resume: Tune restores the search's first RunConfig and TuneConfig, so "
                     "--time-budget and --verbose keep the values of its first run")
 
@@ -501,8 +529,8 @@ def _open_parent(s: _Search) -> None:
     dataset on a new one; a resumed search reopens its own."""
     s.mlc = tracking.client(s.uri)
     s.exp_id = tracking.experiment_id(
-        s.mlc, s.args.experiment or tracking.default_experiment(s.data.name))
-    a, base = s.args, s.base
+        s.mlc, s.settings.experiment or tracking.default_experiment(s.data.name))
+    a, base = s.settings, s.base
     s.header = {"dataset": s.data.name, "space": shown_path(a.space, s.space.path),
                 "space_sha256": s.space.sha256, "git_commit": tracking.git_commit(),
                 "sampler": a.sampler, "scheduler": a.scheduler, "seed": base.train.seed,
@@ -531,21 +559,21 @@ def _search(s: _Search) -> int:
     # [5] Results. Which trials ended is read from what Tune persisted: after Ctrl-C, Ray 2.60
     # marks every trial TERMINATED in memory, but its experiment state on disk keeps them
     # RUNNING/PENDING (it is written before the trials are stopped).
-    states = persisted_trial_states(f"{s.root}/{s.name}") or _memory_states(grid)
+    states = persisted_trial_states(s.experiment_path) or _memory_states(grid)
     rows, curves = _rows(grid, states, s.metric)
-    df = results.trials_frame(rows)
-    interrupted = _interrupted(s.args, df, wall)
+    s.trials = df = results.trials_frame(rows)
+    interrupted = _interrupted(s.settings, df, wall)
     s.header.update({"wall_s": round(wall, 1), "ray": s.where})
     write = dict(space=s.space, base=s.base, metric=s.metric, mode=s.mode, command=s.command,
                  header=s.header)
     paths = results.write(s.out_dir, df, **write)
-    best = results.best_trial(df, s.metric, s.mode)
+    s.best = best = results.best_trial(df, s.metric, s.mode)
     _log_best(s, df, best)
-    study_url = _log_views(s, df, curves)
-    if best is not None and s.args.refit_top and not interrupted:
-        top = results.ranked(df, s.metric, s.mode).head(s.args.refit_top)
-        outcome = _refit_and_register(s.args, top, s.base, s.data, data_ref, s.uri, s.parent,
-                                      s.out_dir, s.metric, s.root, s.name)
+    s.study_url = study_url = _log_views(s, df, curves)
+    if best is not None and s.settings.refit_top and not interrupted:
+        top = results.ranked(df, s.metric, s.mode).head(s.settings.refit_top)
+        outcome = _refit_and_register(s, top, data_ref)
+        s.model_dir = outcome["model_dir"]
         paths = results.write(s.out_dir, df, refits=outcome, **write)
     for path in paths.values():
         s.mlc.log_artifact(s.parent, str(path))
@@ -553,27 +581,27 @@ def _search(s: _Search) -> int:
     if study_url:
         print(f"optuna study {s.name}: optuna-dashboard {_shown_url(study_url)}", flush=True)
     if interrupted:
-        print(f"search {s.name} stopped before its {s.args.num_samples} trials finished",
+        print(f"search {s.name} stopped before its {s.settings.num_samples} trials finished",
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return 0
 
 
-def _interrupted(args: argparse.Namespace, df: Any, wall: float) -> bool:
+def _interrupted(settings: SearchSettings, df: Any, wall: float) -> bool:
     """A trial did not end, or fewer trials ran than asked and no time budget ran out."""
     if "status" in df and bool((df["status"] == "unfinished").any()):
         return True
-    budget = parse_duration(args.time_budget) if args.time_budget else math.inf
-    return len(df) < args.num_samples and wall < budget
+    budget = settings.time_budget_s or math.inf
+    return len(df) < settings.num_samples and wall < budget
 
 
 def _log_best(s: _Search, df: Any, best: Any) -> None:
     """The best completed trial's metrics on the parent run (step = trials in the table)."""
     if best is None:
         return
-    tracking.log_metrics(s.mlc, s.parent, {f"best_{k}": best.get(k) for k in
-                                           ("val_accuracy", "val_accuracy_se", "val_f1",
-                                            "test_accuracy", "test_f1") if k in best},
+    keys = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.VAL_F1,
+            reports.TEST_ACCURACY, reports.TEST_F1)
+    tracking.log_metrics(s.mlc, s.parent, {f"best_{k}": best.get(k) for k in keys if k in best},
                          step=len(df))
     tracking.set_tags(s.mlc, s.parent, {"cbdtune.best_trial": best["trial_id"]})
 
@@ -583,7 +611,7 @@ def _log_views(s: _Search, df: Any, curves: dict[str, dict[int, float]]) -> str 
     the study's storage URL (None when that failed: views never fail a search)."""
     from cbdtune import views
 
-    url = views.study_storage(s.uri, Path(s.args.results_dir))
+    url = views.study_storage(s.uri, Path(s.settings.results_dir))
     try:
         study = views.export_study(df, curves, s.space, storage=url, study_name=s.name,
                                    metric=s.metric, mode=s.mode)
@@ -616,7 +644,7 @@ def _close(s: _Search, status: str, reason: str) -> None:
         s.mlc.set_terminated(s.parent, status=status)
     except Exception as exc:  # MLflow itself failing must not hide why the search ended
         log.warning("MLflow runs of search %s not ended: %s", s.name, _first_line(exc))
-    if status != "FINISHED" and _restorable(f"{s.root}/{s.name}"):
+    if status != "FINISHED" and _restorable(s.experiment_path):
         print(f"search {s.name} {'interrupted' if status == 'KILLED' else 'failed'}; continue "
               f"it with:\n  {resume_command(s.argv, s.name)}", file=sys.stderr, flush=True)
 
@@ -660,63 +688,57 @@ def _tuner(s: _Search, data_ref: Any) -> Any:
     from cbdtune.callbacks import MLflowTrialCallback, ProgressCallback, SchedulerStateCallback
     from cbdtune.worker import train_driver_fn
 
-    args = s.args
+    st = s.settings
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=s.base.to_dict()),
         {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
-    settings = param_space(s.space, args, f"{s.root}/{s.name}/train")
+    settings = param_space(st, f"{s.experiment_path}/train")
     # Quiet unless --verbose: Ray 2.60's default output engine ignores a progress_reporter
     # passed in (tune.py: "ignoring passed-in ProgressReporter"), and at verbose=0
     # (AirVerbosity.SILENT) it still prints the experiment's configuration box. The legacy
     # engine (RAY_AIR_NEW_OUTPUT=0, read by tune.run) prints nothing at verbose=0, its CLIReporter
     # included. A user's own RAY_AIR_NEW_OUTPUT wins.
-    if not args.verbose:
+    if not st.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if args.resume:
-        # ASHA's rungs come back through SchedulerStateCallback's state. TODO (worker.py): a
-        # resumed unfinished trial restarts Tune's training_iteration at 1 while its Train run
-        # continues from its last Train checkpoint: the trainable reports no Tune checkpoint
-        # (TuneReportCallback forwards metrics only) and only Trainable.restore sets _iteration,
-        # so ASHA judges it at the wrong fidelity. The worker reporting training_iteration
-        # itself (len of its restored history) would fix it: Trainable.train only setdefaults it.
-        return tune.Tuner.restore(f"{s.root}/{s.name}", trainable, resume_errored=True,
+    if st.resume:
+        # ASHA's rungs come back through SchedulerStateCallback's state; a resumed unfinished
+        # trial continues its own training_iteration (the worker reports it: worker.Reporter).
+        return tune.Tuner.restore(s.experiment_path, trainable, resume_errored=True,
                                   param_space=settings)
-    scheduler = _scheduler(args, s.base, s.space)
+    scheduler = _scheduler(st, s.base, s.space)
     callbacks = [MLflowTrialCallback(s.uri, s.exp_id, s.parent, s.base, s.metric, s.mode),
-                 ProgressCallback(args.num_samples, s.metric, s.mode),
+                 ProgressCallback(st.num_samples, s.metric, s.mode),
                  SchedulerStateCallback(scheduler)]
     # Tune checkpoints the experiment (searcher, callbacks) into storage: --resume.
     run_config = tune.RunConfig(
         name=s.name, storage_path=s.root, callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=args.max_failures),
-        verbose=1 if args.verbose else 0)
+        failure_config=tune.FailureConfig(max_failures=st.max_failures),
+        verbose=1 if st.verbose else 0)
     tune_config = tune.TuneConfig(
-        metric=s.metric, mode=s.mode, num_samples=args.num_samples, scheduler=scheduler,
-        search_alg=make_searcher(s.space, sampler=args.sampler, seed=s.base.train.seed,
+        metric=s.metric, mode=s.mode, num_samples=st.num_samples, scheduler=scheduler,
+        search_alg=make_searcher(s.space, sampler=st.sampler, seed=s.base.train.seed,
                                  metric=s.metric, mode=s.mode, max_concurrent=s.max_concurrent,
-                                 baseline=not args.no_baseline),
-        time_budget_s=parse_duration(args.time_budget) if args.time_budget else None,
+                                 baseline=st.baseline),
+        time_budget_s=st.time_budget_s,
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     return tune.Tuner(trainable, param_space=settings, tune_config=tune_config,
                       run_config=run_config)
 
 
-def _refit_and_register(args: argparse.Namespace, top: Any, base: ExperimentConfig, data: Any,
-                        data_ref: Any, uri: str, parent: str, out_dir: Path, metric: str,
-                        root: str, name: str) -> dict[str, Any]:
+def _refit_and_register(s: _Search, top: Any, data_ref: Any) -> dict[str, Any]:
     """Refit the top configurations, save and register their ensemble; the summary's numbers."""
     from cbdtune import refit, serving
 
-    trainer_args = {"workers": args.workers_per_trial, "gpus_per_worker": args.gpus_per_worker,
-                    "cpus_per_worker": args.cpus_per_worker, "max_failures": args.max_failures,
-                    "storage_path": f"{root}/{name}/refit"}
-    refits = refit.run(top, base, data_ref, seeds=args.refit_seeds, trainer_args=trainer_args)
+    data, uri, parent = s.data, s.uri, s.parent
+    trainer_args = trial_settings(s.settings, f"{s.experiment_path}/refit").trainer_args()
+    refits = refit.run(top, s.base, data_ref, seeds=s.settings.refit_seeds,
+                       trainer_args=trainer_args)
     y_test = data.test.y if data.test is not None else None
-    configs = refit.summarise(top, refits, y_test, metric)
+    configs = refit.summarise(top, refits, y_test, s.metric)
     members = [(ExperimentConfig.from_dict(r.config, where="refit"), r.weights,
                 {"rank": r.rank, "source_trial": r.trial_id, "seed": r.seed})
                for r in refits]
-    model_dir = serving.save_model(out_dir / "model", members, class_names=data.class_names,
+    model_dir = serving.save_model(s.out_dir / "model", members, class_names=data.class_names,
                                    dataset=data.name)
     ensemble = serving.CBDEnsemble.load(model_dir)
     outcome: dict[str, Any] = {"configs": [c.row() for c in configs], "members": len(refits),
@@ -724,7 +746,7 @@ def _refit_and_register(args: argparse.Namespace, top: Any, base: ExperimentConf
     if data.test is not None:  # the ensemble reads test once, through the code users load
         pred = ensemble.predict_proba(data.test.x).argmax(1)
         outcome["ensemble_test_accuracy"] = float(np.mean(pred == data.test.y))
-    registered = f"cbdtune-{_dataset_slug(args.dataset, data.name)}"
+    registered = f"cbdtune-{_dataset_slug(s.settings.dataset, data.name)}"
     outcome["registered"] = (registered, serving.log_model(
         uri, parent, model_dir, registered_name=registered, input_example=data.train.x[:2]))
     _log_refits(uri, parent, outcome)
@@ -811,10 +833,10 @@ def _rows(grid: Any, states: dict[str, str],
 
 def _curve(frame: Any, metric: str) -> dict[int, float]:
     """``{training_iteration: metric}`` of every report that has a finite ``metric``."""
-    if frame is None or metric not in frame or "training_iteration" not in frame:
+    if frame is None or metric not in frame or reports.ITERATION not in frame:
         return {}
     out = {}
-    for step, value in zip(frame["training_iteration"], frame[metric], strict=True):
+    for step, value in zip(frame[reports.ITERATION], frame[metric], strict=True):
         if isinstance(value, (int, float)) and math.isfinite(value) and step == step:
             out[int(step)] = float(value)
     return out
@@ -828,7 +850,8 @@ def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, nam
         print("no trial completed")
         return
     rows = [("best trial", best["trial_id"])]
-    for key in (metric, "val_f1", "test_accuracy", "test_f1", "selected_stage"):
+    for key in dict.fromkeys((metric, reports.VAL_F1, reports.TEST_ACCURACY, reports.TEST_F1,
+                              reports.SELECTED_STAGE)):
         if key in best and best[key] == best[key]:
             value = best[key]
             rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))

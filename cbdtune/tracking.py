@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cbdtune import reports
 from cbdtune.config import CbdtuneError, ExperimentConfig
 
 DEFAULT_STORE = "mlflow.db"  # sqlite in the working directory (MLflow 3.17's file store raises)
@@ -252,11 +253,11 @@ def trial_status(last: dict[str, Any] | None, *, errored: bool = False,
     if errored:
         return "error", error.strip().splitlines()[-1][:500] if error.strip() else "trial raised"
     last = last or {}
-    if last.get("final") == 1 and last.get("diverged") == 1:
-        return "diverged", str(last.get("reason", "loss became NaN/inf"))
-    if last.get("final") == 1:
+    if reports.is_diverged(last):
+        return "diverged", str(last.get(reports.REASON, "loss became NaN/inf"))
+    if reports.is_final(last):
         return "completed", ""
-    it = last.get("training_iteration", "?")
+    it = last.get(reports.ITERATION, "?")
     return "stopped", f"stopped before its final report (ASHA or --time-budget) after {it} reports"
 
 

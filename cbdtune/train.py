@@ -15,10 +15,8 @@ import time
 import uuid
 from typing import Any
 
-import yaml
-
 from cbdtune import _cli, tracking
-from cbdtune.config import PRESETS, CbdtuneError, ExperimentConfig
+from cbdtune.config import PRESETS, CbdtuneError, ExperimentConfig, parse_overrides
 from cbdtune.data import load_dataset
 
 
@@ -36,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    help="GPUs per worker (default: 1 when this machine has CUDA, else 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--in-process", action="store_true", help="no Ray: run in this process")
+    p.add_argument("--address", help="the Ray cluster to join (default: $RAY_ADDRESS, else a new "
+                                     "local Ray)")
     p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: cbdtune-<dataset>)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -59,7 +59,7 @@ def run_with_trainer(cfg: ExperimentConfig, data: Any, args: argparse.Namespace)
 
     from cbdtune.worker import connect, make_trainer
 
-    connect()
+    connect(args.address)
     gpus = _gpus_per_worker(args)
     check_cluster_gpus(ray.cluster_resources(), args.workers, gpus)
     with tempfile.TemporaryDirectory(prefix="cbdtune-train-", ignore_cleanup_errors=True) as tmp:
@@ -83,8 +83,9 @@ def check_args(args: argparse.Namespace) -> None:
 
     Raises:
         CbdtuneError: ``--seed`` < 0, ``--workers`` < 1, a CPU or GPU amount that is negative or
-            not finite, a ``--set`` value that is not YAML, or GPUs asked of a machine without
-            CUDA when no cluster is named (``$RAY_ADDRESS``): a local Ray would wait forever.
+            not finite, a ``--set`` item that is not ``key=<YAML>``, or GPUs asked of a machine
+            without CUDA when no cluster is named (``--address``, ``$RAY_ADDRESS``): a local Ray
+            would wait forever.
     """
     if args.seed is not None and args.seed < 0:
         raise CbdtuneError(f"--seed {args.seed}: must be >= 0")
@@ -94,21 +95,15 @@ def check_args(args: argparse.Namespace) -> None:
                          ("--gpus-per-worker", args.gpus_per_worker)):
         if amount is not None and (not math.isfinite(amount) or amount < 0):
             raise CbdtuneError(f"{flag} {amount}: must be a finite number >= 0")
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        try:
-            yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "not valid YAML"
-            raise CbdtuneError(f"--set {item}: the value of {key.strip()} is not valid YAML "
-                               f"({problem}); quote a string that holds YAML syntax") from None
-    if args.in_process or not args.gpus_per_worker or os.environ.get("RAY_ADDRESS"):
+    parse_overrides(args.overrides)  # a --set value that is not YAML: one line, before Ray
+    if (args.in_process or not args.gpus_per_worker or args.address
+            or os.environ.get("RAY_ADDRESS")):
         return
     import torch
 
     if not torch.cuda.is_available():
         raise CbdtuneError(f"--gpus-per-worker {args.gpus_per_worker}: this machine has no CUDA "
-                           "GPU; drop the flag, or set RAY_ADDRESS to a cluster with GPUs")
+                           "GPU; drop the flag, or pass --address of a cluster with GPUs")
 
 
 def check_cluster_gpus(resources: dict[str, float], workers: int, gpus: float) -> None:

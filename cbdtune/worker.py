@@ -7,7 +7,9 @@ Shaped like Ray's ``train_tune_interop.py``: ``train_fn_per_worker`` runs on eve
     [1] resume first: ``ray.train.get_checkpoint()`` -> the pipeline continues from its payload
     [2] the dataset comes through the object store (``data_ref``), loaded once by the driver
     [3] ``prepare_model`` wraps the model in DDP when there are several workers
-    [4] every evaluation point goes out through ``ray.train.report``, rank 0 attaching a checkpoint
+    [4] every evaluation point goes out through ``ray.train.report`` (:class:`Reporter`), rank 0
+        attaching a checkpoint; ``training_iteration`` is the trial's own report count, so a
+        trial resumed from a checkpoint continues it
     [5] rank 0 returns the trial's history and final metrics (``Result.return_value``)
 """
 
@@ -17,6 +19,7 @@ import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,91 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from cbdtune.config import ExperimentConfig
+from cbdtune import reports
+from cbdtune.config import ConfigError, ExperimentConfig
 from cbdtune.data import Dataset, load_dataset
 from cbdtune.pipeline import Runtime, refit_trial, run_trial
 
 CHECKPOINT_FILE = "state.pt"
+LOOP_KEY = "train_loop_config"  # the trial's hyperparameters in a Tune config (dotted keys)
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """How one trial runs, not what it trains: the run-level settings that travel through Tune's
+    ``param_space`` next to ``train_loop_config`` (:meth:`param_space`), and
+    :func:`make_trainer`'s arguments (:meth:`trainer_args`).
+
+    No defaults: the search decides every value (``cbdtune.search.trial_settings`` builds this
+    from its :class:`~cbdtune.settings.SearchSettings`), so a trial never runs on a fallback of
+    its own.
+    """
+
+    workers: int  # data-parallel workers
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int  # worker-group restarts (from the latest checkpoint) before the trial fails
+    storage_path: str | None  # where the trial's Train checkpoints go
+
+    def trainer_args(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's ``param_space``: these settings, and an empty ``train_loop_config`` for the
+        searcher to fill."""
+        return {**self.trainer_args(), LOOP_KEY: {}}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrialSettings:
+        """Read them back from a trial's config.
+
+        Raises:
+            ConfigError: a setting is missing (the config was not built by :meth:`param_space`).
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise ConfigError(f"trial config: no {', '.join(missing)}; build Tune's param_space "
+                              "with TrialSettings.param_space()")
+        return cls(**{n: config[n] for n in names})
+
+
+class Reporter:
+    """The pipeline's ``report(metrics, payload)`` inside a Ray Train worker.
+
+    Each report is kept in ``history`` (restored from the checkpoint on a resume) and sent with
+    ``training_iteration`` = the trial's report count so far. Tune counts iterations itself only
+    when a result has none (``Trainable.train`` setdefaults it), and its count restarts at 1 when
+    an unfinished trial is resumed (the function trainable saves no Tune checkpoint to restore
+    ``_iteration`` from), which made ASHA judge a resumed trial at its first rung again. The
+    trial's own count continues: its checkpoint holds every report up to it, and the pipeline
+    repeats exactly the reports after it.
+
+    Args:
+        history: the reports made before this attempt (from the checkpoint), else empty.
+        extra: added to every report (where this attempt runs, what it resumed from).
+        rank: the worker's rank; rank 0 alone saves the checkpoint ``payload``.
+        send: where reports go; default ``ray.train.report``, looked up at each call.
+    """
+
+    def __init__(self, history: list[dict[str, Any]], extra: dict[str, Any], rank: int,
+                 send: Callable[..., None] | None = None) -> None:
+        self.history = list(history)
+        self.extra = extra
+        self.rank = rank
+        self.send = send
+
+    def __call__(self, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+        metrics = {**metrics, **self.extra}
+        self.history.append(dict(metrics))
+        out = {**metrics, reports.ITERATION: len(self.history)}
+        send = self.send or ray.train.report
+        if payload is None or self.rank != 0:  # every rank reports; rank 0 alone checkpoints
+            send(out)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({**payload, "history": self.history}, Path(d) / CHECKPOINT_FILE)
+            send(out, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -57,22 +140,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     refs = loop_config.get("data_ref")
     data: Dataset = ray.get(refs[0]) if refs else load_dataset(cfg.data, seed=cfg.train.seed)
 
-    history: list[dict[str, Any]] = list(state.get("history", [])) if state else []
     # Where this attempt runs and what it resumed from: visible in every result (and MLflow),
     # so a retry after a lost node can be traced.
     where = {"worker_node": ray.get_runtime_context().get_node_id()[:12],
-             "resumed_from_stage": state["stage"] if state else "",
-             "resumed_from_epoch": int(state["epoch"]) if state else -1}
-
-    def report(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
-        metrics = {**metrics, **where}
-        history.append(dict(metrics))
-        if payload is None or rank != 0:  # [4] every rank reports; rank 0 alone checkpoints
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save({**payload, "history": history}, Path(d) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+             "resumed_from_stage": state[reports.STAGE] if state else "",
+             "resumed_from_epoch": int(state[reports.EPOCH]) if state else -1}
+    report = Reporter(state.get("history", []) if state else [], where, rank)  # [4]
 
     # [3] DDP only when data-parallel; the model is already on `device`.
     rt = Runtime(device=device, rank=rank, world_size=world,
@@ -84,7 +157,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     # [5] what the driver needs to log the run, without a second read of any file
     return {"status": result.status, "reason": result.reason, "final": result.metrics,
-            "history": history, "resumed": state is not None}
+            "history": report.history, "resumed": state is not None}
 
 
 def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, *, stage: str,
@@ -92,7 +165,7 @@ def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, *, stage: str,
     """A refit (:func:`cbdtune.pipeline.refit_trial`): rank 0 returns its test metrics, test
     probabilities and the classifier's weights (on the CPU) with its resolved config."""
     metrics, clf, proba = refit_trial(cfg, data, stage=stage, epochs=epochs, rt=rt)
-    ray.train.report({**metrics, "final": 1})
+    ray.train.report({**metrics, reports.FINAL: 1})
     if rt.rank != 0:
         return None
     return {"final": metrics, "test_proba": proba,
@@ -144,26 +217,21 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
                     base: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``.
 
-    ``config`` holds run-level settings at the top (``workers``, ``gpus_per_worker``,
-    ``cpus_per_worker``, ``max_failures``, ``storage_path``) and the trial's hyperparameters as
-    dotted keys under ``train_loop_config``, as in Ray's interop example. They override ``base``,
-    the search's fixed configuration (passed with ``tune.with_parameters`` so Tune's tables and
-    the searcher see only what is searched).
+    ``config`` holds the run-level :class:`TrialSettings` at the top and the trial's
+    hyperparameters as dotted keys under ``train_loop_config``, as in Ray's interop example.
+    They override ``base``, the search's fixed configuration (passed with
+    ``tune.with_parameters`` so Tune's tables and the searcher see only what is searched).
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    run = TrialSettings.from_config(config)
     cfg = ExperimentConfig.from_dict(base or {}, where="search base config")
-    cfg = cfg.replace(dict(config["train_loop_config"]), where="trial config")
+    cfg = cfg.replace(dict(config[LOOP_KEY]), where="trial config")
     in_tune = ray.tune.get_context().get_trial_id() is not None
     trial_id = ray.tune.get_context().get_trial_id() if in_tune else "single"
     trainer = make_trainer(
         cfg, data_ref=data_ref[0] if data_ref else None, name=f"trial_id={trial_id}",
-        workers=int(config.get("workers", 1)),
-        gpus_per_worker=float(config.get("gpus_per_worker", 0.0)),
-        cpus_per_worker=float(config.get("cpus_per_worker", 1.0)),
-        storage_path=config.get("storage_path"), max_failures=int(config.get("max_failures", 0)),
-        callbacks=[TuneReportCallback()] if in_tune else None,
-    )
+        callbacks=[TuneReportCallback()] if in_tune else None, **run.trainer_args())
     result = trainer.fit()
     # Inside Tune the worker's reports already reached Tune; a returned dict would be one more
     # result. Called directly, the caller gets rank 0's history and final metrics.
@@ -177,25 +245,20 @@ TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def connect(address: str | None = None) -> str:
-    """Join the Ray cluster at ``address`` / ``$RAY_ADDRESS``, or one running on this machine,
-    else start a local one. Returns ``"cluster"`` or ``"local"``.
+    """Join the Ray cluster at ``address``, else at ``$RAY_ADDRESS``, else start a local Ray of
+    this process's own. Returns ``"cluster"`` or ``"local"``.
 
     ``ray job submit`` sets ``RAY_ADDRESS`` for the job, so the same command runs unchanged on a
-    laptop and on a cluster.
+    laptop and on a cluster. Without either, a Ray that another process runs on this machine is
+    not joined (``address="local"``; plain ``ray.init()`` would join the latest one started):
+    pass ``--address auto`` for that.
     """
     if ray.is_initialized():
         return "cluster"
     # The job-level env vars merge with a submitted job's own (unless it sets the same keys).
     env = {k: v for k, v in TRAIN_POLL_ENV.items() if k not in os.environ}
     runtime_env = {"env_vars": env} if env else None
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     # log_to_driver=False: workers' logs stay in Ray's session folder; progress is Tune's.
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-        return "cluster"
-    try:
-        ray.init(address="auto", log_to_driver=False, runtime_env=runtime_env)
-        return "cluster"
-    except ConnectionError:
-        ray.init(log_to_driver=False, runtime_env=runtime_env)
-        return "local"
+    ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    return "local" if address == "local" else "cluster"

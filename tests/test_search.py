@@ -299,14 +299,22 @@ def test_search_same_seed_same_trials() -> None:
         assert suggestions(sampler, 0) != suggestions(sampler, 1), sampler
 
 
-def test_expected_reports_covers_a_full_trial() -> None:
+def test_report_budget_covers_a_full_trial(tmp_path: Path) -> None:
+    from cbdtune import reports
+
     space = load_space("smoke")
     cfg = space.base
     # smoke: 4 pretraining epochs probed every 2 -> 2 reports; 15 classifier epochs + stage end;
     # the final report.
-    assert search.expected_reports(cfg) == 2 + 16 + 1
+    assert reports.report_budget(cfg) == 2 + 16 + 1
     both = cfg.replace({"train.classifier": "both"})
-    assert search.expected_reports(both) == 2 + 2 * 16 + 1
+    assert reports.report_budget(both) == 2 + 2 * 16 + 1
+    # ASHA's max_t for a space: searched epoch counts at their top, "both" when it is a choice
+    path = tmp_path / "s.yaml"
+    path.write_text("preset: smoke\ntrain.classifier: {type: categorical, choices: "
+                    "[linear_probe, both]}\ntrain.classifier_epochs: {type: int, low: 5, "
+                    "high: 20}\n")
+    assert search.max_reports(cfg, load_space(str(path))) == 2 + 2 * 21 + 1
 
 
 def _fake_tune_experiment(folder: Path) -> None:
@@ -319,7 +327,7 @@ def test_search_name_skips_a_taken_results_folder_and_leaves_it_untouched(tmp_pa
     from cbdtune import results
 
     space = load_space("smoke")
-    args = search.parser().parse_args(["--dataset", "gesture"])
+    settings = search.SearchSettings(dataset="gesture")
     dataset_dir = tmp_path / "results" / "UWaveGestureLibrary"
     first = dataset_dir / "gesture-default"
     df = results.trials_frame([results.trial_row("a", {}, {"val_accuracy": 0.9}, "completed", "")])
@@ -327,7 +335,8 @@ def test_search_name_skips_a_taken_results_folder_and_leaves_it_untouched(tmp_pa
                   command="first", header={})
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     # The Ray storage is empty (another machine, or ~/ray_results cleaned): the folder decides.
-    name = search._search_name(args, str(tmp_path / "ray"), "default", results_dir=dataset_dir)
+    name = search._search_name(settings, str(tmp_path / "ray"), "default",
+                               results_dir=dataset_dir)
     assert name == "gesture-default-2"
     results.write(dataset_dir / name, df, space, space.base, metric="val_accuracy", mode="max",
                   command="second", header={})
@@ -344,7 +353,8 @@ def test_search_name_storage_or_results_take_a_name_resume_needs_storage(tmp_pat
 
     def name(*flags: str) -> str:
         args = p.parse_args(["--dataset", "gesture", "--name", "s", *flags])
-        return search._search_name(args, str(root), "smoke", results_dir=dataset_dir)
+        settings = search.SearchSettings.from_args(args)
+        return search._search_name(settings, str(root), "smoke", results_dir=dataset_dir)
 
     assert name() == "s-3"
     assert name("--resume") == "s"  # s-2 has results only: nothing for Tune to restore
@@ -353,9 +363,9 @@ def test_search_name_storage_or_results_take_a_name_resume_needs_storage(tmp_pat
 
 
 def test_search_name_resume_without_storage_is_a_one_line_error(tmp_path: Path) -> None:
-    args = search.parser().parse_args(["--dataset", "gesture", "--resume"])
+    settings = search.SearchSettings(dataset="gesture", resume=True)
     with pytest.raises(search.CbdtuneError, match="--resume: no search named gesture-smoke"):
-        search._search_name(args, str(tmp_path / "ray"), "smoke", results_dir=tmp_path / "r")
+        search._search_name(settings, str(tmp_path / "ray"), "smoke", results_dir=tmp_path / "r")
 
 
 def test_cli_read_only_storage_exits_2_before_ray(tmp_path: Path, capsys) -> None:
@@ -678,3 +688,36 @@ def test_search_parent_run_has_space_dataset_and_no_absolute_path(tmp_path: Path
     [dataset] = client.get_run(parent.info.run_id).inputs.dataset_inputs
     assert dataset.dataset.name == "UWaveGestureLibrary"
     assert dataset.dataset.digest == parent.data.tags["cbdtune.dataset_sha256"][:32]
+
+
+def test_run_search_is_the_python_api_and_returns_what_the_search_left(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """run_search(SearchSettings) without argparse: best trial, table, paths and run ids."""
+    from cbdtune import results
+
+    monkeypatch.chdir(tmp_path)
+    _fake_ray(monkeypatch, tmp_path, None)
+
+    def run(s: search._Search) -> int:
+        s.trials = results.trials_frame([
+            results.trial_row("a", {}, {"val_accuracy": 0.7, "final": 1}, "completed", ""),
+            results.trial_row("b", {}, {"val_accuracy": 0.9, "final": 1}, "completed", ""),
+            results.trial_row("c", {}, {"val_accuracy": 0.95}, "stopped", "ASHA")])
+        s.best = results.best_trial(s.trials, s.metric, s.mode)
+        return 0
+
+    monkeypatch.setattr(search, "_search", run)
+    argv = _exit_cmd(tmp_path)
+    settings = search.SearchSettings.from_args(search.parser().parse_args(argv))
+    result = search.run_search(settings)  # no argv: the command is rebuilt from the settings
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    [parent], _ = _runs(uri)
+    assert (result.status, result.exit_code) == ("finished", 0)
+    assert (result.best_trial, result.best_value) == ("b", 0.9)
+    assert list(result.trials["trial_id"]) == ["a", "b", "c"]
+    assert result.mlflow_run_id == parent.info.run_id and result.mlflow_uri == uri
+    assert result.storage_path == f"{tmp_path / 'ray'}/s1"
+    assert result.results_dir == Path("results") / "UWaveGestureLibrary" / "s1"
+    command = parent.data.tags["cbdtune.command"]
+    assert command.endswith(" " + " ".join(settings.to_argv()))
+    assert "--data-dir data" in command and "--space smoke" in command

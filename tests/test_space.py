@@ -197,11 +197,11 @@ def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
 
     from cbdtune import search
     from cbdtune.config import ExperimentConfig
-    from cbdtune.worker import train_driver_fn
+    from cbdtune.worker import TrialSettings, train_driver_fn
 
     space = load_space("default")
     args = search.parser().parse_args(["--dataset", "gesture", "--workers-per-trial", "2"])
-    settings = search.param_space(space, args, "/nonexistent/storage")
+    settings = search.param_space(search.SearchSettings.from_args(args), "/nonexistent/storage")
     searcher = search.make_searcher(space, sampler="tpe", seed=0, metric="val_accuracy",
                                     mode="max", max_concurrent=4)
     generator = SearchGenerator(searcher)
@@ -212,6 +212,11 @@ def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
     for i in range(3):
         config = generator.next_trial().config
         assert config["workers"] == 2 and config["storage_path"] == "/nonexistent/storage"
+        # the worker reads the run settings back as the search set them: no default of its own
+        # (max_failures was 2 in the CLI and 0 in the worker)
+        run = TrialSettings.from_config(config)
+        assert run.max_failures == search.SearchSettings.defaults()["max_failures"] == 2
+        assert run.workers == 2 and run.cpus_per_worker == 1.0
         loop = config["train_loop_config"]
         assert loop and set(loop) <= set(space.keys)
         if i == 0:

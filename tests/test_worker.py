@@ -87,7 +87,7 @@ def crash_once_fn(loop_config: dict[str, Any]) -> Any:
     """``train_fn_per_worker``, but the first attempt dies right after its first checkpoint.
 
     Each attempt appends one line to ``loop_config["log"]``: the checkpoint epoch it started
-    from and the pretraining epochs it reported.
+    from, the pretraining epochs it reported and the ``training_iteration`` of each report.
     """
     import ray.train
     import torch
@@ -100,15 +100,18 @@ def crash_once_fn(loop_config: dict[str, Any]) -> Any:
             state = torch.load(Path(d) / worker.CHECKPOINT_FILE, weights_only=True)
             resumed_from = int(state["epoch"])
     reported: list[int] = []
+    iterations: list[int] = []
 
     def record() -> None:
         with log.open("a") as f:
-            f.write(json.dumps({"resumed_from": resumed_from, "epochs": reported}) + "\n")
+            f.write(json.dumps({"resumed_from": resumed_from, "epochs": reported,
+                                "iterations": iterations}) + "\n")
 
     real_report = ray.train.report
 
     def report(metrics: dict[str, Any], checkpoint: Any = None, **kw: Any) -> None:
         real_report(metrics, checkpoint=checkpoint, **kw)
+        iterations.append(metrics["training_iteration"])
         if metrics.get("stage") == "pretrain":
             reported.append(int(metrics["epoch"]))
         if attempt == 0 and checkpoint is not None:
@@ -135,8 +138,10 @@ def test_worker_resumes_from_checkpoint_after_crash(ray_local, gesture, tmp_path
     assert result.error is None, result.error
     attempts = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(attempts) == 2, attempts
-    assert attempts[0] == {"resumed_from": None, "epochs": [2]}
+    assert attempts[0] == {"resumed_from": None, "epochs": [2], "iterations": [1]}
     second = attempts[1]
     assert second["resumed_from"] == 2, "the retry did not load the checkpoint"
     assert second["epochs"][0] == 4, "the retry started from epoch 0"
+    # the retry's reports continue the trial's count (ASHA's time attribute), not restart at 1
+    assert second["iterations"] == list(range(2, 2 + len(second["iterations"])))
     assert result.return_value["status"] == "completed" and result.return_value["resumed"]

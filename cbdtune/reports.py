@@ -1,0 +1,116 @@
+"""The pipeline's report format: the names in the metrics a trial hands to its ``report`` callable,
+and how many reports a trial makes.
+
+:func:`cbdtune.pipeline.run_trial` calls ``report(metrics, payload)`` at every evaluation point.
+The worker forwards each report to Ray (Tune sees it as one result), and everything downstream
+reads them by these names: the Tune callbacks, tracking, results, figures, the search and the
+benchmarks. The values are also the MLflow metric names. One report is a flat dict:
+
+- pretraining probe (every ``train.probe_every`` epochs and after the last): ``stage`` =
+  ``"pretrain"``, ``epoch``, ``loss.<term>`` (Eq. 14), the short probe's ``val_*``, ``diag.*``;
+- classifier epoch: ``stage`` = ``"linear_probe"`` or ``"fine_tune"``, ``epoch``,
+  ``train_loss``, ``val_accuracy`` (the best point of the mean CV curve so far, what ASHA
+  compares), ``val_accuracy_se``, ``val_accuracy_epoch``, ``val_loss``, ``val_f1``, ``lr``;
+- end of a classifier stage: ``stage``, ``epoch`` (the chosen count), ``stage_done`` = 1, ``val_*``;
+- the final report, always last: ``stage`` = ``"final"``, ``final`` = 1, ``diverged`` = 0 or 1
+  (``reason`` when 1), ``selected_stage``, ``selected_epoch``, ``cv_folds``, ``val_*`` at the
+  selected point, ``<stage>.val_accuracy``, ``test_accuracy``, ``test_f1``, ``wall_s``, ``diag.*``.
+
+This module imports nothing heavy (no torch, no Ray): the search reads it before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from cbdtune.config import ExperimentConfig, TrainConfig
+
+# ---- keys ------------------------------------------------------------------------------------
+
+STAGE = "stage"
+EPOCH = "epoch"
+FINAL = "final"  # 1 in the trial's last report only
+DIVERGED = "diverged"  # in the final report: 1 when a loss became NaN/inf
+REASON = "reason"  # why a trial diverged
+STAGE_DONE = "stage_done"  # 1 in the report that closes a classifier stage
+SELECTED_STAGE = "selected_stage"
+SELECTED_EPOCH = "selected_epoch"
+CV_FOLDS = "cv_folds"
+WALL_S = "wall_s"
+TRAIN_LOSS = "train_loss"
+
+VAL_ACCURACY = "val_accuracy"
+VAL_ACCURACY_SE = "val_accuracy_se"
+VAL_LOSS = "val_loss"
+VAL_F1 = "val_f1"
+TEST_ACCURACY = "test_accuracy"
+TEST_F1 = "test_f1"
+LOSS_PREFIX = "loss."  # pretraining loss terms: loss.total, loss.time_rec, ...
+
+# Tune's time attribute: the worker sets it to the trial's report count, so a trial resumed from
+# a checkpoint continues its own count (ray.tune.result.TRAINING_ITERATION; Tune only fills it in
+# when a result has none, ray/tune/trainable/trainable.py).
+ITERATION = "training_iteration"
+
+# ---- stages ----------------------------------------------------------------------------------
+
+PRETRAIN = "pretrain"
+STAGES = ("linear_probe", "fine_tune")  # the classifier stages, in the order a trial runs them
+FINAL_STAGE = "final"  # ``stage`` of the final report
+REFIT_STAGE = "refit"  # ``stage`` of a refit's only report
+
+# What every evaluation point and the final report carry (cross-validated means under CV): the
+# metrics a search may select on.
+SELECTION_METRICS = (VAL_ACCURACY, VAL_LOSS, VAL_F1)
+
+
+def stages(tc: TrainConfig) -> Iterator[str]:
+    """The classifier stages ``tc.classifier`` runs, in order."""
+    if tc.classifier in ("linear_probe", "both"):
+        yield "linear_probe"
+    if tc.classifier in ("fine_tune", "both"):
+        yield "fine_tune"
+
+
+def stage_metric(stage: str, metric: str = VAL_ACCURACY) -> str:
+    """``"fine_tune.val_accuracy"``: a stage's metric in the final report."""
+    return f"{stage}.{metric}"
+
+
+def se_of(metric: str) -> str:
+    """``"val_accuracy_se"``: the standard error reported next to ``metric`` (when it is)."""
+    return f"{metric}_se"
+
+
+# ---- reading a report ------------------------------------------------------------------------
+
+
+def is_final(report: Mapping[str, Any] | None) -> bool:
+    """The trial's last report (completed or diverged)."""
+    return bool(report) and report.get(FINAL) == 1  # type: ignore[union-attr]
+
+
+def is_diverged(report: Mapping[str, Any] | None) -> bool:
+    return is_final(report) and report.get(DIVERGED) == 1  # type: ignore[union-attr]
+
+
+def is_stage_done(report: Mapping[str, Any]) -> bool:
+    return bool(report.get(STAGE_DONE))
+
+
+# ---- the report budget -----------------------------------------------------------------------
+
+
+def probe_count(tc: TrainConfig) -> int:
+    """Pretraining reports: one every ``probe_every`` epochs and one after the last epoch."""
+    return math.ceil(tc.pretrain_epochs / tc.probe_every) if tc.pretrain_epochs else 0
+
+
+def report_budget(cfg: ExperimentConfig) -> int:
+    """How many reports one trial makes at most: the probes, one per classifier epoch and one per
+    stage end, and the final report. Early stopping and reuse can only make fewer."""
+    tc = cfg.train
+    n_stages = sum(1 for _ in stages(tc))
+    return max(1, probe_count(tc) + n_stages * (tc.classifier_epochs + 1) + 1)

@@ -1,0 +1,182 @@
+"""What one search is asked to do: :class:`SearchSettings`, typed and validated once.
+
+``python -m cbdtune.search`` maps its flags onto a :class:`SearchSettings` and calls
+:func:`cbdtune.search.run_search`; Python code builds one directly::
+
+    from cbdtune.search import SearchSettings, run_search
+    result = run_search(SearchSettings(dataset="gesture", space="smoke", num_samples=4))
+    result.best_trial, result.best_value, result.trials
+
+Every value is checked in ``__post_init__``, before anything is loaded or started; a bad one raises
+:class:`~cbdtune.config.ConfigError` with one line naming the field and its flag. The dataset,
+space, MLflow store and storage are checked by the search itself (they need files or servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+from cbdtune import reports
+from cbdtune.config import METRIC, MODE, ConfigError, _coerce
+
+Sampler = Literal["tpe", "random", "cmaes"]  # Optuna's samplers, seeded
+Scheduler = Literal["asha", "none"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, *, flag: str = "--time-budget") -> float:
+    """``"90m"`` -> 5400.0: a positive number with an optional unit s, m, h or d (seconds).
+
+    Raises:
+        ConfigError: anything else (``nan``, ``-5m``, ``1h30``, ``2 hours``).
+    """
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", str(text).strip().lower())
+    seconds = float(m.group(1)) * _SECONDS[m.group(2)] if m else 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{flag} {text}: expected a positive duration such as 90m, 2h or "
+                          "3600s")
+    return seconds
+
+
+def flag(name: str) -> str:
+    """``num_samples`` -> ``--num-samples``."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """One search. Defaults are the CLI's; ``None`` means "decided by the search" as noted."""
+
+    dataset: str  # registry name (gesture, awr, ...), UEA/UCR archive name, or a folder
+    space: str = "default"  # a YAML path or a shipped space name (default, paper, smoke)
+    data_dir: str | None = None  # None: $CBDTUNE_DATA_DIR, then the cache
+    seed: int | None = None  # train.seed; None: the space's (0)
+    num_samples: int = 16
+    max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs/GPUs fit
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions (0.25) let trials share a GPU
+    sampler: Sampler = "tpe"
+    scheduler: Scheduler = "asha"
+    metric: str = METRIC
+    mode: Literal["max", "min"] | None = None  # None: min for losses, else max
+    mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
+    experiment: str | None = None  # None: cbdtune-<dataset>
+    name: str | None = None  # None: <dataset>-<space stem>; -2, -3... when taken
+    storage: str | None = None  # Ray storage: a folder or s3:// / gs:// URI; None: ~/ray_results
+    results_dir: str = "results"
+    address: str | None = None  # a Ray cluster; None: $RAY_ADDRESS, else a new local Ray
+    resume: bool = False
+    overwrite: bool = False
+    cv_folds: int | None = None  # None: the space's (5); 0: one validation split
+    cv_repeats: int | None = None  # None: the space's (1)
+    refit_top: int = 3  # 0: no refit, no model
+    refit_seeds: int = 3
+    baseline: bool = True  # the paper's configuration as trial 0
+    max_failures: int = 2  # retries of a trial (and of its worker group) after a failure
+    allow_autoscale: bool = False
+    time_budget: str | None = None  # "90m", "2h", "3600s"
+    verbose: bool = False
+    # Encoder reuse across trials (issue 15) is switched here: the flag that turns it off maps
+    # onto this field, and the search hands it to the trials through the worker's TrialSettings.
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(SearchSettings)
+        for f in fields(self):  # types first (int -> float allowed), as ExperimentConfig does
+            value = _coerce(getattr(self, f.name), hints[f.name], _where(f.name))
+            object.__setattr__(self, f.name, value)
+        if self.mode is None:
+            object.__setattr__(self, "mode", "min" if "loss" in self.metric else MODE)
+        self._check_metric()
+        self._check_counts()
+        self._check_resources()
+        if self.time_budget is not None:
+            parse_duration(self.time_budget, flag=f"time_budget ({flag('time_budget')})")
+        if not self.dataset.strip():
+            raise ConfigError(f"{_where('dataset')}: must not be empty; give a name such as "
+                              "gesture or a folder")
+
+    def _check_metric(self) -> None:
+        if self.metric.startswith("test"):
+            raise ConfigError(f"{_where('metric')} {self.metric}: the search never selects on a "
+                              f"test metric; use a validation metric such as {METRIC}")
+        if self.metric not in reports.SELECTION_METRICS:
+            raise ConfigError(f"{_where('metric')} {self.metric}: not a metric the pipeline "
+                              f"reports for selection; choose one of "
+                              f"{', '.join(reports.SELECTION_METRICS)}")
+
+    def _check_counts(self) -> None:
+        for name, least in (("num_samples", 1), ("workers_per_trial", 1),
+                            ("max_concurrent", 0), ("max_failures", 0), ("refit_top", 0),
+                            ("refit_seeds", 1), ("seed", 0), ("cv_repeats", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ConfigError(f"{_where(name)}: must be >= {least}, but got {value}")
+        if self.cv_folds is not None and self.cv_folds != 0 and self.cv_folds < 2:
+            raise ConfigError(f"{_where('cv_folds')}: must be 0 (one validation split) or >= 2, "
+                              f"but got {self.cv_folds}")
+
+    def _check_resources(self) -> None:
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise ConfigError(f"{_where('cpus_per_worker')}: must be a finite number > 0, but "
+                              f"got {self.cpus_per_worker}")
+        if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
+            raise ConfigError(f"{_where('gpus_per_worker')}: must be a finite number >= 0, but "
+                              f"got {self.gpus_per_worker}")
+        if self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            raise ConfigError(f"{_where('gpus_per_worker')} {self.gpus_per_worker}: fractions "
+                              "must be < 1 (a worker shares one GPU) or whole numbers")
+
+    @property
+    def time_budget_s(self) -> float | None:
+        """The time budget in seconds (None: no budget)."""
+        return parse_duration(self.time_budget) if self.time_budget is not None else None
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default (``dataset`` has none): the CLI's defaults too."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SearchSettings:
+        """The search CLI's parsed flags (``cbdtune.search.parser``) as settings: a flag of the
+        same name as a field, and ``--no-<field>`` for a switch that defaults to on."""
+        given = vars(args)
+        kwargs: dict[str, Any] = {f.name: given[f.name] for f in fields(cls) if f.name in given}
+        for f in fields(cls):
+            if f.default is True and given.get(f"no_{f.name}"):
+                kwargs[f.name] = False
+        return cls(**kwargs)
+
+    def to_argv(self) -> list[str]:
+        """The flags of the search CLI that give these settings (the fields that differ from
+        their defaults; ``mode`` when it differs from the metric's own direction)."""
+        argv = ["--dataset", self.dataset]
+        derived_mode = "min" if "loss" in self.metric else MODE
+        for name, default in self.defaults().items():
+            value = getattr(self, name)
+            if value == default or (name == "mode" and value == derived_mode):
+                continue
+            if value is True:
+                argv.append(flag(name))
+            elif value is False:
+                argv.append(f"--no-{name.replace('_', '-')}")
+            else:
+                argv += [flag(name), str(value)]
+        return argv
+
+
+def _where(name: str) -> str:
+    """How an error names a field: ``num_samples (--num-samples)``."""
+    return f"{name} ({flag(name)})"
+
+
+__all__ = ["SAMPLERS", "SCHEDULERS", "SearchSettings", "flag", "parse_duration"]
