@@ -74,6 +74,16 @@ def test_config_overrides_parse_yaml_values() -> None:
         parse_overrides(["model.mask_ratio"])
 
 
+@pytest.mark.parametrize("item", ["model.mask_ratio=[0.1", "model.head={a: 1", "x=@y", "k=: :"])
+def test_config_override_that_is_not_yaml_is_one_line(item: str) -> None:
+    """It raised yaml's multi-line ScannerError/ParserError (a traceback from the CLIs)."""
+    with pytest.raises(ConfigError) as err:
+        parse_overrides([item])
+    message = str(err.value)
+    assert message.startswith(f"--set {item}: the value of ") and "not valid YAML" in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_config_presets_validate(name: str) -> None:
     assert isinstance(preset(name), ExperimentConfig)

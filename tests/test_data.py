@@ -541,3 +541,45 @@ def test_archive_url_accepts_template_or_base(monkeypatch: pytest.MonkeyPatch) -
     assert info.archive_url == "https://timeseriesclassification.com/aeon-toolkit/ECG5000.zip"
     monkeypatch.setenv("CBDTUNE_ARCHIVE_URL", "file:///mirror/")
     assert info.archive_url == "file:///mirror/ECG5000.zip"
+
+
+def _cut_gesture(tmp_path: Path, shared_data_dir: Path, keep: Callable[[int], int]) -> Path:
+    """A copy of gesture whose TRAIN.ts keeps ``keep(n)`` of its n data lines (a cut at a line
+    boundary: the file still parses)."""
+    folder = tmp_path / "data" / "UWaveGestureLibrary"
+    folder.mkdir(parents=True)
+    src = shared_data_dir / "UWaveGestureLibrary"
+    (folder / "UWaveGestureLibrary_TEST.ts").write_bytes(
+        (src / "UWaveGestureLibrary_TEST.ts").read_bytes())
+    lines = (src / "UWaveGestureLibrary_TRAIN.ts").read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip().lower() == "@data") + 1
+    n = len(lines) - start
+    (folder / "UWaveGestureLibrary_TRAIN.ts").write_text("".join(lines[:start + keep(n)]))
+    return folder.parent
+
+
+@pytest.mark.parametrize(("keep", "message"), [
+    (lambda n: n // 2, r"no training series of class\(es\) 5.0, 6.0, 7.0, 8.0 \(4 of 8\)"),
+    (lambda n: n - 1, "119 series, but UWaveGestureLibrary's train split has 120"),
+])
+def test_registry_dataset_cut_at_a_line_boundary_fails_loudly(
+        tmp_path: Path, shared_data_dir: Path, keep: Callable[[int], int], message: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Cut in half, gesture's train file loaded silently with 4 of its 8 classes."""
+    data_dir = _cut_gesture(tmp_path, shared_data_dir, keep)
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset(DataConfig(dataset="gesture", data_dir=str(data_dir)))
+    assert "UWaveGestureLibrary_TRAIN.ts" in str(err.value)
+    assert "fetch UWaveGestureLibrary --force" in str(err.value)
+    # the command line: one line, exit 2
+    capsys.readouterr()
+    assert main(["info", "gesture", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "series" in err[0]
+
+
+def test_folder_with_a_class_missing_from_train_fails_loudly(tmp_path: Path) -> None:
+    train = TOY_HEADER + TOY_TRAIN.replace(":b\n", ":a\n")  # every series of class b relabelled
+    folder = _toy(tmp_path, train=train)
+    with pytest.raises(DataError, match=r"no training series of class\(es\) b \(1 of 2\)"):
+        load_dataset(DataConfig(dataset=str(folder)))

@@ -11,7 +11,7 @@ from cbdtune.data._dataset import DataError, Dataset, Split
 from cbdtune.data._fetch import locate
 from cbdtune.data._lengths import fix_length
 from cbdtune.data._readers import RawSplit, read_pt, read_ts
-from cbdtune.data._registry import DatasetInfo, resolve
+from cbdtune.data._registry import DatasetInfo, check_loaded, resolve
 from cbdtune.data._splits import stratified_split
 
 
@@ -55,28 +55,33 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
         names = ("train", "test")
     else:
         parts, names, class_names = _read_pt_folder(folder)
+    read = dict(zip(names, parts, strict=True))
+    check_loaded(info, read, class_names)
     arrays = dict(zip(names, fix_length(parts, cfg.length_policy), strict=True))
-    labels = {name: part.labels for name, part in zip(names, parts, strict=True)}
+    splits = {name: Split(arrays[name], read[name].labels) for name in names}
+    train, val, val_origin = _train_and_val(splits, cfg, seed, folder)
+    return Dataset(name=info.name, train=train, val=val, test=splits.get("test"),
+                   class_names=class_names, source=info.source, location=str(folder),
+                   val_origin=val_origin)
 
-    train = Split(arrays["train"], labels["train"])
+
+def _train_and_val(splits: dict[str, Split], cfg: DataConfig, seed: int,
+                   folder: Path) -> tuple[Split, Split, str]:
+    """The training and validation splits, and where the validation split comes from."""
+    train = splits["train"]
     if cfg.cv_folds:  # cross-validation runs on every training series, the archive's val too
-        if "val" in arrays:
-            train = Split(np.concatenate([train.x, arrays["val"]]),
-                          np.concatenate([train.y, labels["val"]]))
-        empty = Split(train.x[:0], train.y[:0])
-        val, val_origin = empty, "none"
-    elif "val" in arrays:
-        val, val_origin = Split(arrays["val"], labels["val"]), "archive"
-    else:
-        train_idx, val_idx = stratified_split(train.y, cfg.val_fraction, seed)
-        if val_idx.size == 0:
-            raise DataError(f"{folder}: train has no class with two or more series, so no "
-                            f"validation split can be carved from it; add a val split")
-        val, val_origin = Split(train.x[val_idx], train.y[val_idx]), "carved"
-        train = Split(train.x[train_idx], train.y[train_idx])
-    test = Split(arrays["test"], labels["test"]) if "test" in arrays else None
-    return Dataset(name=info.name, train=train, val=val, test=test, class_names=class_names,
-                   source=info.source, location=str(folder), val_origin=val_origin)
+        if "val" in splits:
+            train = Split(np.concatenate([train.x, splits["val"].x]),
+                          np.concatenate([train.y, splits["val"].y]))
+        return train, Split(train.x[:0], train.y[:0]), "none"
+    if "val" in splits:
+        return train, splits["val"], "archive"
+    train_idx, val_idx = stratified_split(train.y, cfg.val_fraction, seed)
+    if val_idx.size == 0:
+        raise DataError(f"{folder}: train has no class with two or more series, so no "
+                        f"validation split can be carved from it; add a val split")
+    return (Split(train.x[train_idx], train.y[train_idx]),
+            Split(train.x[val_idx], train.y[val_idx]), "carved")
 
 
 def _read_ts_pair(info: DatasetInfo, folder: Path) -> tuple[list[RawSplit], list[str]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,13 +87,7 @@ def read_ts(path: Path) -> RawSplit:
             absent from ``@classLabel``, or a file with no cases.
     """
     header = _TsHeader()
-    cases: list[np.ndarray] = []
-    labels: list[int] = []
-    lines: list[int] = []
-    index: dict[str, int] = {}
-    n_channels: int | None = None
-    first_length: int | None = None
-    in_data = False
+    cases: _TsCases | None = None  # set at the @data line
     try:
         handle = open(path, encoding="utf-8")  # closed by the `with handle` below
     except OSError as exc:
@@ -105,57 +100,75 @@ def read_ts(path: Path) -> RawSplit:
                 line = raw.strip()
                 if not line or line.startswith("#"):
                     continue
-                if not in_data:
-                    in_data = _header_line(header, line, path, lineno)
-                    if in_data:
-                        index = {name: i for i, name in enumerate(header.class_names or [])}
-                    continue
-                where = f"{path}:{lineno}"
-                fields = line.split(":")
-                if len(fields) < 2:
-                    raise DataError(f"{where}: expected channel values separated by ':' with the "
-                                    f"class label last, but found no ':'; {_FIX_TS}")
-                label = fields[-1].strip()
-                rows = [_parse_values(text, where, c) for c, text in enumerate(fields[:-1])]
-                if n_channels is None:
-                    n_channels = len(rows)
-                    if header.dimensions is not None and n_channels != header.dimensions:
-                        raise DataError(f"{where}: {n_channels} channels but the header says "
-                                        f"@dimensions {header.dimensions}; {_FIX_TS}")
-                elif len(rows) != n_channels:
-                    raise DataError(f"{where}: {len(rows)} channels but earlier cases have "
-                                    f"{n_channels}; {_FIX_TS}")
-                length = len(rows[0])
-                if any(len(r) != length for r in rows):
-                    raise DataError(f"{where}: channels have different lengths "
-                                    f"({', '.join(str(len(r)) for r in rows)}); all channels of "
-                                    f"one case must have the same length; {_FIX_TS}")
-                if header.equal_length:
-                    expected = header.series_length or first_length
-                    if expected is not None and length != expected:
-                        raise DataError(f"{where}: {length} values per channel but the header "
-                                        f"says @equalLength true with length {expected}; "
-                                        f"{_FIX_TS}")
-                first_length = first_length or length
-                if label not in index:
-                    shown = " ".join((header.class_names or [])[:10])
-                    more = " ..." if len(header.class_names or []) > 10 else ""
-                    raise DataError(f"{where}: label {label!r} is not in the header's @classLabel "
-                                    f"list ({shown}{more}); fix the label or add it to @classLabel")
-                cases.append(np.stack(rows).astype(np.float32))
-                labels.append(index[label])
-                lines.append(lineno)
+                if cases is not None:
+                    cases.add(line, f"{path}:{lineno}", lineno)
+                elif _header_line(header, line, path, lineno):
+                    cases = _TsCases(header)
         except UnicodeDecodeError:
             raise DataError(f"{path}:{lineno + 1}: not UTF-8 text; the file is corrupt: "
                             f"re-fetch it (python -m cbdtune.data fetch NAME --force)") from None
-    if not in_data:
+    if cases is None:
         raise DataError(f"{path}: no @data line, so this is not a .ts file (or it is cut short); "
                         f"re-fetch it (python -m cbdtune.data fetch NAME --force)")
-    if not cases:
+    if not cases.cases:
         raise DataError(f"{path}: no cases after @data; the file is empty or cut short: re-fetch "
                         f"it (python -m cbdtune.data fetch NAME --force)")
-    return RawSplit(path=path, cases=cases, labels=np.asarray(labels, dtype=np.int64),
-                    class_names=list(header.class_names or []), lines=lines)
+    return RawSplit(path=path, cases=cases.cases, labels=np.asarray(cases.labels, dtype=np.int64),
+                    class_names=list(header.class_names or []), lines=cases.lines)
+
+
+class _TsCases:
+    """The cases after ``@data``, each checked against the header and the first case."""
+
+    def __init__(self, header: _TsHeader) -> None:
+        self.header = header
+        self.index = {name: i for i, name in enumerate(header.class_names or [])}
+        self.cases: list[np.ndarray] = []
+        self.labels: list[int] = []
+        self.lines: list[int] = []
+        self.n_channels: int | None = None
+        self.first_length: int | None = None
+
+    def add(self, line: str, where: str, lineno: int) -> None:
+        """One data line: channels split by ``:``, values by ``,``, the class label last."""
+        fields = line.split(":")
+        if len(fields) < 2:
+            raise DataError(f"{where}: expected channel values separated by ':' with the "
+                            f"class label last, but found no ':'; {_FIX_TS}")
+        label = fields[-1].strip()
+        rows = [_parse_values(text, where, c) for c, text in enumerate(fields[:-1])]
+        self._check_shape(rows, where)
+        if label not in self.index:
+            names = self.header.class_names or []
+            shown = " ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            raise DataError(f"{where}: label {label!r} is not in the header's @classLabel "
+                            f"list ({shown}); fix the label or add it to @classLabel")
+        self.cases.append(np.stack(rows).astype(np.float32))
+        self.labels.append(self.index[label])
+        self.lines.append(lineno)
+
+    def _check_shape(self, rows: list[np.ndarray], where: str) -> None:
+        header = self.header
+        if self.n_channels is None:
+            self.n_channels = len(rows)
+            if header.dimensions is not None and self.n_channels != header.dimensions:
+                raise DataError(f"{where}: {self.n_channels} channels but the header says "
+                                f"@dimensions {header.dimensions}; {_FIX_TS}")
+        elif len(rows) != self.n_channels:
+            raise DataError(f"{where}: {len(rows)} channels but earlier cases have "
+                            f"{self.n_channels}; {_FIX_TS}")
+        length = len(rows[0])
+        if any(len(r) != length for r in rows):
+            raise DataError(f"{where}: channels have different lengths "
+                            f"({', '.join(str(len(r)) for r in rows)}); all channels of "
+                            f"one case must have the same length; {_FIX_TS}")
+        if header.equal_length:
+            expected = header.series_length or self.first_length
+            if expected is not None and length != expected:
+                raise DataError(f"{where}: {length} values per channel but the header "
+                                f"says @equalLength true with length {expected}; "
+                                f"{_FIX_TS}")
+        self.first_length = self.first_length or length
 
 
 def _header_line(header: _TsHeader, line: str, path: Path, lineno: int) -> bool:
@@ -256,6 +269,25 @@ def read_pt(path: Path) -> RawSplit:
         DataError: the file does not load, is not a dict with ``samples`` and ``labels``, has
             shapes other than the above, non-numeric or infinite samples, or non-integer labels.
     """
+    obj = _load_pt_dict(path)
+    samples = _to_numpy(obj["samples"], path, "samples")
+    labels = _to_numpy(obj["labels"], path, "labels")
+    samples = _channels_first(samples, path)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != (samples.shape[0],):
+        raise DataError(f"{path}: 'labels' has shape {list(labels.shape)} but 'samples' has "
+                        f"{samples.shape[0]} series; {_PT_HELP}")
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    if np.isinf(samples).any():
+        i = int(np.flatnonzero(np.isinf(samples).any(axis=(1, 2)))[0])
+        raise DataError(f"{path}: sample {i} has an infinite value; fix or drop that sample")
+    return RawSplit(path=path, cases=samples, labels=_integer_labels(labels, path),
+                    class_names=[], lines=None)
+
+
+def _load_pt_dict(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a dict holding ``samples`` and ``labels``."""
     import torch  # here, not at module level: .ts users should not pay torch's import time
 
     try:
@@ -271,8 +303,11 @@ def read_pt(path: Path) -> RawSplit:
         present = ", ".join(repr(k) for k in obj) or "none"
         raise DataError(f"{path}: missing key(s) {', '.join(repr(k) for k in missing)} (has "
                         f"{present}); {_PT_HELP}")
-    samples = _to_numpy(obj["samples"], path, "samples")
-    labels = _to_numpy(obj["labels"], path, "labels")
+    return obj
+
+
+def _channels_first(samples: np.ndarray, path: Path) -> np.ndarray:
+    """Numeric samples as [N, C, L]: [N, L] -> [N, 1, L]; [N, A, B] with B < A transposed."""
     if not (np.issubdtype(samples.dtype, np.floating) or np.issubdtype(samples.dtype, np.integer)):
         raise DataError(f"{path}: 'samples' has dtype {samples.dtype}, not numbers; {_PT_HELP}")
     if samples.ndim == 2:
@@ -285,17 +320,7 @@ def read_pt(path: Path) -> RawSplit:
     if samples.shape[0] == 0 or samples.shape[2] == 0:
         raise DataError(f"{path}: 'samples' has shape {list(samples.shape)}, with no series or no "
                         f"time steps; {_PT_HELP}")
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.shape != (samples.shape[0],):
-        raise DataError(f"{path}: 'labels' has shape {list(labels.shape)} but 'samples' has "
-                        f"{samples.shape[0]} series; {_PT_HELP}")
-    samples = np.ascontiguousarray(samples, dtype=np.float32)
-    if np.isinf(samples).any():
-        i = int(np.flatnonzero(np.isinf(samples).any(axis=(1, 2)))[0])
-        raise DataError(f"{path}: sample {i} has an infinite value; fix or drop that sample")
-    return RawSplit(path=path, cases=samples, labels=_integer_labels(labels, path),
-                    class_names=[], lines=None)
+    return samples
 
 
 def _to_numpy(value: object, path: Path, key: str) -> np.ndarray:

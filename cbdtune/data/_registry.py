@@ -7,7 +7,8 @@ path holding TF-C style ``train.pt``/``val.pt``/``test.pt`` or ``NAME_TRAIN.ts``
 
 Shape facts are the published ones (UEA: Bagnall et al. 2018, arXiv 1811.00075; UCR: Dau et al.
 2019, arXiv 1810.07758; HAR: TS-TCC, Eldele et al. IJCAI 2021; TF-C: Zhang et al. NeurIPS 2022).
-They are for ``list`` and for tests; loading never depends on them.
+They are for ``list`` and for tests, and loading checks the series counts of the entries whose
+files are pinned by sha256 (their facts were checked against those files, :func:`check_loaded`).
 
 sha256 values are those of the files in ``../shared/data`` (see each SOURCE.md). Those files come
 from pinned commits of public repositories, so the registry downloads exactly those files from
@@ -21,10 +22,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cbdtune.data._dataset import DataError
 
@@ -209,6 +211,44 @@ _ENTRIES: tuple[DatasetInfo, ...] = (
 
 # Keyed by canonical name. Tests add entries with ``monkeypatch.setitem``; lookups read it live.
 REGISTRY: dict[str, DatasetInfo] = {info.name: info for info in _ENTRIES}
+
+
+def check_loaded(info: DatasetInfo, splits: Mapping[str, Any], class_names: list[str]) -> None:
+    """Fail loudly on a dataset that read without error but is not whole.
+
+    A ``.ts`` file cut at a line boundary parses cleanly: its header still lists every class,
+    the missing cases are simply absent (gesture's train file cut in half loses 4 of its 8
+    classes). So every class must have a training series, and a registry entry whose files are
+    pinned by sha256 must hold its published number of series in each split.
+
+    Args:
+        info: the resolved entry (a folder given by path has no facts to check).
+        splits: ``"train"``, ``"val"``, ``"test"`` -> what was read (``len``, ``labels``, ``path``).
+        class_names: the classes the labels index.
+
+    Raises:
+        DataError: a class with no training series, or a split of the wrong size; the message
+            names the file and says how to get it whole again.
+    """
+    refetch = (f"re-fetch it (python -m cbdtune.data fetch {info.name} --force)"
+               if info.path is None else "replace it with a whole copy")
+    train = splits["train"]
+    present = set(int(v) for v in train.labels)
+    missing = [name for i, name in enumerate(class_names) if i not in present]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise DataError(f"{train.path}: no training series of class(es) {shown} ({len(missing)} "
+                        f"of {len(class_names)}); the file is cut short or not the dataset's "
+                        f"own: {refetch}")
+    if info.path is not None or not any(f.sha256 for f in info.files):
+        return
+    published = {"train": info.n_train, "val": info.n_val, "test": info.n_test}
+    for name, part in splits.items():
+        expected = published.get(name)
+        if expected is not None and len(part) != expected:
+            raise DataError(f"{part.path}: {len(part)} series, but {info.name}'s {name} split "
+                            f"has {expected}; the file is cut short or not the published one: "
+                            f"{refetch}")
 
 
 def list_datasets() -> list[DatasetInfo]:
