@@ -82,18 +82,18 @@ def torch_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
 
 
 def tune_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
-    """One Tune trial running ``train_driver_fn``, wired as in ``cbdtune.search.main``."""
+    """One Tune trial running ``train_driver_fn``, wired as in ``cbdtune.search.run_search``."""
     from ray import tune
 
     from cbdtune.search import DRIVER_MEMORY
-    from cbdtune.worker import train_driver_fn
+    from cbdtune.worker import TrialSettings, train_driver_fn
 
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=cfg.to_dict()),
         {"cpu": 0, "memory": DRIVER_MEMORY})
-    param_space = {"workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
-                   "max_failures": 0, "storage_path": f"{storage}/train",
-                   "train_loop_config": {}}  # nothing searched: the base config is the trial
+    # nothing searched: the base config is the trial
+    param_space = TrialSettings(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
+                                max_failures=0, storage_path=f"{storage}/train").param_space()
     tuner = tune.Tuner(trainable, param_space=param_space,
                        tune_config=tune.TuneConfig(num_samples=1),
                        run_config=tune.RunConfig(name="overhead-tune", storage_path=storage,

@@ -158,7 +158,7 @@ def _stage_with_test_curve(model: Any, pool: Any, data: Any, cfg: Any, rt: Any,
         The stage's selection, the per-epoch test scores, and the stage's seconds without the
         extra test passes.
     """
-    from cbdtune import classify
+    from cbdtune import classify, reports
     from cbdtune.runtime import as_tensor
 
     if len(pool.folds) != 1:
@@ -186,7 +186,7 @@ def _stage_with_test_curve(model: Any, pool: Any, data: Any, cfg: Any, rt: Any,
     t1 = time.perf_counter()
     with mock.patch.object(classify.FoldRun, "score", score_and_test):
         best = classify.fit_stage(model, pool, cfg, rt, stage, data.n_classes,
-                                  lambda m, _p: epochs.append(m["epoch"]))
+                                  lambda m, _p: epochs.append(m[reports.EPOCH]))
     stage_s = time.perf_counter() - t1 - extra_s[0]
     if len(per_epoch) != len(epochs):  # the hook must see every epoch the stage ran, or fail
         raise RuntimeError(f"{stage}: test was scored at {len(per_epoch)} of {len(epochs)} "

@@ -47,12 +47,14 @@ from typing import Any
 
 from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
 
+from cbdtune import reports as schema  # the pipeline's report names
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # name: (sampler, scheduler)
     "TPE + ASHA": ("tpe", "asha"),
     "random, no early stopping": ("random", "none"),
 }
-CLASSIFIER_STAGES = ("linear_probe", "fine_tune")
+CLASSIFIER_STAGES = schema.STAGES
 
 
 # ---- running the searches ----------------------------------------------------------------------
@@ -110,10 +112,10 @@ def epochs_in(report: dict[str, Any], last_pretrain_epoch: int) -> int:
     """Training epochs a report stands for: the pretraining epochs since the previous fidelity
     report, or one classifier epoch (a stage's closing ``stage_done`` report and the final report
     add none)."""
-    stage = report.get("stage")
-    if stage == "pretrain":
-        return int(report["epoch"]) - last_pretrain_epoch
-    if stage in CLASSIFIER_STAGES and not report.get("stage_done"):
+    stage = report.get(schema.STAGE)
+    if stage == schema.PRETRAIN:
+        return int(report[schema.EPOCH]) - last_pretrain_epoch
+    if stage in CLASSIFIER_STAGES and not schema.is_stage_done(report):
         return 1
     return 0
 
@@ -125,13 +127,13 @@ def curve(reports: dict[str, list[dict[str, Any]]]) -> list[dict[str, float]]:
         last_pre = 0
         for r in rows:
             n = epochs_in(r, last_pre)
-            if r.get("stage") == "pretrain":
-                last_pre = int(r["epoch"])
-            done = r.get("stage") == "final" and not r.get("diverged")
+            if r.get(schema.STAGE) == schema.PRETRAIN:
+                last_pre = int(r[schema.EPOCH])
+            done = r.get(schema.STAGE) == schema.FINAL_STAGE and not r.get(schema.DIVERGED)
             # Tune's timestamp has 1 s resolution; the trial's own clock orders within a second.
             events.append((r.get("timestamp", 0), r.get("time_total_s", 0.0), trial_id, n,
                            float(r.get("time_this_iter_s", 0.0)),
-                           float(r["val_accuracy"]) if done else math.nan))
+                           float(r[schema.VAL_ACCURACY]) if done else math.nan))
     events.sort(key=lambda e: (e[0], e[1]))
     points, epochs, seconds, best = [], 0, 0.0, math.nan
     for _ts, _tt, _trial, n, dt, val in events:

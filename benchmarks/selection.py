@@ -81,12 +81,15 @@ def _quiet(_metrics: dict[str, Any], _payload: dict[str, Any] | None) -> None:
 
 
 def _trial_row(protocol: str, result: Any, seconds: float, n_train: int) -> dict[str, Any]:
+    from cbdtune import reports as schema  # the pipeline's report names
+
     m = result.metrics
     return {"protocol": protocol, "method": "CBD", "status": result.status,
-            "test_accuracy": m.get("test_accuracy", math.nan),
-            "test_f1": m.get("test_f1", math.nan), "estimate": m.get("val_accuracy", math.nan),
-            "estimate_se": m.get("val_accuracy_se", math.nan),
-            "stage": m.get("selected_stage", ""), "epoch": m.get("selected_epoch", 0),
+            "test_accuracy": m.get(schema.TEST_ACCURACY, math.nan),
+            "test_f1": m.get(schema.TEST_F1, math.nan),
+            "estimate": m.get(schema.VAL_ACCURACY, math.nan),
+            "estimate_se": m.get(schema.VAL_ACCURACY_SE, math.nan),
+            "stage": m.get(schema.SELECTED_STAGE, ""), "epoch": m.get(schema.SELECTED_EPOCH, 0),
             "n_models": 1, "members": "", "n_train": n_train, "time_s": seconds}
 
 

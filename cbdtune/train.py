@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from cbdtune import _cli, tracking
+from cbdtune import _cli, reports, tracking
 from cbdtune.config import PRESETS, CbdtuneError, ExperimentConfig, parse_overrides
 from cbdtune.data import load_dataset
 
@@ -126,8 +126,8 @@ def print_table(out: dict[str, Any], wall_s: float, file: Any = None) -> None:
     rows = [("status", out.get("status", "?"))]
     if out.get("reason"):
         rows.append(("reason", out["reason"]))
-    for key in ("selected_stage", "selected_epoch", "val_accuracy", "val_f1", "test_accuracy",
-                "test_f1"):
+    for key in (reports.SELECTED_STAGE, reports.SELECTED_EPOCH, reports.VAL_ACCURACY,
+                reports.VAL_F1, reports.TEST_ACCURACY, reports.TEST_F1):
         if key in final:
             value = final[key]
             rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))

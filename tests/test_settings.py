@@ -141,3 +141,18 @@ def gesture_small():
     from cbdtune.data import load_dataset
 
     return load_dataset(DataConfig(dataset="gesture"), seed=0)
+
+
+def test_connect_starts_a_ray_of_its_own_unless_an_address_is_given(monkeypatch) -> None:
+    """It joined any Ray running on the machine (address="auto") before falling back."""
+    from cbdtune import worker
+
+    calls: list[str] = []
+    monkeypatch.setattr(worker.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(worker.ray, "init", lambda **kw: calls.append(kw["address"]))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert worker.connect() == "local"
+    assert worker.connect("auto") == "cluster"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` sets
+    assert worker.connect() == "cluster"
+    assert calls == ["local", "auto", "http://127.0.0.1:8265"]
