@@ -15,6 +15,9 @@ The functions know nothing of Ray. The Ray Train worker (``cbdtune.worker``) pas
 
 Pretraining is label-free and sees every training series once per trial, the series each fold
 holds out included: the CV estimate is slightly optimistic, in the same way for every trial.
+Being label-free, it is also shared: with ``Runtime.encoder_cache`` set, a trial whose
+pretraining key (:mod:`cbdtune.encoder_cache`) is stored loads that encoder, replays its
+pretraining reports and goes straight to the classifier stages.
 
 :func:`refit_trial` is the same pipeline without selection: pretrain with a given seed, train the
 given stage for a given number of epochs on all of train, test once, and hand back the
@@ -23,6 +26,7 @@ classifier (the search's refits and ensemble).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cbdtune import classify, reports
+from cbdtune import classify, encoder_cache, reports
 from cbdtune.classify import STAGES, StageResult, selection_pool  # noqa: F401 (STAGES re-exported)
 from cbdtune.config import ExperimentConfig
 from cbdtune.data import Dataset
@@ -167,11 +171,16 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
 def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
                     rt: Runtime) -> dict[str, float]:
     """A short linear probe (``train.probe_epochs``) on the current encoder, on the same folds as
-    the classifier stages; the mean CV metrics at its best epoch."""
+    the classifier stages; the mean CV metrics at its best epoch.
+
+    It runs on a fork of torch's RNG: the head's dropout draws would otherwise shift the
+    pretraining dropout after it, making the encoder depend on how often it is probed and on the
+    head (cbdtune.encoder_cache keys encoders on what pretraining reads alone)."""
     short = replace(cfg.train, classifier_epochs=max(1, cfg.train.probe_epochs),
                     early_stop_patience=0)
-    result = classify.fit_stage(model, selection_pool(data, cfg), replace(cfg, train=short), rt,
-                                "linear_probe", data.n_classes)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        result = classify.fit_stage(model, selection_pool(data, cfg), replace(cfg, train=short),
+                                    rt, "linear_probe", data.n_classes)
     return result.val
 
 
@@ -221,15 +230,16 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
     t0 = time.perf_counter()
     cfg, model = _prepare(cfg, data, rt, state)
     done = {s: StageResult(**v) for s, v in (state or {}).get("stages", {}).items()}
+    encoder: dict[str, Any] = {}  # where the pretrained encoder came from (_pretrained)
 
     def report_with_stages(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
         if payload is not None:
-            payload = {**payload, "stages": {s: vars(r) for s, r in done.items()}}
+            payload = {**payload, "stages": {s: vars(r) for s, r in done.items()},
+                       "encoder": dict(encoder)}
         report(metrics, payload)
 
     try:
-        if state is None or state["stage"] == "pretrain":
-            pretrain(model, data, cfg, rt, report_with_stages, state=state)
+        encoder.update(_pretrained(model, data, cfg, rt, report_with_stages, state))
         pool = selection_pool(data, cfg)
         for stage in classify.stages(cfg.train):
             if stage in done:  # finished before a restart: re-use its selection
@@ -258,10 +268,82 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
              **_test_once(clf, data, cfg, rt)[0]}
     final.update({reports.STAGE: reports.FINAL_STAGE, reports.FINAL: 1, reports.DIVERGED: 0,
                   reports.WALL_S: time.perf_counter() - t0,
-                  "n_params": sum(p.numel() for p in model.parameters())})
+                  "n_params": sum(p.numel() for p in model.parameters()), **encoder})
     final.update(diagnose(model, _diagnostic_batch(data, rt)))
     report(final, None)
     return TrialResult(status="completed", metrics=final, classifier=clf)
+
+
+def _pretrained(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
+                report: Report, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Pretrain ``model``, or load it from the encoder cache (``rt.encoder_cache``) and replay
+    the cached pretraining reports; store what it pretrains (rank 0).
+
+    A trial resumed inside pretraining finishes its own and stores it; one resumed after it
+    carries the provenance in its checkpoint. Data-parallel ranks agree on a hit (each reads the
+    cache); they take no claim (see cbdtune.encoder_cache).
+
+    Returns:
+        What the final report carries: ``encoder_reused`` (0/1), ``encoder_key`` (``""``
+        without a cache) and ``encoder_source_run`` (the trial that pretrained the encoder).
+    """
+    own = {reports.ENCODER_REUSED: 0, reports.ENCODER_KEY: "", reports.ENCODER_SOURCE: rt.trial}
+    if state is not None and state["stage"] != "pretrain":
+        return dict(state.get("encoder") or own)
+    if not rt.encoder_cache or cfg.train.pretrain_epochs == 0:
+        pretrain(model, data, cfg, rt, report, state=state)
+        return own
+    cache, key = encoder_cache.EncoderCache(rt.encoder_cache), encoder_cache.pretrain_key(cfg, data)
+    claim = cache.claim(key) if rt.world_size == 1 and state is None else contextlib.nullcontext()
+    with claim:
+        entry = _cached(cache, key, model, rt) if state is None else None
+        if entry is not None:
+            for metrics in encoder_cache.replay(entry.meta["reports"], cfg.train):
+                report(metrics, None)
+            return {**own, reports.ENCODER_REUSED: 1, reports.ENCODER_KEY: key,
+                    reports.ENCODER_SOURCE: str(entry.meta.get("source", ""))}
+        made = list(state.get("pretrain_reports", [])) if state else []
+
+        def keep(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+            made.append(dict(metrics))  # in the checkpoint too, for a resumed trial to store
+            report(metrics, None if payload is None else {**payload, "pretrain_reports": list(made)})
+
+        pretrain(model, data, cfg, rt, keep, state=state)
+        if rt.is_chief:
+            try:
+                cache.put(key, encoder_cache.encoder_state(model, rt.device),
+                          {"inputs": encoder_cache.key_inputs(cfg, data), "reports": made,
+                           "source": rt.trial})
+            except OSError as exc:  # the trial goes on; the next one with this key pretrains
+                encoder_cache.log.warning("encoder cache %s: cannot store %s (%s)",
+                                          rt.encoder_cache, key[:12], exc)
+    return {**own, reports.ENCODER_KEY: key}
+
+
+def _cached(cache: encoder_cache.EncoderCache, key: str, model: CBDModel,
+            rt: Runtime) -> encoder_cache.Entry | None:
+    """The entry for ``key`` loaded into ``model`` when every rank has one that fits, else None
+    (an entry that does not fit is removed)."""
+    entry = cache.get(key)
+    if entry is not None:
+        problem = encoder_cache.mismatch(model, entry)
+        if problem:
+            cache.discard(key, problem)
+            entry = None
+    if not _on_every_rank(entry is not None, rt):
+        return None
+    assert entry is not None
+    encoder_cache.restore(model, entry, rt.device)
+    return entry
+
+
+def _on_every_rank(flag: bool, rt: Runtime) -> bool:
+    """Whether ``flag`` holds on every data-parallel rank."""
+    if rt.world_size == 1 or not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=rt.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def _final_classifier(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
@@ -301,10 +383,14 @@ def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int
     rt = rt or Runtime(device=resolve_device(cfg.train))
     t0 = time.perf_counter()
     cfg, model = _prepare(cfg, data, rt, None)
-    pretrain(model, data, cfg, rt, lambda _m, _s: None, probes=False)
+    reused = bool(rt.encoder_cache and cfg.train.pretrain_epochs) and _cached(
+        encoder_cache.EncoderCache(rt.encoder_cache), encoder_cache.pretrain_key(cfg, data),
+        model, rt) is not None
+    if not reused:  # a refit reads the cache (the trial's seed is often a refit seed), never stores
+        pretrain(model, data, cfg, rt, lambda _m, _s: None, probes=False)
     clf = classify.refit(model, data.train.x, data.train.y, cfg, rt, stage, epochs)
     test, proba = _test_once(clf, data, cfg, rt)
     metrics: dict[str, Any] = {"stage": "refit", "seed": cfg.train.seed, "refit_stage": stage,
-                               "refit_epochs": epochs, **test,
+                               "refit_epochs": epochs, reports.ENCODER_REUSED: int(reused), **test,
                                "wall_s": time.perf_counter() - t0}
     return metrics, clf, proba

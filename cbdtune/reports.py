@@ -14,7 +14,10 @@ benchmarks. The values are also the MLflow metric names. One report is a flat di
 - end of a classifier stage: ``stage``, ``epoch`` (the chosen count), ``stage_done`` = 1, ``val_*``;
 - the final report, always last: ``stage`` = ``"final"``, ``final`` = 1, ``diverged`` = 0 or 1
   (``reason`` when 1), ``selected_stage``, ``selected_epoch``, ``cv_folds``, ``val_*`` at the
-  selected point, ``<stage>.val_accuracy``, ``test_accuracy``, ``test_f1``, ``wall_s``, ``diag.*``.
+  selected point, ``<stage>.val_accuracy``, ``test_accuracy``, ``test_f1``, ``wall_s``, ``diag.*``,
+  ``encoder_reused`` (0/1), ``encoder_key`` and ``encoder_source_run`` (cbdtune.encoder_cache).
+
+A trial that reuses a cached encoder replays the pretraining reports of the trial that made it.
 
 This module imports nothing heavy (no torch, no Ray): the search reads it before Ray starts.
 """
@@ -48,6 +51,9 @@ VAL_F1 = "val_f1"
 TEST_ACCURACY = "test_accuracy"
 TEST_F1 = "test_f1"
 LOSS_PREFIX = "loss."  # pretraining loss terms: loss.total, loss.time_rec, ...
+ENCODER_REUSED = "encoder_reused"  # 1 when the pretrained encoder came from the cache
+ENCODER_KEY = "encoder_key"  # its pretraining key ("" without a cache)
+ENCODER_SOURCE = "encoder_source_run"  # "<search>/<trial id>" of the trial that pretrained it
 
 # Tune's time attribute: the worker sets it to the trial's report count, so a trial resumed from
 # a checkpoint continues its own count (ray.tune.result.TRAINING_ITERATION; Tune only fills it in

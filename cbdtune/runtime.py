@@ -37,6 +37,10 @@ class Runtime:
     world_size: int = 1
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. ray.train.torch.prepare_model
     progress: bool = False  # tqdm bars (interactive runs only; quiet under Ray)
+    # Pretrained encoders are reused from and stored under this root (a folder or an s3:// /
+    # gs:// URI; cbdtune.encoder_cache); None pretrains every trial and stores nothing.
+    encoder_cache: str | None = None
+    trial: str = ""  # who runs: "<search>/<trial id>", recorded with an encoder it pretrains
 
     @property
     def is_chief(self) -> bool:

@@ -1,4 +1,5 @@
-"""The Optuna searcher behind the search: Ray's ``OptunaSearch``, told the truth about ASHA.
+"""The Optuna searcher behind the search: Ray's ``OptunaSearch``, told the truth about ASHA, and
+made to propose classifier knobs for encoders that are already pretrained.
 
 Ray's ``OptunaSearch.on_trial_complete`` reports every trial that ends without an error to Optuna
 as COMPLETE with its last reported value, the ones ASHA stopped at a low rung included, so TPE
@@ -10,23 +11,92 @@ The multi-fidelity rule this gives is Optuna's own for TPE (``optuna.samplers.TP
 pruned trials rank below every complete trial, among themselves by how far they got (the later
 step first) and then by their value at that step. So TPE's "good" group holds complete trials
 first, and a stopped trial counts as evidence against its region, never as a full result.
+
+Encoder reuse: when a trial completes at full fidelity and ranks among the ``reuse_top`` best, a
+trial is enqueued (``Study.enqueue_trial``) with that trial's pretraining parameters fixed, the
+ones :func:`cbdtune.encoder_cache.determines_encoder` names; TPE samples the rest (the classifier
+knobs) as usual, and the pipeline finds that encoder in the cache instead of pretraining it. Ray's
+define-by-run path asks Optuna with ``Study.ask()``, which takes enqueued trials first, and an
+enqueued value is returned by ``suggest_*`` (the baseline trial relies on the same). At most
+``reuse_share`` of the trials suggested are such reuse trials.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from cbdtune.encoder_cache import determines_encoder
+from cbdtune.space import OPTUNA_PREFIX
+
 FINAL_KEY = "final"  # set to 1 by the pipeline's last report of a trial (cbdtune.pipeline)
+REUSE_ATTR = "cbdtune.reuse_of"  # an enqueued reuse trial's user attribute: the parent's number
 
 
 class FullFidelityOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that reports trials stopped before their final report as PRUNED."""
+    """``OptunaSearch`` that reports trials stopped before their final report as PRUNED, and
+    enqueues classifier-only trials on the best trials' encoders.
+
+    Args:
+        reuse_share: the most trials that may be reuse trials, as a share of all suggested
+            (0 turns reuse off).
+        reuse_top: a completed trial's encoder is reused while the trial ranks among this many.
+        *args, **kwargs: ``OptunaSearch``'s.
+    """
+
+    def __init__(self, *args: Any, reuse_share: float = 0.0, reuse_top: int = 3,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reuse_share = reuse_share
+        self.reuse_top = reuse_top
+        self._complete: list[float] = []  # values of the full-fidelity trials
+        self._n_suggested = 0
+        self._n_reuse = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        new = trial_id not in self._ot_trials
+        params = super().suggest(trial_id)
+        if new and params is not None:
+            self._n_suggested += 1
+        return params
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        if result is not None and not error and result.get(FINAL_KEY) != 1:
+        full = result is not None and not error and result.get(FINAL_KEY) == 1
+        if result is not None and not error and not full:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             result = {k: v for k, v in result.items() if k not in metrics}  # -> PRUNED
         super().on_trial_complete(trial_id, result, error)
+        if full and not isinstance(self.metric, list):
+            self._maybe_reuse(trial_id, result.get(self.metric))  # type: ignore[union-attr]
+
+    def _maybe_reuse(self, trial_id: str, value: Any) -> None:
+        """Enqueue a trial on ``trial_id``'s encoder if it ranks among the best and the share
+        of reuse trials allows one more."""
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return
+        self._complete.append(float(value))
+        ot_trial = self._ot_trials[trial_id]
+        fixed, free = split_params(ot_trial.params)
+        if not fixed or not free:  # nothing to reuse, or nothing left to sample
+            return
+        sign = -1.0 if self.mode == "max" else 1.0
+        rank = sorted(sign * v for v in self._complete).index(sign * float(value))
+        if rank >= self.reuse_top:
+            return
+        if self._n_reuse + 1 > self.reuse_share * (self._n_suggested + 1):
+            return
+        self._ot_study.enqueue_trial(fixed, user_attrs={REUSE_ATTR: ot_trial.number})
+        self._n_reuse += 1
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Optuna parameters (``train_loop_config/<key>``) -> (those that determine the pretrained
+    encoder, the others)."""
+    fixed, free = {}, {}
+    for name, value in params.items():
+        key = name.removeprefix(OPTUNA_PREFIX)
+        (fixed if determines_encoder(key) else free)[name] = value
+    return fixed, free
