@@ -94,6 +94,22 @@ class SearchSpace:
         passes to ``Study.enqueue_trial`` to fix exactly these parameters in one trial."""
         return {OPTUNA_PREFIX + k: v for k, v in self.active(values).items()}
 
+    def grid(self) -> dict[str, list[Any]]:
+        """Every value of every parameter, by Optuna name: the ``GridSampler``'s search space.
+
+        Raises:
+            ConfigError: a float range (no grid) or a conditional parameter (a grid point would
+                name a value that is never sampled).
+        """
+        out: dict[str, list[Any]] = {}
+        for p in self.params:
+            if p.kind == "float" or p.when:
+                raise ConfigError(f"{self.path}: {p.key}: --sampler grid needs categorical or int "
+                                  "parameters without 'when'; use tpe or random for this space")
+            out[OPTUNA_PREFIX + p.key] = (list(p.choices) if p.kind == "categorical"
+                                          else list(range(int(p.low), int(p.high) + 1)))  # type: ignore[arg-type]
+        return out
+
     def define_by_run(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """Sample the parameters whose ``when`` holds, in file order: ``OptunaSearch(space=...)``.
 
