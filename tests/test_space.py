@@ -335,3 +335,23 @@ def test_search_conditional_space_skips_params_whose_condition_fails(tmp_path: P
     assert len(probe) >= 1 and probe["param.train.augment_jitter"].isna().all()
     both = df[df["param.train.classifier"] == "both"]
     assert both["param.train.augment_jitter"].notna().all()
+
+
+def test_grid_lists_every_point_of_a_categorical_space_and_refuses_ranges() -> None:
+    grid = load_space("k_ablation").grid()
+    assert grid == {OPTUNA_PREFIX + "model.bernstein_order": [1, 2, 4, 8, 12, 16],
+                    OPTUNA_PREFIX + "model.ser_norm": ["softmax", "tempered"]}
+    with pytest.raises(ConfigError, match="model.mask_ratio: --sampler grid needs"):
+        load_space("smoke").grid()  # a float range has no grid
+    with pytest.raises(ConfigError, match="--sampler grid needs"):
+        load_space("default").grid()
+
+
+def test_grid_sampler_visits_every_point_once() -> None:
+    import optuna
+
+    space = load_space("k_ablation")
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(space.grid(), seed=0))
+    study.optimize(lambda trial: space.define_by_run(trial) or 0.5, n_trials=20)
+    points = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(points) == len(set(points)) == 12  # the sampler stops the study when done
