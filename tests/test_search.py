@@ -215,7 +215,13 @@ def test_search_resume_after_sigint_no_duplicates(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     df = _check_outputs(tmp_path, uri, 3)
     assert (df["status"] == "completed").all()
-    [parent], _ = _runs(uri)
+    [parent], children = _runs(uri)
+    client = MlflowClient(uri)
+    for child in children:  # a resumed trial continues its step count (it restarted at 1)
+        epochs: dict[int, set[float]] = {}
+        for m in client.get_metric_history(child.info.run_id, "epoch"):
+            epochs.setdefault(m.step, set()).add(m.value)
+        assert all(len(v) == 1 for v in epochs.values()), (child.info.run_id, epochs)
     assert parent.info.status == "FINISHED"
     arts = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "views")}
     assert "views/optimization_history.png" in arts
