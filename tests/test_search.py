@@ -528,6 +528,10 @@ def test_views_export_study_states_values_and_conditional_params(tmp_path: Path)
                                                                                        2: 0.4}
     assert by_id["e"].state == TrialState.FAIL
     assert study.best_trial.user_attrs["trial_id"] == "t2"
+    import optuna  # what optuna-dashboard does with the URL the search prints
+
+    loaded = optuna.load_study(study_name="x", storage=url)
+    assert len(loaded.trials) == 7 and loaded.best_trial.user_attrs["trial_id"] == "t2"
 
 
 def test_views_draw_optunas_four_figures(tmp_path: Path) -> None:
@@ -727,3 +731,17 @@ def test_run_search_is_the_python_api_and_returns_what_the_search_left(tmp_path:
     command = parent.data.tags["cbdtune.command"]
     assert command.endswith(" " + " ".join(settings.to_argv()))
     assert "--data-dir data" in command and "--space smoke" in command
+
+
+def test_a_time_budget_that_ran_out_is_not_an_interruption() -> None:
+    """Fewer trials than asked: interrupted (exit 130, --resume) unless the budget ran out."""
+    from cbdtune import results
+
+    df = results.trials_frame([results.trial_row("a", {}, {"val_accuracy": 0.5, "final": 1},
+                                                 "completed", "")])
+    budget = search.SearchSettings(dataset="gesture", num_samples=4, time_budget="1m")
+    assert not search._interrupted(budget, df, wall=61.0)
+    assert search._interrupted(budget, df, wall=30.0)
+    assert search._interrupted(search.SearchSettings(dataset="gesture", num_samples=4), df, 1e6)
+    unfinished = results.trials_frame([results.trial_row("b", {}, {}, "unfinished", "x")])
+    assert search._interrupted(budget, unfinished, wall=61.0)
