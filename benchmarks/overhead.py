@@ -93,7 +93,8 @@ def tune_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
         {"cpu": 0, "memory": DRIVER_MEMORY})
     # nothing searched: the base config is the trial
     param_space = TrialSettings(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
-                                max_failures=0, storage_path=f"{storage}/train").param_space()
+                                max_failures=0, storage_path=f"{storage}/train",
+                                encoder_cache=None).param_space()
     tuner = tune.Tuner(trainable, param_space=param_space,
                        tune_config=tune.TuneConfig(num_samples=1),
                        run_config=tune.RunConfig(name="overhead-tune", storage_path=storage,

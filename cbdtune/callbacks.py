@@ -256,7 +256,7 @@ class MLflowTrialCallback(Callback):
 
     def _finish(self, trials: list[Any], trial: Any, status: str, reason: str) -> None:
         run_id, _ = self._run_for(trial)
-        tags = {"cbdtune.status": status}
+        tags = {"cbdtune.status": status, **self._encoder_tags(trial.last_result or {})}
         if reason:
             tags["cbdtune.reason"] = reason
         set_tags(self.client, run_id, tags)
@@ -271,6 +271,26 @@ class MLflowTrialCallback(Callback):
         if now.best_value is not None:
             log_metrics(self.client, self.parent_run_id, {f"best_{metric}": now.best_value},
                         step=now.finished)
+
+    def _encoder_tags(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Where the trial's encoder came from (``encoder_reused`` is a metric already): its
+        key, the trial that pretrained it (``<search>/<trial id>``) and, when that trial is one
+        of this experiment's, its MLflow run id."""
+        key = result.get(reports.ENCODER_KEY)
+        if not key:
+            return {}
+        source = str(result.get(reports.ENCODER_SOURCE, ""))
+        tags = {"cbdtune.encoder_key": key, "cbdtune.encoder_source": source}
+        source_trial = source.rpartition("/")[2]
+        run_id = self._runs.get(source_trial)
+        if run_id is None and source_trial.replace("_", "").replace("-", "").isalnum():
+            found = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{source_trial}'",
+                max_results=1)
+            run_id = found[0].info.run_id if found else None
+        if run_id:
+            tags["cbdtune.encoder_source_run"] = run_id
+        return tags
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:

@@ -233,6 +233,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
     encoder: dict[str, Any] = {}  # where the pretrained encoder came from (_pretrained)
 
     def report_with_stages(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
+        metrics = {**metrics, **encoder}  # every report after pretraining names its encoder
         if payload is not None:
             payload = {**payload, "stages": {s: vars(r) for s, r in done.items()},
                        "encoder": dict(encoder)}
@@ -257,7 +258,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
         # val_accuracy 0: a diverged configuration ranks below every trial that trained.
         final = {reports.STAGE: reports.FINAL_STAGE, reports.FINAL: 1, reports.DIVERGED: 1,
                  reports.REASON: str(exc), reports.VAL_ACCURACY: 0.0,
-                 reports.WALL_S: time.perf_counter() - t0}
+                 reports.WALL_S: time.perf_counter() - t0, **encoder}
         report(final, None)
         return TrialResult(status="diverged", metrics=final, reason=str(exc))
 
@@ -298,10 +299,11 @@ def _pretrained(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runti
     with claim:
         entry = _cached(cache, key, model, rt) if state is None else None
         if entry is not None:
+            reused = {**own, reports.ENCODER_REUSED: 1, reports.ENCODER_KEY: key,
+                      reports.ENCODER_SOURCE: str(entry.meta.get("source", ""))}
             for metrics in encoder_cache.replay(entry.meta["reports"], cfg.train):
-                report(metrics, None)
-            return {**own, reports.ENCODER_REUSED: 1, reports.ENCODER_KEY: key,
-                    reports.ENCODER_SOURCE: str(entry.meta.get("source", ""))}
+                report({**metrics, **reused}, None)
+            return reused
         made = list(state.get("pretrain_reports", [])) if state else []
 
         def keep(metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:

@@ -28,7 +28,8 @@ RESULT_COLUMNS = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.VAL_F1,
                   reports.CV_FOLDS, reports.TEST_ACCURACY, reports.TEST_F1,
                   reports.SELECTED_STAGE, reports.SELECTED_EPOCH,
                   *(reports.stage_metric(stage) for stage in reports.STAGES),
-                  reports.ITERATION, "time_total_s", reports.REASON)
+                  reports.ITERATION, "time_total_s", reports.REASON,
+                  reports.ENCODER_REUSED, reports.ENCODER_KEY, reports.ENCODER_SOURCE)
 
 
 def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

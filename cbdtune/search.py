@@ -114,6 +114,14 @@ def parser() -> argparse.ArgumentParser:
                         "the trials that ended are refit as usual")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray Tune's trial table (default: one line per finished trial)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="pretrain every trial: no encoder cache, no trials on known encoders")
+    p.add_argument("--encoder-cache", metavar="PATH_OR_URI",
+                   help="where pretrained encoders are stored and reused, a folder or s3:// / "
+                        "gs:// URI (default <storage>/encoders)")
+    p.add_argument("--reuse-share", type=float,
+                   help="the most trials Optuna proposes on an already pretrained encoder, "
+                        "as a share of all (default %(default)s)")
     p.set_defaults(**SearchSettings.defaults())  # one place for every default: the settings
     return p
 
@@ -121,15 +129,16 @@ def parser() -> argparse.ArgumentParser:
 # ---- checks before Ray starts ----------------------------------------------------------------
 
 
-def check_storage(storage: str | None) -> None:
-    """Fail before Ray starts when Tune could not write under a local ``--storage`` folder.
+def check_storage(storage: str | None, *, option: str = "--storage") -> None:
+    """Fail before Ray starts when Tune could not write under a local ``--storage`` folder (or
+    the trials under ``option``'s, e.g. ``--encoder-cache``).
 
     Raises:
         CbdtuneError: the nearest existing folder on the way is a file or is read-only.
     """
     if storage and "://" in storage:
         return  # a cloud URI: Ray's pyarrow filesystem reports its own errors
-    flag = f"--storage {storage}" if storage else "the Ray storage ~/ray_results"
+    flag = f"{option} {storage}" if storage else "the Ray storage ~/ray_results"
     path = Path(storage or "~/ray_results").expanduser()
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():
@@ -201,13 +210,14 @@ def _sampler(name: str, seed: int) -> Any:
 
 
 def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, mode: str,
-                  max_concurrent: int, baseline: bool = True) -> Any:
+                  max_concurrent: int, baseline: bool = True, reuse_share: float = 0.0) -> Any:
     """Optuna over the space, sampled define-by-run, limited to ``max_concurrent``.
 
     :meth:`SearchSpace.define_by_run` suggests only the parameters whose ``when`` holds, named
     ``train_loop_config/<key>`` so that each trial's config nests them as the trainable expects.
     Trials ASHA stopped reach Optuna as PRUNED, not COMPLETE (:mod:`cbdtune.searcher`). With
-    ``baseline`` the paper's configuration is the first trial (``points_to_evaluate``).
+    ``baseline`` the paper's configuration is the first trial (``points_to_evaluate``). Up to
+    ``reuse_share`` of the trials fix a good trial's pretraining parameters and sample the rest.
     """
     from ray.tune.search import ConcurrencyLimiter
 
@@ -216,7 +226,7 @@ def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, m
     points = [baseline_point(space)] if baseline and space.params else None
     searcher = FullFidelityOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
                                         sampler=_sampler(sampler, seed),
-                                        points_to_evaluate=points)
+                                        points_to_evaluate=points, reuse_share=reuse_share)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
@@ -243,7 +253,20 @@ def trial_settings(settings: SearchSettings, storage: str | None) -> Any:
     return TrialSettings(workers=settings.workers_per_trial,
                          cpus_per_worker=settings.cpus_per_worker,
                          gpus_per_worker=settings.gpus_per_worker,
-                         max_failures=settings.max_failures, storage_path=storage)
+                         max_failures=settings.max_failures, storage_path=storage,
+                         encoder_cache=encoder_root(settings))
+
+
+def encoder_root(settings: SearchSettings) -> str | None:
+    """The encoder cache's root (``--encoder-cache``, else the Ray storage root: the entries go
+    to ``<root>/encoders``, next to the searches of that storage, which share them); None with
+    ``--no-reuse``."""
+    if not settings.reuse:
+        return None
+    given = settings.encoder_cache
+    if given:
+        return given if "://" in given else str(Path(given).expanduser().resolve())
+    return _storage_root(settings)
 
 
 def param_space(settings: SearchSettings, storage: str | None) -> dict[str, Any]:
@@ -353,6 +376,8 @@ def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, An
     base = space.base.replace(late, where="command line")
     results.check_results_dir(Path(settings.results_dir))
     check_storage(settings.storage)
+    if settings.reuse and settings.encoder_cache:
+        check_storage(settings.encoder_cache, option="--encoder-cache")
     data = load_dataset(base.data, seed=base.train.seed)
     uri = tracking.resolve_tracking_uri(settings.mlflow_uri)
     tracking.check_tracking_uri(uri, writable=True)
@@ -690,7 +715,8 @@ def _tuner(s: _Search, data_ref: Any) -> Any:
 
     st = s.settings
     trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=s.base.to_dict()),
+        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=s.base.to_dict(),
+                             search=s.name),
         {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
     settings = param_space(st, f"{s.experiment_path}/train")
     # Quiet unless --verbose: Ray 2.60's default output engine ignores a progress_reporter
@@ -718,7 +744,8 @@ def _tuner(s: _Search, data_ref: Any) -> Any:
         metric=s.metric, mode=s.mode, num_samples=st.num_samples, scheduler=scheduler,
         search_alg=make_searcher(s.space, sampler=st.sampler, seed=s.base.train.seed,
                                  metric=s.metric, mode=s.mode, max_concurrent=s.max_concurrent,
-                                 baseline=st.baseline),
+                                 baseline=st.baseline,
+                                 reuse_share=st.reuse_share if st.reuse else 0.0),
         time_budget_s=st.time_budget_s,
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     return tune.Tuner(trainable, param_space=settings, tune_config=tune_config,

@@ -87,6 +87,8 @@ class SearchSettings:
     # Encoder reuse across trials (issue 15) is switched here: the flag that turns it off maps
     # onto this field, and the search hands it to the trials through the worker's TrialSettings.
     reuse: bool = True
+    encoder_cache: str | None = None  # the cache root (entries in <root>/encoders); None: --storage
+    reuse_share: float = 0.5  # the most trials the searcher proposes on a known encoder
 
     def __post_init__(self) -> None:
         hints = get_type_hints(SearchSettings)
@@ -103,6 +105,9 @@ class SearchSettings:
         if not self.dataset.strip():
             raise ConfigError(f"{_where('dataset')}: must not be empty; give a name such as "
                               "gesture or a folder")
+        if not (math.isfinite(self.reuse_share) and 0.0 <= self.reuse_share <= 1.0):
+            raise ConfigError(f"{_where('reuse_share')}: expected a share in [0, 1], but got "
+                              f"{self.reuse_share}")
 
     def _check_metric(self) -> None:
         if self.metric.startswith("test"):

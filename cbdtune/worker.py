@@ -53,6 +53,7 @@ class TrialSettings:
     gpus_per_worker: float
     max_failures: int  # worker-group restarts (from the latest checkpoint) before the trial fails
     storage_path: str | None  # where the trial's Train checkpoints go
+    encoder_cache: str | None  # pretrained encoders' root (cbdtune.encoder_cache); None: no reuse
 
     def trainer_args(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,6 +150,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     # [3] DDP only when data-parallel; the model is already on `device`.
     rt = Runtime(device=device, rank=rank, world_size=world,
+                 encoder_cache=loop_config.get("encoder_cache"), trial=loop_config.get("trial", ""),
                  wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
     if loop_config.get("refit"):
         return _refit(cfg, data, rt, **loop_config["refit"])
@@ -177,6 +179,7 @@ def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, *, stage: str,
 def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
                  workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  storage_path: str | None = None, max_failures: int = 0,
+                 encoder_cache: str | None = None, trial: str = "",
                  callbacks: list[Any] | None = None,
                  train_fn: Callable[[dict[str, Any]], Any] | None = None,
                  refit: dict[str, Any] | None = None) -> TorchTrainer:
@@ -192,6 +195,8 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         cpus_per_worker: CPUs reserved per worker (also the torch thread count on CPU).
         storage_path: where checkpoints go (a folder or a cloud URI).
         max_failures: worker-group restarts (from the latest checkpoint) before the trial fails.
+        encoder_cache: where pretrained encoders are reused from and stored; None: nowhere.
+        trial: ``<search>/<trial id>``, recorded with an encoder this trial pretrains.
         callbacks: Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
         train_fn: the per-worker function (default :func:`train_fn_per_worker`).
         refit: ``{"stage": ..., "epochs": ...}`` runs a refit instead of a selecting trial.
@@ -208,19 +213,20 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
     loop_config = {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None,
-                   "refit": refit}
+                   "refit": refit, "encoder_cache": encoder_cache, "trial": trial}
     return TorchTrainer(train_fn or train_fn_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling, run_config=run_config)
 
 
 def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
-                    base: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                    base: dict[str, Any] | None = None, search: str = "") -> dict[str, Any] | None:
     """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``.
 
     ``config`` holds the run-level :class:`TrialSettings` at the top and the trial's
     hyperparameters as dotted keys under ``train_loop_config``, as in Ray's interop example.
     They override ``base``, the search's fixed configuration (passed with
     ``tune.with_parameters`` so Tune's tables and the searcher see only what is searched).
+    ``search`` names the search, for the record an encoder this trial pretrains keeps.
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -231,6 +237,7 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
     trial_id = ray.tune.get_context().get_trial_id() if in_tune else "single"
     trainer = make_trainer(
         cfg, data_ref=data_ref[0] if data_ref else None, name=f"trial_id={trial_id}",
+        trial=f"{search}/{trial_id}" if search else trial_id,
         callbacks=[TuneReportCallback()] if in_tune else None, **run.trainer_args())
     result = trainer.fit()
     # Inside Tune the worker's reports already reached Tune; a returned dict would be one more

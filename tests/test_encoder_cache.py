@@ -195,7 +195,10 @@ def test_a_second_trial_with_the_key_skips_pretraining_and_gets_the_same_encoder
     pre = [[r for r in reps if r["stage"] == "pretrain"] for reps in (first_reports,
                                                                        second_reports)]
     assert len(pre[0]) == len(pre[1]) == 2
-    assert pre[0] == pre[1]
+    provenance = {k: second.metrics[k] for k in ("encoder_reused", "encoder_key",
+                                                  "encoder_source_run")}
+    assert [{**r, **provenance} for r in pre[0]] == pre[1]  # and they name the encoder
+    assert all(r["encoder_reused"] == 1 for r in second_reports)
 
 
 def test_the_whole_trial_is_the_same_with_a_reused_encoder(data: Dataset, tmp_path: Path) -> None:
@@ -347,3 +350,60 @@ def test_the_searcher_enqueues_no_reuse_trial_when_it_should_not(case: str) -> N
     waiting = [t for t in s._ot_study.get_trials(deepcopy=False)
                if t.state == optuna.trial.TrialState.WAITING]
     assert len(waiting) == expected_waiting
+
+
+# ---- the search's switches ------------------------------------------------------------------------
+
+
+def test_the_search_decides_the_cache_root_and_no_reuse_turns_it_off(tmp_path: Path,
+                                                                    monkeypatch: Any) -> None:
+    from cbdtune import search
+    from cbdtune.settings import SearchSettings
+
+    monkeypatch.chdir(tmp_path)
+    p = search.parser()
+    default = SearchSettings.from_args(p.parse_args(["--dataset", "gesture", "--storage", "ray"]))
+    assert search.encoder_root(default) == str(tmp_path / "ray")  # entries in ray/encoders
+    given = SearchSettings.from_args(p.parse_args(["--dataset", "gesture",
+                                                   "--encoder-cache", "enc"]))
+    assert search.encoder_root(given) == str(tmp_path / "enc")
+    assert search.encoder_root(SearchSettings(dataset="g", encoder_cache="s3://b/c")) == "s3://b/c"
+    off = SearchSettings.from_args(p.parse_args(["--dataset", "gesture", "--no-reuse",
+                                                 "--encoder-cache", "enc"]))
+    assert off.reuse is False and search.encoder_root(off) is None
+    assert search.trial_settings(off, "x").encoder_cache is None
+    assert search.trial_settings(given, "x").encoder_cache == str(tmp_path / "enc")
+    assert "--no-reuse" in off.to_argv()
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1", "nan"])
+def test_a_reuse_share_outside_0_1_is_one_line_exit_2(share: str, capsys: Any) -> None:
+    from cbdtune import search
+
+    code = search.cli(["--dataset", "gesture", "--space", "smoke", "--reuse-share", share])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "reuse_share (--reuse-share)" in err
+
+
+def test_the_searcher_gets_the_reuse_share_unless_reuse_is_off() -> None:
+    from cbdtune import search
+    from cbdtune.space import load_space
+
+    space = load_space("smoke")
+    kwargs = {"sampler": "tpe", "seed": 0, "metric": "val_accuracy", "mode": "max",
+              "max_concurrent": 1}
+    assert search.make_searcher(space, reuse_share=0.25, **kwargs).searcher.reuse_share == 0.25
+    assert search.make_searcher(space, **kwargs).searcher.reuse_share == 0.0
+
+
+def test_mlflow_tags_name_the_encoder_and_the_run_that_pretrained_it() -> None:
+    from cbdtune.callbacks import MLflowTrialCallback
+
+    cb = MLflowTrialCallback("sqlite:///unused.db", "0", "parent", _cfg())
+    cb._runs = {"abc12_00000": "run-of-the-source"}
+    tags = cb._encoder_tags({"encoder_reused": 1, "encoder_key": "k" * 64,
+                             "encoder_source_run": "gesture-smoke/abc12_00000"})
+    assert tags == {"cbdtune.encoder_key": "k" * 64,
+                    "cbdtune.encoder_source": "gesture-smoke/abc12_00000",
+                    "cbdtune.encoder_source_run": "run-of-the-source"}
+    assert cb._encoder_tags({"encoder_key": ""}) == {}  # no cache: nothing to say

@@ -69,7 +69,8 @@ def test_trial_settings_come_from_the_search_settings_only() -> None:
     assert space["train_loop_config"] == {}
     run = TrialSettings.from_config({**space, "train_loop_config": {"model.mask_ratio": 0.5}})
     assert run == TrialSettings(workers=2, cpus_per_worker=1.0, gpus_per_worker=0.25,
-                                max_failures=2, storage_path="/s/train")
+                                max_failures=2, storage_path="/s/train",
+                                encoder_cache=str(Path("~/ray_results").expanduser()))
     with pytest.raises(ConfigError, match="trial config: no max_failures"):
         TrialSettings.from_config({k: v for k, v in space.items() if k != "max_failures"})
 
