@@ -199,9 +199,11 @@ def check_resources(settings: SearchSettings) -> int:
     return max(1, int(min(per_trial) + 1e-9))
 
 
-def _sampler(name: str, seed: int) -> Any:
+def _sampler(name: str, seed: int, space: SearchSpace) -> Any:
     import optuna
 
+    if name == "grid":  # every point once, in an order shuffled by the seed
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
@@ -225,7 +227,7 @@ def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, m
 
     points = [baseline_point(space)] if baseline and space.params else None
     searcher = FullFidelityOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                                        sampler=_sampler(sampler, seed),
+                                        sampler=_sampler(sampler, seed, space),
                                         points_to_evaluate=points, reuse_share=reuse_share)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
@@ -364,6 +366,8 @@ def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, An
     """Everything checked before Ray starts (the settings checked themselves): space, config,
     dataset, MLflow, storage, results."""
     space = load_space(settings.space)
+    if settings.sampler == "grid":
+        space.grid()  # a space with no grid fails here, in one line
     late: dict[str, Any] = {"data.dataset": settings.dataset}
     if settings.data_dir:
         late["data.data_dir"] = shown_path(settings.data_dir)
@@ -745,7 +749,9 @@ def _tuner(s: _Search, data_ref: Any) -> Any:
         search_alg=make_searcher(s.space, sampler=st.sampler, seed=s.base.train.seed,
                                  metric=s.metric, mode=s.mode, max_concurrent=s.max_concurrent,
                                  baseline=st.baseline,
-                                 reuse_share=st.reuse_share if st.reuse else 0.0),
+                                 # a grid visits each point once: no repeated encoders
+                                 reuse_share=st.reuse_share
+                                 if st.reuse and st.sampler != "grid" else 0.0),
         time_budget_s=st.time_budget_s,
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     return tune.Tuner(trainable, param_space=settings, tune_config=tune_config,

@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from cbdtune import reports
 from cbdtune.config import METRIC, MODE, ConfigError, _coerce
 
-Sampler = Literal["tpe", "random", "cmaes"]  # Optuna's samplers, seeded
+Sampler = Literal["tpe", "random", "cmaes", "grid"]  # Optuna's samplers, seeded
 Scheduler = Literal["asha", "none"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)

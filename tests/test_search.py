@@ -300,7 +300,7 @@ def test_search_same_seed_same_trials() -> None:
         s.set_search_properties("val_accuracy", "max", {"train_loop_config": space.to_tune()})
         return [s.suggest(f"t{i}")["train_loop_config"] for i in range(4)]
 
-    for sampler in search.SAMPLERS:
+    for sampler in set(search.SAMPLERS) - {"grid"}:  # smoke has float ranges: no grid
         assert suggestions(sampler, 0) == suggestions(sampler, 0), sampler
         assert suggestions(sampler, 0) != suggestions(sampler, 1), sampler
 
