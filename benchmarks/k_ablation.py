@@ -50,7 +50,7 @@ def run_search(args: argparse.Namespace, work: Path) -> tuple[Path, float, list[
     cmd = [sys.executable, "-m", "cbdtune.search", "--dataset", args.dataset,
            "--space", args.space, "--sampler", "grid", "--scheduler", "none",
            "--no-baseline", "--no-reuse", "--num-samples", str(args.num_samples),
-           "--seed", str(args.seed),
+           "--seed", str(args.seed), "--max-concurrent", str(args.max_concurrent),
            "--refit-top", "0", "--name", name, "--storage", str(work / "ray"),
            "--results-dir", str(work / "results"), "--mlflow-uri",
            f"sqlite:///{work / 'mlflow.db'}", "--experiment", "k-ablation"]
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="gesture")
     p.add_argument("--seed", type=int, default=0, help="train.seed of every trial (default 0)")
     p.add_argument("--num-samples", type=int, default=12, help="grid points (default all 12)")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="trials at once (default: as many as the machine's CPUs fit)")
     p.add_argument("--quick", action="store_true", help="smoke budget, 4 trials, temp output")
     p.add_argument("--out-dir", default=None, help="default results/ (a temp dir with --quick)")
     args = p.parse_args(argv)

@@ -132,3 +132,21 @@ def test_curve_counts_epochs_and_only_credits_completed_trials() -> None:
     assert points[-1]["best_val"] == 0.8  # b's 0.9 came from a fidelity probe, not a result
     assert math.isnan(eff.best_at(points, budget=17))  # a had not finished by then
     assert eff.best_at(points, budget=18) == 0.8
+
+
+def test_curve_counts_no_pretraining_for_a_reused_encoder() -> None:
+    reports = {"r": [_report("pretrain", 0.1, 0.1, epoch=5, val_accuracy=0.6, encoder_reused=1),
+                     _report("pretrain", 0.2, 0.1, epoch=10, val_accuracy=0.6, encoder_reused=1),
+                     _report("linear_probe", 1, 0.8, epoch=1, val_accuracy=0.7),
+                     _report("final", 1.5, 0.5, val_accuracy=0.7)]}
+    assert eff.curve(reports)[-1]["trial_epochs"] == 1  # the probe epoch alone
+
+
+def test_reuse_verdict_is_trials_per_hour_ratio_and_cv_difference() -> None:
+    means = {"TPE + ASHA, encoder reuse": {"per_hour": 30.0, "trial_epochs": 50, "trial_s": 60,
+                                           "best_val": 0.91},
+             "TPE + ASHA, no reuse": {"per_hour": 12.0, "trial_epochs": 100, "trial_s": 120,
+                                      "best_val": 0.90}}
+    line = eff.verdict("reuse", means)
+    assert line.startswith("Encoder reuse: 2.50x the trials per hour (30.0 vs 12.0)")
+    assert "50.0% fewer trial-epochs" in line and "+1.00 points" in line
