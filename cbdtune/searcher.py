@@ -29,9 +29,9 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from cbdtune.encoder_cache import determines_encoder
+from cbdtune.reports import is_final
 from cbdtune.space import OPTUNA_PREFIX
 
-FINAL_KEY = "final"  # set to 1 by the pipeline's last report of a trial (cbdtune.pipeline)
 REUSE_ATTR = "cbdtune.reuse_of"  # an enqueued reuse trial's user attribute: the parent's number
 
 
@@ -64,7 +64,7 @@ class FullFidelityOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        full = result is not None and not error and result.get(FINAL_KEY) == 1
+        full = not error and is_final(result)
         if result is not None and not error and not full:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             result = {k: v for k, v in result.items() if k not in metrics}  # -> PRUNED
