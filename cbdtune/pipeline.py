@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cbdtune import classify, encoder_cache, reports
-from cbdtune.classify import STAGES, StageResult, selection_pool  # noqa: F401 (STAGES re-exported)
+from cbdtune.classify import STAGES, Pool, StageResult, selection_pool  # noqa: F401 (STAGES re-exported)
 from cbdtune.config import ExperimentConfig
 from cbdtune.data import Dataset
 from cbdtune.losses import dual_constraint_loss
@@ -242,16 +242,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
     try:
         encoder.update(_pretrained(model, data, cfg, rt, report_with_stages, state))
         pool = selection_pool(data, cfg)
-        for stage in classify.stages(cfg.train):
-            if stage in done:  # finished before a restart: re-use its selection
-                continue
-            done[stage] = classify.fit_stage(model, pool, cfg, rt, stage, data.n_classes,
-                                             report_with_stages)
-            report_with_stages({reports.STAGE: stage, reports.EPOCH: done[stage].epoch,
-                                reports.STAGE_DONE: 1,
-                                **{f"val_{k}": v for k, v in done[stage].val.items()}},
-                               {"stage": stage, "epoch": done[stage].epoch,
-                                "model": copy.deepcopy(model.state_dict())})
+        _fit_stages(model, pool, cfg, rt, data.n_classes, done, report_with_stages)
         chosen = max(done.values(), key=StageResult.key)
         clf = _final_classifier(model, data, cfg, rt, chosen, pool.holdout)
     except TrialDiverged as exc:
@@ -262,8 +253,33 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
         report(final, None)
         return TrialResult(status="diverged", metrics=final, reason=str(exc))
 
+    final = _final_metrics(model, clf, data, cfg, rt, chosen, done, holdout=pool.holdout,
+                           t0=t0, encoder=encoder)
+    report(final, None)
+    return TrialResult(status="completed", metrics=final, classifier=clf)
+
+
+def _fit_stages(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, n_classes: int,
+                done: dict[str, StageResult], report: Report) -> None:
+    """Fit the classifier stages not in ``done`` (one restored from a checkpoint keeps its
+    selection), adding each to ``done`` and reporting its close with a checkpoint."""
+    for stage in classify.stages(cfg.train):
+        if stage in done:  # finished before a restart: re-use its selection
+            continue
+        done[stage] = classify.fit_stage(model, pool, cfg, rt, stage, n_classes, report)
+        report({reports.STAGE: stage, reports.EPOCH: done[stage].epoch, reports.STAGE_DONE: 1,
+                **{f"val_{k}": v for k, v in done[stage].val.items()}},
+               {"stage": stage, "epoch": done[stage].epoch,
+                "model": copy.deepcopy(model.state_dict())})
+
+
+def _final_metrics(model: CBDModel, clf: CBDClassifier, data: Dataset, cfg: ExperimentConfig,
+                   rt: Runtime, chosen: StageResult, done: dict[str, StageResult], *,
+                   holdout: bool, t0: float, encoder: dict[str, Any]) -> dict[str, Any]:
+    """A completed trial's final report: the selected stage's validation metrics, each stage's
+    val accuracy, the test metrics (the test split's only read), wall time and diagnostics."""
     final = {reports.SELECTED_STAGE: chosen.stage, reports.SELECTED_EPOCH: chosen.epoch,
-             reports.CV_FOLDS: chosen.folds if not pool.holdout else 0,
+             reports.CV_FOLDS: chosen.folds if not holdout else 0,
              **{f"val_{k}": v for k, v in chosen.val.items()},
              **{reports.stage_metric(s): r.val["accuracy"] for s, r in done.items()},
              **_test_once(clf, data, cfg, rt)[0]}
@@ -271,8 +287,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
                   reports.WALL_S: time.perf_counter() - t0,
                   "n_params": sum(p.numel() for p in model.parameters()), **encoder})
     final.update(diagnose(model, _diagnostic_batch(data, rt)))
-    report(final, None)
-    return TrialResult(status="completed", metrics=final, classifier=clf)
+    return final
 
 
 def _pretrained(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
