@@ -65,9 +65,10 @@ def add_version_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"cbdtune {version()}")
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser, *, dataset_help: str | None = None) -> None:
     p.add_argument("--dataset", required=True,
-                   help="registry name (gesture, awr, ...), UEA/UCR archive name, or a folder")
+                   help=dataset_help or "registry name (gesture, awr, ...), UEA/UCR archive "
+                                        "name, or a folder")
     p.add_argument("--data-dir", help="local dataset folder (default: $CBDTUNE_DATA_DIR, cache)")
     p.add_argument("--seed", type=int, default=None, help="train.seed (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

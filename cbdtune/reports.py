@@ -120,3 +120,50 @@ def report_budget(cfg: ExperimentConfig) -> int:
     tc = cfg.train
     n_stages = sum(1 for _ in stages(tc))
     return max(1, probe_count(tc) + n_stages * (tc.classifier_epochs + 1) + 1)
+
+
+# ---- several datasets: one configuration, one report per trial ---------------------------------
+
+# What a multi-dataset trial's report carries of each dataset's final report, as ``<slug>.<key>``.
+PER_DATASET = (VAL_ACCURACY, VAL_ACCURACY_SE, VAL_F1, VAL_LOSS, TEST_ACCURACY, TEST_F1,
+               SELECTED_STAGE, SELECTED_EPOCH, CV_FOLDS, WALL_S, DIVERGED, REASON,
+               ENCODER_REUSED, ENCODER_KEY, ENCODER_SOURCE)
+# Averaged over the datasets into the trial's own value of the same name.
+AVERAGED = (VAL_ACCURACY, VAL_F1, VAL_LOSS, TEST_ACCURACY, TEST_F1)
+
+
+def dataset_metric(slug: str, key: str) -> str:
+    """``"gesture.val_accuracy"``: one dataset's ``key`` in a multi-dataset trial's report."""
+    return f"{slug}.{key}"
+
+
+def aggregate(finals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One multi-dataset trial's final report from each dataset's final report (by slug).
+
+    The objective is a fixed number per trial: the mean over datasets of each one's
+    cross-validated estimate (``val_accuracy``, and likewise ``val_f1``, ``val_loss`` and the
+    test metrics), with ``val_accuracy_se`` = sqrt(sum se_i^2) / n, the standard error of that
+    mean when the datasets' estimates are independent. A mean rank would move as other trials
+    arrive, a moving target for TPE. A dataset that diverged or failed (no final report, or
+    ``diverged`` = 1) makes the trial diverged, ``val_accuracy`` 0, with its reason.
+    """
+    out: dict[str, Any] = {STAGE: FINAL_STAGE, FINAL: 1}
+    for slug, final in finals.items():
+        out.update({dataset_metric(slug, k): final[k] for k in PER_DATASET if k in final})
+    bad = {slug: str(f.get(REASON) or "no final report") for slug, f in finals.items()
+           if not is_final(f) or f.get(DIVERGED) == 1}
+    if bad or not finals:
+        out.update({DIVERGED: 1, VAL_ACCURACY: 0.0,
+                    REASON: "; ".join(f"{s}: {r}" for s, r in bad.items()) or "no dataset"})
+        return out
+    n = len(finals)
+    for key in AVERAGED:
+        values = [f.get(key) for f in finals.values()]
+        if all(isinstance(v, (int, float)) for v in values):
+            out[key] = math.fsum(values) / n  # type: ignore[arg-type]
+    ses = [f.get(VAL_ACCURACY_SE) for f in finals.values()]
+    if all(isinstance(v, (int, float)) for v in ses):
+        out[VAL_ACCURACY_SE] = math.sqrt(math.fsum(v * v for v in ses)) / n  # type: ignore
+    out[DIVERGED] = 0
+    out[ENCODER_REUSED] = int(all(f.get(ENCODER_REUSED) == 1 for f in finals.values()))
+    return out

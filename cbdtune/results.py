@@ -41,11 +41,14 @@ def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def trial_row(trial_id: str, params: dict[str, Any], last: dict[str, Any] | None, status: str,
-              reason: str) -> dict[str, Any]:
+              reason: str, datasets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A trial's row; a multi-dataset search's ``datasets`` (slugs) add each one's
+    ``<slug>.<key>`` columns (:data:`cbdtune.reports.PER_DATASET`)."""
     last = last or {}
     row: dict[str, Any] = {"trial_id": trial_id, "status": status, "reason": reason}
     row.update({f"param.{k}": v for k, v in params.items()})
-    for col in RESULT_COLUMNS:
+    per_dataset = [reports.dataset_metric(s, k) for s in datasets for k in reports.PER_DATASET]
+    for col in (*RESULT_COLUMNS, *per_dataset):
         if col in last and col != reports.REASON:
             row[col] = last[col]
     return row
@@ -137,7 +140,7 @@ def _native(value: Any) -> Any:
 
 def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentConfig, *,
           metric: str, mode: str, command: str, header: dict[str, Any],
-          refits: dict[str, Any] | None = None) -> dict[str, Path]:
+          refits: dict[str, Any] | None = None, datasets: tuple[str, ...] = ()) -> dict[str, Path]:
     """Write the three result files, each atomically; returns their paths.
 
     Every file's content is rendered before the first one is replaced, so an error while
@@ -149,6 +152,8 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
     imp = importances(df, space, metric, mode)
     content = {"trials.parquet": df.to_parquet(index=False),
                "summary.md": (_summary(df, best, imp, metric, mode, command, header)
+                              + (dataset_section(df, datasets, metric, mode)
+                                 if len(datasets) > 1 else "")
                               + selection_section(df, metric)
                               + (refit_section(refits) if refits else "")).encode()}
     if best is not None:
@@ -163,6 +168,70 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
         (out_dir / "best_config.yaml").unlink(missing_ok=True)
     keys = {"trials.parquet": "trials", "summary.md": "summary", "best_config.yaml": "best_config"}
     return {keys[name]: out_dir / name for name in content}
+
+
+def per_dataset_table(df: pd.DataFrame, datasets: tuple[str, ...], metric: str,
+                      mode: str) -> pd.DataFrame:
+    """Per dataset: the winner's (best aggregate ``metric``) CV accuracy ± se and test accuracy
+    against that dataset's own best trial (best ``<slug>.<metric>`` among the trials that ran it
+    to the end, whatever the other datasets did). Empty when no trial completed."""
+    winner = best_trial(df, metric, mode)
+    if winner is None:
+        return pd.DataFrame()
+    rows = []
+    for slug in datasets:
+        def get(row: pd.Series, key: str, slug: str = slug) -> Any:
+            return row.get(reports.dataset_metric(slug, key), math.nan)
+
+        diverged, value = (reports.dataset_metric(slug, k) for k in (reports.DIVERGED, metric))
+        ran = df[df[diverged] == 0] if diverged in df and value in df else df.iloc[0:0]
+        own = (ran.sort_values(value, ascending=mode == "min", kind="stable").iloc[0]
+               if not ran.empty else winner)
+        rows.append({"dataset": slug, "winner_cv": get(winner, reports.VAL_ACCURACY),
+                     "winner_cv_se": get(winner, reports.VAL_ACCURACY_SE),
+                     "winner_test": get(winner, reports.TEST_ACCURACY),
+                     "own_best_trial": own["trial_id"],
+                     "own_best_cv": get(own, reports.VAL_ACCURACY),
+                     "own_best_cv_se": get(own, reports.VAL_ACCURACY_SE),
+                     "own_best_test": get(own, reports.TEST_ACCURACY)})
+    return pd.DataFrame(rows)
+
+
+def mean_ranks(df: pd.DataFrame, datasets: tuple[str, ...], metric: str,
+               mode: str) -> pd.DataFrame:
+    """The completed trials, best aggregate first, with each dataset's rank of the trial among
+    them (1 = best ``<slug>.<metric>``, ties share the better rank) and their mean: a check that
+    no dataset dominates the aggregate."""
+    done = ranked(df, metric, mode)
+    out = done[["trial_id", metric]].copy()
+    for slug in datasets:
+        col = reports.dataset_metric(slug, metric)
+        out[f"rank.{slug}"] = (done[col].rank(ascending=mode == "min", method="min")
+                               if col in done else math.nan)
+    out["mean_rank"] = out[[f"rank.{s}" for s in datasets]].mean(axis=1)
+    return out.reset_index(drop=True)
+
+
+def dataset_section(df: pd.DataFrame, datasets: tuple[str, ...], metric: str, mode: str) -> str:
+    """The summary's "Per dataset" section of a multi-dataset search."""
+    table = per_dataset_table(df, datasets, metric, mode)
+    if table.empty:
+        return "\n## Per dataset\n\nno trial completed on every dataset\n"
+    lines = ["", "## Per dataset", "",
+             f"The winner (best mean {metric} over the datasets) against each dataset's own best "
+             "trial: CV accuracy (mean ± standard error over folds) and test accuracy (read once "
+             "by the trial's own refit, never used to select).", "",
+             "| dataset | winner CV | winner test | own best trial | own best CV | own best test |",
+             "|---|---|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.dataset} | {_pct(r.winner_cv)} ± {_pct(r.winner_cv_se)} | "
+                     f"{_pct(r.winner_test)} | `{r.own_best_trial}` | {_pct(r.own_best_cv)} ± "
+                     f"{_pct(r.own_best_cv_se)} | {_pct(r.own_best_test)} |")
+    ranks = mean_ranks(df, datasets, metric, mode).head(10)
+    lines += ["", f"Each completed trial's rank on each dataset (by its {metric} there) and the "
+                  "mean rank; the aggregate is the mean of the datasets' estimates, a fixed "
+                  "value per trial.", "", _markdown(ranks)]
+    return "\n".join(lines) + "\n"
 
 
 def selection_section(df: pd.DataFrame, metric: str) -> str:

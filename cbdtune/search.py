@@ -62,7 +62,10 @@ def parser() -> argparse.ArgumentParser:
         description="Hyperparameter search for CBD with Ray Tune + Optuna + ASHA, logged to "
                     "MLflow. Runs on a local Ray or the cluster at $RAY_ADDRESS.")
     _cli.add_version_flag(p)
-    _cli.add_config_flags(p)
+    _cli.add_config_flags(
+        p, dataset_help="registry name (gesture, awr, ...), UEA/UCR archive name, or a folder; "
+                        "several separated by commas (gesture,awr,fm) search one configuration "
+                        "on all of them, scored by the mean of their CV accuracies")
     p.add_argument("--space",
                    help="search space YAML, or a name in search_spaces/ (default, paper, smoke)")
     p.add_argument("--num-samples", type=int, help="trials to run (default %(default)s)")
@@ -73,7 +76,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float,
                    help="GPUs per worker; fractions (0.25) let trials share a GPU")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler, seeded (default %(default)s)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="default %(default)s")
+    p.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="asha stops weak trials on their intermediate reports (default: asha "
+                        "for one dataset; none for several, where a trial reports once at its "
+                        "end and asha is refused)")
     p.add_argument("--metric", help="what to optimise (default %(default)s)")
     p.add_argument("--mode", choices=("max", "min"),
                    help="direction (default: min for losses, else max)")
@@ -307,7 +313,7 @@ def _search_name(settings: SearchSettings, root: str, stem: str, *, results_dir:
     """
     from ray import tune
 
-    base = settings.name or f"{settings.dataset}-{stem}"
+    base = settings.name or f"{'+'.join(settings.datasets)}-{stem}"
     names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
     taken: list[str] = []
     restorable: list[str] = []
@@ -355,16 +361,19 @@ def _describe_parent(s: _Search) -> None:
     try:
         with resources.as_file(resolve_path(s.settings.space)) as path:
             s.mlc.log_artifact(s.parent, str(path), artifact_path="space")
-        digest = tracking.log_dataset(s.mlc, s.parent, s.data)
-        tracking.set_tags(s.mlc, s.parent, {"cbdtune.dataset_sha256": digest})
+        for slug, data in s.datasets.items():
+            digest = tracking.log_dataset(s.mlc, s.parent, data)
+            tag = "cbdtune.dataset_sha256" + (f".{slug}" if s.multi else "")
+            tracking.set_tags(s.mlc, s.parent, {tag: digest})
     except Exception as exc:
         log.warning("space file or dataset not logged on the parent run: %s", _first_line(exc))
         tracking.set_tags(s.mlc, s.parent, {"cbdtune.describe_error": _first_line(exc)})
 
 
-def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, Any, str]:
+def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, dict[str, Any],
+                                               str]:
     """Everything checked before Ray starts (the settings checked themselves): space, config,
-    dataset, MLflow, storage, results."""
+    datasets (by slug, in the order given), MLflow, storage, results."""
     space = load_space(settings.space)
     if settings.sampler == "grid":
         space.grid()  # a space with no grid fails here, in one line
@@ -382,10 +391,29 @@ def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, An
     check_storage(settings.storage)
     if settings.reuse and settings.encoder_cache:
         check_storage(settings.encoder_cache, option="--encoder-cache")
-    data = load_dataset(base.data, seed=base.train.seed)
+    datasets = _load_datasets(settings, base)
     uri = tracking.resolve_tracking_uri(settings.mlflow_uri)
     tracking.check_tracking_uri(uri, writable=True)
-    return space, base, data, uri
+    return space, base, datasets, uri
+
+
+def _load_datasets(settings: SearchSettings, base: ExperimentConfig) -> dict[str, Any]:
+    """Each dataset of ``--dataset`` loaded, by slug (:func:`_dataset_slug`).
+
+    Raises:
+        CbdtuneError: a name that does not load (the loader's line), or two names of one
+            dataset (gesture,uwave).
+    """
+    out: dict[str, Any] = {}
+    for name in settings.datasets:
+        data = load_dataset(base.replace({"data.dataset": name}, where="--dataset").data,
+                            seed=base.train.seed)
+        same = [s for s, d in out.items() if d.name == data.name]
+        if same:
+            raise CbdtuneError(f"--dataset {settings.dataset}: {same[0]} and {name} are one "
+                               f"dataset ({data.name}); name it once")
+        out[_dataset_slug(name, data.name)] = data
+    return out
 
 
 def _scheduler(settings: SearchSettings, base: ExperimentConfig, space: SearchSpace) -> Any:
@@ -413,7 +441,7 @@ class _Search:
     settings: SearchSettings
     space: SearchSpace
     base: ExperimentConfig
-    data: Any
+    datasets: dict[str, Any]  # slug -> Dataset, in the order of --dataset
     uri: str
     argv: list[str]
     metric: str = METRIC
@@ -436,8 +464,30 @@ class _Search:
         return " ".join([_cli.prog("cbdtune.search"), *map(shlex.quote, self.argv)])
 
     @property
+    def multi(self) -> bool:
+        """A multi-dataset search (``--dataset a,b``)."""
+        return len(self.datasets) > 1
+
+    @property
+    def data(self) -> Any:
+        """The dataset of a single-dataset search."""
+        [data] = self.datasets.values()
+        return data
+
+    @property
+    def label(self) -> str:
+        """The dataset's name (gesture's is UWaveGestureLibrary); for several, their slugs
+        joined by ``+``: the results folder and the default experiment name."""
+        return "+".join(self.datasets) if self.multi else self.data.name
+
+    @property
+    def slugs(self) -> tuple[str, ...]:
+        """The datasets' slugs of a multi-dataset search (their metrics' prefixes); () for one."""
+        return tuple(self.datasets) if self.multi else ()
+
+    @property
     def out_dir(self) -> Path:
-        return Path(self.settings.results_dir) / self.data.name / self.name
+        return Path(self.settings.results_dir) / self.label / self.name
 
     @property
     def experiment_path(self) -> str:
@@ -489,8 +539,8 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
             store, storage, results folder, resources), with one line saying what to do.
     """
     # [1] Validate everything before Ray starts: bad input costs nothing.
-    space, base, data, uri = _inputs(settings)
-    s = _Search(settings, space, base, data, uri,
+    space, base, datasets, uri = _inputs(settings)
+    s = _Search(settings, space, base, datasets, uri,
                 list(settings.to_argv() if argv is None else argv),
                 metric=settings.metric, mode=str(settings.mode))
     # [2] Ray: join a cluster or start one; check that one trial fits; name the search.
@@ -540,11 +590,11 @@ def _connect(s: _Search) -> None:
 
     st = s.settings
     s.where = connect(st.address)
-    fits = check_resources(st)
-    s.max_concurrent = st.max_concurrent or min(fits, st.num_samples)
+    fits = check_resources(st)  # trainers at once; a multi-dataset trial runs one per dataset
+    s.max_concurrent = st.max_concurrent or min(max(1, fits // len(s.datasets)), st.num_samples)
     s.root = _storage_root(st)
     s.name = _search_name(st, s.root, Path(s.space.path).stem,
-                          results_dir=Path(st.results_dir) / s.data.name)
+                          results_dir=Path(st.results_dir) / s.label)
     log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s", s.name,
              st.num_samples, s.max_concurrent, s.where, ray.cluster_resources(),
              s.experiment_path)
@@ -558,9 +608,9 @@ def _open_parent(s: _Search) -> None:
     dataset on a new one; a resumed search reopens its own."""
     s.mlc = tracking.client(s.uri)
     s.exp_id = tracking.experiment_id(
-        s.mlc, s.settings.experiment or tracking.default_experiment(s.data.name))
+        s.mlc, s.settings.experiment or tracking.default_experiment(s.label))
     a, base = s.settings, s.base
-    s.header = {"dataset": s.data.name, "space": shown_path(a.space, s.space.path),
+    s.header = {"dataset": s.label, "space": shown_path(a.space, s.space.path),
                 "space_sha256": s.space.sha256, "git_commit": tracking.git_commit(),
                 "sampler": a.sampler, "scheduler": a.scheduler, "seed": base.train.seed,
                 "metric": s.metric, "mode": s.mode, "cv_folds": base.data.cv_folds,
@@ -580,33 +630,37 @@ def _search(s: _Search) -> int:
     """Tune, the results, the views, the refits; 130 when the search was cut short."""
     import ray
 
-    # [4] Tune: the dataset goes to the object store once, for every trial, refit and worker.
-    data_ref = ray.put(s.data)
+    # [4] Tune: each dataset goes to the object store once, for every trial, refit and worker.
+    refs = {slug: ray.put(data) for slug, data in s.datasets.items()}
     t0 = time.perf_counter()
-    grid = _tuner(s, data_ref).fit()
+    grid = _tuner(s, refs).fit()
     wall = time.perf_counter() - t0
     # [5] Results. Which trials ended is read from what Tune persisted: after Ctrl-C, Ray 2.60
     # marks every trial TERMINATED in memory, but its experiment state on disk keeps them
     # RUNNING/PENDING (it is written before the trials are stopped).
     states = persisted_trial_states(s.experiment_path) or _memory_states(grid)
-    rows, curves = _rows(grid, states, s.metric)
+    rows, curves = _rows(grid, states, s.metric, s.slugs)
     s.trials = df = results.trials_frame(rows)
     interrupted = _interrupted(s.settings, df, wall)
     s.header.update({"wall_s": round(wall, 1), "ray": s.where})
     write = dict(space=s.space, base=s.base, metric=s.metric, mode=s.mode, command=s.command,
-                 header=s.header)
+                 header=s.header, datasets=s.slugs)
     paths = results.write(s.out_dir, df, **write)
     s.best = best = results.best_trial(df, s.metric, s.mode)
     _log_best(s, df, best)
     s.study_url = study_url = _log_views(s, df, curves)
-    if best is not None and s.settings.refit_top and not interrupted:
+    if best is not None and s.settings.refit_top and not interrupted and s.multi:
+        print(f"no refit or model: refit and registry are per dataset; for one of them run a "
+              f"single-dataset search of the winner, e.g. --dataset {s.settings.datasets[0]} "
+              f"--space {s.out_dir / 'best_config.yaml'} --num-samples 1", flush=True)
+    elif best is not None and s.settings.refit_top and not interrupted:
         top = results.ranked(df, s.metric, s.mode).head(s.settings.refit_top)
-        outcome = _refit_and_register(s, top, data_ref)
+        outcome = _refit_and_register(s, top, refs[next(iter(refs))])
         s.model_dir = outcome["model_dir"]
         paths = results.write(s.out_dir, df, refits=outcome, **write)
     for path in paths.values():
         s.mlc.log_artifact(s.parent, str(path))
-    _print_best(df, best, s.metric, s.out_dir, time.perf_counter() - t0, s.name)
+    _print_best(df, best, s.metric, s.out_dir, time.perf_counter() - t0, s.name, s.slugs)
     if study_url:
         print(f"optuna study {s.name}: optuna-dashboard {_shown_url(study_url)}", flush=True)
     if interrupted:
@@ -629,7 +683,9 @@ def _log_best(s: _Search, df: Any, best: Any) -> None:
     if best is None:
         return
     keys = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.VAL_F1,
-            reports.TEST_ACCURACY, reports.TEST_F1)
+            reports.TEST_ACCURACY, reports.TEST_F1,
+            *(reports.dataset_metric(d, k) for d in s.slugs
+              for k in (reports.VAL_ACCURACY, reports.TEST_ACCURACY)))
     tracking.log_metrics(s.mlc, s.parent, {f"best_{k}": best.get(k) for k in keys if k in best},
                          step=len(df))
     tracking.set_tags(s.mlc, s.parent, {"cbdtune.best_trial": best["trial_id"]})
@@ -710,18 +766,25 @@ def resume_command(argv: list[str], name: str) -> str:
                      shlex.quote(name), "--resume"])
 
 
-def _tuner(s: _Search, data_ref: Any) -> Any:
-    """The Tuner (fresh, or restored from storage with ``--resume``)."""
+def _tuner(s: _Search, refs: dict[str, Any]) -> Any:
+    """The Tuner (fresh, or restored from storage with ``--resume``); ``refs``: each dataset's
+    object ref, by slug."""
     from ray import tune
 
     from cbdtune.callbacks import MLflowTrialCallback, ProgressCallback, SchedulerStateCallback
-    from cbdtune.worker import train_driver_fn
+    from cbdtune.worker import multi_driver_fn, train_driver_fn
 
     st = s.settings
-    trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=s.base.to_dict(),
-                             search=s.name),
-        {"cpu": 0, "memory": DRIVER_MEMORY})  # drivers must not hold the CPUs workers need
+    if s.multi:  # one TorchTrainer per dataset, the trial reports their aggregate once
+        given = dict(zip(s.datasets, st.datasets, strict=True))
+        driver = tune.with_parameters(
+            multi_driver_fn, datasets=[{slug: (given[slug], ref) for slug, ref in refs.items()}],
+            base=s.base.to_dict(), search=s.name)
+    else:
+        driver = tune.with_parameters(train_driver_fn, data_ref=list(refs.values()),
+                                      base=s.base.to_dict(), search=s.name)
+    # drivers must not hold the CPUs workers need
+    trainable = tune.with_resources(driver, {"cpu": 0, "memory": DRIVER_MEMORY})
     settings = param_space(st, f"{s.experiment_path}/train")
     # Quiet unless --verbose: Ray 2.60's default output engine ignores a progress_reporter
     # passed in (tune.py: "ignoring passed-in ProgressReporter"), and at verbose=0
@@ -843,9 +906,10 @@ def _memory_states(grid: Any) -> dict[str, str]:
     return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
 
 
-def _rows(grid: Any, states: dict[str, str],
-          metric: str) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
-    """One row per trial of a ``ResultGrid``, and each trial's ``{iteration: metric}`` curve.
+def _rows(grid: Any, states: dict[str, str], metric: str, datasets: tuple[str, ...] = ()
+          ) -> tuple[list[dict[str, Any]], dict[str, dict[int, float]]]:
+    """One row per trial of a ``ResultGrid``, and each trial's ``{iteration: metric}`` curve;
+    ``datasets``: a multi-dataset search's slugs (their ``<slug>.<key>`` columns).
 
     A trial whose persisted state (``states``) is not TERMINATED or ERROR did not end: it is
     ``unfinished``, whatever its last result says.
@@ -859,7 +923,7 @@ def _rows(grid: Any, states: dict[str, str],
         if states.get(trial_id) not in ("TERMINATED", "ERROR"):
             status, reason = "unfinished", TRIAL_INTERRUPTED
         params = (res.config or {}).get("train_loop_config", {})
-        rows.append(results.trial_row(trial_id, params, last, status, reason))
+        rows.append(results.trial_row(trial_id, params, last, status, reason, datasets))
         curves[trial_id] = _curve(res.metrics_dataframe, metric)
     return rows, curves
 
@@ -875,7 +939,8 @@ def _curve(frame: Any, metric: str) -> dict[int, float]:
     return out
 
 
-def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, name: str) -> None:
+def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, name: str,
+                datasets: tuple[str, ...] = ()) -> None:
     counts = df["status"].value_counts().to_dict() if "status" in df else {}
     print(f"\nsearch {name}: {len(df)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})"
           f" in {wall:.0f} s; results in {out_dir}")
@@ -883,8 +948,10 @@ def _print_best(df: Any, best: Any, metric: str, out_dir: Path, wall: float, nam
         print("no trial completed")
         return
     rows = [("best trial", best["trial_id"])]
+    per_dataset = [reports.dataset_metric(d, k) for d in datasets
+                   for k in (reports.VAL_ACCURACY, reports.TEST_ACCURACY)]
     for key in dict.fromkeys((metric, reports.VAL_F1, reports.TEST_ACCURACY, reports.TEST_F1,
-                              reports.SELECTED_STAGE)):
+                              reports.SELECTED_STAGE, *per_dataset)):
         if key in best and best[key] == best[key]:
             value = best[key]
             rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))

@@ -54,7 +54,9 @@ def flag(name: str) -> str:
 class SearchSettings:
     """One search. Defaults are the CLI's; ``None`` means "decided by the search" as noted."""
 
-    dataset: str  # registry name (gesture, awr, ...), UEA/UCR archive name, or a folder
+    # A registry name (gesture, awr, ...), UEA/UCR archive name or folder, or several of them
+    # separated by commas: one configuration searched on every one (``datasets``).
+    dataset: str
     space: str = "default"  # a YAML path or a shipped space name (default, paper, smoke)
     data_dir: str | None = None  # None: $CBDTUNE_DATA_DIR, then the cache
     seed: int | None = None  # train.seed; None: the space's (0)
@@ -64,7 +66,7 @@ class SearchSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractions (0.25) let trials share a GPU
     sampler: Sampler = "tpe"
-    scheduler: Scheduler = "asha"
+    scheduler: Scheduler | None = None  # None: asha for one dataset, none for several
     metric: str = METRIC
     mode: Literal["max", "min"] | None = None  # None: min for losses, else max
     mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
@@ -97,17 +99,45 @@ class SearchSettings:
             object.__setattr__(self, f.name, value)
         if self.mode is None:
             object.__setattr__(self, "mode", "min" if "loss" in self.metric else MODE)
+        self._check_datasets()
         self._check_metric()
         self._check_counts()
         self._check_resources()
         if self.time_budget is not None:
             parse_duration(self.time_budget, flag=f"time_budget ({flag('time_budget')})")
-        if not self.dataset.strip():
-            raise ConfigError(f"{_where('dataset')}: must not be empty; give a name such as "
-                              "gesture or a folder")
         if not (math.isfinite(self.reuse_share) and 0.0 <= self.reuse_share <= 1.0):
             raise ConfigError(f"{_where('reuse_share')}: expected a share in [0, 1], but got "
                               f"{self.reuse_share}")
+
+    def _check_datasets(self) -> None:
+        """Every name of the comma list non-empty and given once; the scheduler resolved (a
+        multi-dataset trial reports once, at its end: ASHA would have no rung to compare)."""
+        names = [n.strip() for n in self.dataset.split(",")]
+        if not any(names):
+            raise ConfigError(f"{_where('dataset')}: must not be empty; give a name such as "
+                              "gesture or a folder")
+        if not all(names):
+            raise ConfigError(f"{_where('dataset')} {self.dataset}: an empty name in the list; "
+                              "separate names with single commas, e.g. gesture,awr,fm")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"{_where('dataset')} {self.dataset}: {', '.join(twice)} given "
+                              "more than once; name each dataset once")
+        if self.scheduler is None:
+            object.__setattr__(self, "scheduler", self._own_scheduler)
+        elif self.scheduler == "asha" and len(names) > 1:
+            raise ConfigError(f"{_where('scheduler')} asha: a multi-dataset trial reports once, "
+                              "after every dataset ran, so ASHA has nothing to compare; drop "
+                              "--scheduler (none is the default for several datasets)")
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """The names in ``dataset``, in the order given (one for a single-dataset search)."""
+        return tuple(n.strip() for n in self.dataset.split(","))
+
+    @property
+    def _own_scheduler(self) -> str:
+        return "asha" if len(self.datasets) == 1 else "none"
 
     def _check_metric(self) -> None:
         if self.metric.startswith("test"):
@@ -168,7 +198,8 @@ class SearchSettings:
         derived_mode = "min" if "loss" in self.metric else MODE
         for name, default in self.defaults().items():
             value = getattr(self, name)
-            if value == default or (name == "mode" and value == derived_mode):
+            if value == default or (name == "mode" and value == derived_mode) or (
+                    name == "scheduler" and value == self._own_scheduler):
                 continue
             if value is True:
                 argv.append(flag(name))
