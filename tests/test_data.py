@@ -415,6 +415,28 @@ def test_cli_corrupt_ts_line_gives_line_number(tmp_path: Path,
     _assert_one_error_line(code, err, "Toy_TRAIN.ts:8:", "channel 1, value 2", "'abc'")
 
 
+@pytest.mark.parametrize("given", ["folder", "data_dir", "cache"])
+def test_corrupt_ts_hint_fits_where_the_file_was(tmp_path: Path, given: str,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder given by path or a data folder: name the file expected there (re-fetching into
+    the cache would not replace it); a registry dataset read from the cache: the fetch command."""
+    monkeypatch.setitem(_registry.REGISTRY, "Toy", DatasetInfo(name="Toy", kind="uea"))
+    monkeypatch.delenv("CBDTUNE_DATA_DIR", raising=False)
+    root = tmp_path / ("cache" if given == "cache" else "data")
+    folder = _toy(root, train=TOY_HEADER + "1,2,3:4,5,6:a\n1,abc,3:4,5,6:a\n")
+    argv = {"folder": [str(folder)], "data_dir": ["toy", "--data-dir", str(root)],
+            "cache": ["toy"]}[given]
+    code, _, err = _cli(capsys, "info", *argv)
+    hint = ("re-fetch the file (python -m cbdtune.data fetch Toy --force)" if given == "cache"
+            else f"put a whole copy of Toy_TRAIN.ts in {folder}")
+    _assert_one_error_line(code, err, "Toy_TRAIN.ts:8:", "'abc'", f"{hint} or fix that line")
+    assert ("fetch" in err) == (given == "cache")
+    # a user's file read on its own (cbdtune.predict) gets the folder hint too
+    with pytest.raises(DataError, match="put a whole copy of Toy_TRAIN.ts in "):
+        read_ts(folder / "Toy_TRAIN.ts")
+
+
 def test_cli_corrupt_ts_line_wrong_channel_count(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     folder = _toy(tmp_path, test=TOY_HEADER + "1,2,3:4,5,6:a\n1,2,3:a\n")
@@ -562,18 +584,27 @@ def _cut_gesture(tmp_path: Path, shared_data_dir: Path, keep: Callable[[int], in
     (lambda n: n // 2, r"no training series of class\(es\) 5.0, 6.0, 7.0, 8.0 \(4 of 8\)"),
     (lambda n: n - 1, "119 series, but UWaveGestureLibrary's train split has 120"),
 ])
+@pytest.mark.parametrize("where", ["data_dir", "cache"])
 def test_registry_dataset_cut_at_a_line_boundary_fails_loudly(
         tmp_path: Path, shared_data_dir: Path, keep: Callable[[int], int], message: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """Cut in half, gesture's train file loaded silently with 4 of its 8 classes."""
+        where: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut in half, gesture's train file loaded silently with 4 of its 8 classes. The hint fits
+    where the file was: a data folder comes before the cache, so only a cached copy is re-fetched."""
     data_dir = _cut_gesture(tmp_path, shared_data_dir, keep)
+    argv = ["--data-dir", str(data_dir)]
+    hint = f"put a whole copy of UWaveGestureLibrary_TRAIN.ts in {data_dir / 'UWaveGestureLibrary'}"
+    if where == "cache":
+        data_dir = data_dir.rename(tmp_path / "cache")
+        monkeypatch.delenv("CBDTUNE_DATA_DIR", raising=False)
+        argv, hint = [], "python -m cbdtune.data fetch UWaveGestureLibrary --force"
     with pytest.raises(DataError, match=message) as err:
-        load_dataset(DataConfig(dataset="gesture", data_dir=str(data_dir)))
+        load_dataset(DataConfig(dataset="gesture", data_dir=argv[1] if argv else None))
     assert "UWaveGestureLibrary_TRAIN.ts" in str(err.value)
-    assert "fetch UWaveGestureLibrary --force" in str(err.value)
+    assert hint in str(err.value)
+    assert (where == "cache") == ("fetch" in str(err.value))
     # the command line: one line, exit 2
     capsys.readouterr()
-    assert main(["info", "gesture", "--data-dir", str(data_dir)]) == 2
+    assert main(["info", "gesture", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "series" in err[0]
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from cbdtune.config import DataConfig
 from cbdtune.data._dataset import DataError, Dataset, Split
-from cbdtune.data._fetch import locate
+from cbdtune.data._fetch import cache_dir, locate
 from cbdtune.data._lengths import fix_length
 from cbdtune.data._readers import RawSplit, read_pt, read_ts
 from cbdtune.data._registry import DatasetInfo, check_loaded, resolve
@@ -50,13 +50,14 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
     info = resolve(cfg.dataset)
     folder = Path(info.path) if info.path is not None else locate(info, cfg.data_dir,
                                                                   download=download)
+    fetch_name = info.name if _fetched(info, folder) else None  # else: a hint names the folder
     if info.format == "ts":
-        parts, class_names = _read_ts_pair(info, folder)
+        parts, class_names = _read_ts_pair(info, folder, fetch_name)
         names = ("train", "test")
     else:
         parts, names, class_names = _read_pt_folder(folder)
     read = dict(zip(names, parts, strict=True))
-    check_loaded(info, read, class_names)
+    check_loaded(info, read, class_names, fetch_name=fetch_name)
     arrays = dict(zip(names, fix_length(parts, cfg.length_policy), strict=True))
     splits = {name: Split(arrays[name], read[name].labels) for name in names}
     train, val, val_origin = _train_and_val(splits, cfg, seed, folder)
@@ -84,10 +85,20 @@ def _train_and_val(splits: dict[str, Split], cfg: DataConfig, seed: int,
             Split(train.x[val_idx], train.y[val_idx]), "carved")
 
 
-def _read_ts_pair(info: DatasetInfo, folder: Path) -> tuple[list[RawSplit], list[str]]:
+def _fetched(info: DatasetInfo, folder: Path) -> bool:
+    """``folder`` is a registry dataset's copy in the cache, where ``fetch NAME --force`` renews
+    it; a data folder (``data_dir``) comes before the cache, so re-fetching would not."""
+    if info.path is not None or info.download == "none":
+        return False
+    cache = cache_dir().resolve()
+    return cache in (folder.resolve(), folder.resolve().parent)
+
+
+def _read_ts_pair(info: DatasetInfo, folder: Path,
+                  fetch_name: str | None) -> tuple[list[RawSplit], list[str]]:
     """``NAME_TRAIN.ts`` and ``NAME_TEST.ts``; test labels are mapped onto train's class list."""
-    train = read_ts(folder / f"{info.name}_TRAIN.ts")
-    test = read_ts(folder / f"{info.name}_TEST.ts")
+    train = read_ts(folder / f"{info.name}_TRAIN.ts", fetch_name=fetch_name)
+    test = read_ts(folder / f"{info.name}_TEST.ts", fetch_name=fetch_name)
     if test.class_names != train.class_names:
         # Each file was checked against its own header; re-index test by train's list.
         index = {name: i for i, name in enumerate(train.class_names)}

@@ -23,7 +23,13 @@ import numpy as np
 
 from cbdtune.data._dataset import DataError
 
-_FIX_TS = "re-fetch the file (python -m cbdtune.data fetch NAME --force) or fix that line"
+
+def whole_copy_hint(path: Path, fetch_name: str | None = None) -> str:
+    """How to get a whole copy of ``path``: re-fetch a registry dataset's file from the cache,
+    else (a folder given by path, a data folder, a user's file) put one where it was read."""
+    if fetch_name is not None:
+        return f"re-fetch the file (python -m cbdtune.data fetch {fetch_name} --force)"
+    return f"put a whole copy of {path.name} in {path.parent}"
 
 
 @dataclass
@@ -71,11 +77,13 @@ class _TsHeader:
     regression: bool = False
 
 
-def read_ts(path: Path) -> RawSplit:
+def read_ts(path: Path, *, fetch_name: str | None = None) -> RawSplit:
     """Read a UEA/UCR ``.ts`` classification file.
 
     Args:
         path: the ``NAME_TRAIN.ts`` or ``NAME_TEST.ts`` file.
+        fetch_name: the registry name it was fetched under, when it came from the cache: errors
+            then say to re-fetch it; otherwise they say to put a whole copy where it was read.
 
     Returns:
         The cases (float64 parsed, stored float32 [C, L_i]; ``?``/``NaN`` -> NaN) and labels as
@@ -88,6 +96,8 @@ def read_ts(path: Path) -> RawSplit:
     """
     header = _TsHeader()
     cases: _TsCases | None = None  # set at the @data line
+    remedy = whole_copy_hint(path, fetch_name)
+    fix = f"{remedy} or fix that line"
     try:
         handle = open(path, encoding="utf-8")  # closed by the `with handle` below
     except OSError as exc:
@@ -102,17 +112,16 @@ def read_ts(path: Path) -> RawSplit:
                     continue
                 if cases is not None:
                     cases.add(line, f"{path}:{lineno}", lineno)
-                elif _header_line(header, line, path, lineno):
-                    cases = _TsCases(header)
+                elif _header_line(header, line, path, lineno, fix):
+                    cases = _TsCases(header, fix)
         except UnicodeDecodeError:
             raise DataError(f"{path}:{lineno + 1}: not UTF-8 text; the file is corrupt: "
-                            f"re-fetch it (python -m cbdtune.data fetch NAME --force)") from None
+                            f"{remedy}") from None
     if cases is None:
         raise DataError(f"{path}: no @data line, so this is not a .ts file (or it is cut short); "
-                        f"re-fetch it (python -m cbdtune.data fetch NAME --force)")
+                        f"{remedy}")
     if not cases.cases:
-        raise DataError(f"{path}: no cases after @data; the file is empty or cut short: re-fetch "
-                        f"it (python -m cbdtune.data fetch NAME --force)")
+        raise DataError(f"{path}: no cases after @data; the file is empty or cut short: {remedy}")
     return RawSplit(path=path, cases=cases.cases, labels=np.asarray(cases.labels, dtype=np.int64),
                     class_names=list(header.class_names or []), lines=cases.lines)
 
@@ -120,8 +129,9 @@ def read_ts(path: Path) -> RawSplit:
 class _TsCases:
     """The cases after ``@data``, each checked against the header and the first case."""
 
-    def __init__(self, header: _TsHeader) -> None:
+    def __init__(self, header: _TsHeader, fix: str) -> None:
         self.header = header
+        self.fix = fix  # the error messages' remedy for a bad line
         self.index = {name: i for i, name in enumerate(header.class_names or [])}
         self.cases: list[np.ndarray] = []
         self.labels: list[int] = []
@@ -134,9 +144,9 @@ class _TsCases:
         fields = line.split(":")
         if len(fields) < 2:
             raise DataError(f"{where}: expected channel values separated by ':' with the "
-                            f"class label last, but found no ':'; {_FIX_TS}")
+                            f"class label last, but found no ':'; {self.fix}")
         label = fields[-1].strip()
-        rows = [_parse_values(text, where, c) for c, text in enumerate(fields[:-1])]
+        rows = [_parse_values(text, where, c, self.fix) for c, text in enumerate(fields[:-1])]
         self._check_shape(rows, where)
         if label not in self.index:
             names = self.header.class_names or []
@@ -153,30 +163,30 @@ class _TsCases:
             self.n_channels = len(rows)
             if header.dimensions is not None and self.n_channels != header.dimensions:
                 raise DataError(f"{where}: {self.n_channels} channels but the header says "
-                                f"@dimensions {header.dimensions}; {_FIX_TS}")
+                                f"@dimensions {header.dimensions}; {self.fix}")
         elif len(rows) != self.n_channels:
             raise DataError(f"{where}: {len(rows)} channels but earlier cases have "
-                            f"{self.n_channels}; {_FIX_TS}")
+                            f"{self.n_channels}; {self.fix}")
         length = len(rows[0])
         if any(len(r) != length for r in rows):
             raise DataError(f"{where}: channels have different lengths "
                             f"({', '.join(str(len(r)) for r in rows)}); all channels of "
-                            f"one case must have the same length; {_FIX_TS}")
+                            f"one case must have the same length; {self.fix}")
         if header.equal_length:
             expected = header.series_length or self.first_length
             if expected is not None and length != expected:
                 raise DataError(f"{where}: {length} values per channel but the header "
                                 f"says @equalLength true with length {expected}; "
-                                f"{_FIX_TS}")
+                                f"{self.fix}")
         self.first_length = self.first_length or length
 
 
-def _header_line(header: _TsHeader, line: str, path: Path, lineno: int) -> bool:
+def _header_line(header: _TsHeader, line: str, path: Path, lineno: int, fix: str) -> bool:
     """Record one header line; True once ``@data`` is reached (after checking the header)."""
     where = f"{path}:{lineno}"
     if not line.startswith("@"):
         raise DataError(f"{where}: data before the @data line (or a header line without '@'); "
-                        f"{_FIX_TS}")
+                        f"{fix}")
     tokens = line[1:].split()
     key = tokens[0].lower() if tokens else ""
     values = tokens[1:]
@@ -201,14 +211,14 @@ def _header_line(header: _TsHeader, line: str, path: Path, lineno: int) -> bool:
         elif flag == "false":
             header.class_names = []
         else:
-            raise DataError(f"{where}: @classLabel must be followed by true or false; {_FIX_TS}")
+            raise DataError(f"{where}: @classLabel must be followed by true or false; {fix}")
     elif key == "targetlabel":
         header.regression = bool(values) and values[0].lower() == "true"
     elif key in ("dimension", "dimensions", "serieslength"):
         try:
             number = int(values[0])
         except (IndexError, ValueError):
-            raise DataError(f"{where}: @{tokens[0]} expects an integer; {_FIX_TS}") from None
+            raise DataError(f"{where}: @{tokens[0]} expects an integer; {fix}") from None
         if key == "serieslength":
             header.series_length = number
         else:
@@ -221,7 +231,7 @@ def _header_line(header: _TsHeader, line: str, path: Path, lineno: int) -> bool:
     return False
 
 
-def _parse_values(text: str, where: str, channel: int) -> np.ndarray:
+def _parse_values(text: str, where: str, channel: int, fix: str) -> np.ndarray:
     """Parse one channel's comma-separated values; ``?`` and ``NaN`` become NaN."""
     # numpy parses "NaN"/"nan" itself; "?" is the archive's other spelling of a missing value.
     tokens = ["nan" if t.strip() == "?" else t for t in text.split(",")]
@@ -233,12 +243,12 @@ def _parse_values(text: str, where: str, channel: int) -> np.ndarray:
                 float(token)
             except ValueError:
                 raise DataError(f"{where}: channel {channel + 1}, value {j + 1}: {token.strip()!r} "
-                                f"is not a number; {_FIX_TS}") from None
+                                f"is not a number; {fix}") from None
         raise
     if np.isinf(values).any():
         j = int(np.flatnonzero(np.isinf(values))[0])
         raise DataError(f"{where}: channel {channel + 1}, value {j + 1}: infinite value; "
-                        f"{_FIX_TS}")
+                        f"{fix}")
     return values
 
 

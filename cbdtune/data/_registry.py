@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cbdtune.data._dataset import DataError
+from cbdtune.data._readers import whole_copy_hint
 
 Kind = Literal["uea", "ucr", "ts-tcc", "tf-c", "folder"]
 
@@ -213,7 +214,8 @@ _ENTRIES: tuple[DatasetInfo, ...] = (
 REGISTRY: dict[str, DatasetInfo] = {info.name: info for info in _ENTRIES}
 
 
-def check_loaded(info: DatasetInfo, splits: Mapping[str, Any], class_names: list[str]) -> None:
+def check_loaded(info: DatasetInfo, splits: Mapping[str, Any], class_names: list[str], *,
+                 fetch_name: str | None = None) -> None:
     """Fail loudly on a dataset that read without error but is not whole.
 
     A ``.ts`` file cut at a line boundary parses cleanly: its header still lists every class,
@@ -225,13 +227,13 @@ def check_loaded(info: DatasetInfo, splits: Mapping[str, Any], class_names: list
         info: the resolved entry (a folder given by path has no facts to check).
         splits: ``"train"``, ``"val"``, ``"test"`` -> what was read (``len``, ``labels``, ``path``).
         class_names: the classes the labels index.
+        fetch_name: the registry name, when the files came from the cache (the message then says
+            to re-fetch; otherwise, to put a whole copy where the file was read).
 
     Raises:
         DataError: a class with no training series, or a split of the wrong size; the message
             names the file and says how to get it whole again.
     """
-    refetch = (f"re-fetch it (python -m cbdtune.data fetch {info.name} --force)"
-               if info.path is None else "replace it with a whole copy")
     train = splits["train"]
     present = set(int(v) for v in train.labels)
     missing = [name for i, name in enumerate(class_names) if i not in present]
@@ -239,7 +241,7 @@ def check_loaded(info: DatasetInfo, splits: Mapping[str, Any], class_names: list
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise DataError(f"{train.path}: no training series of class(es) {shown} ({len(missing)} "
                         f"of {len(class_names)}); the file is cut short or not the dataset's "
-                        f"own: {refetch}")
+                        f"own: {whole_copy_hint(train.path, fetch_name)}")
     if info.path is not None or not any(f.sha256 for f in info.files):
         return
     published = {"train": info.n_train, "val": info.n_val, "test": info.n_test}
@@ -248,7 +250,7 @@ def check_loaded(info: DatasetInfo, splits: Mapping[str, Any], class_names: list
         if expected is not None and len(part) != expected:
             raise DataError(f"{part.path}: {len(part)} series, but {info.name}'s {name} split "
                             f"has {expected}; the file is cut short or not the published one: "
-                            f"{refetch}")
+                            f"{whole_copy_hint(part.path, fetch_name)}")
 
 
 def list_datasets() -> list[DatasetInfo]:
