@@ -219,8 +219,8 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
             best = StageResult(stage, epoch, point, len(runs),
                                runs[0].state() if pool.holdout else None)
         if bar is not None:
+            bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}")
         if report is not None:
             report({reports.STAGE: stage, reports.EPOCH: epoch, reports.TRAIN_LOSS: train_loss,
                     reports.VAL_ACCURACY: best.val["accuracy"],

@@ -150,8 +150,8 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
     for epoch in range(start + 1, tc.pretrain_epochs + 1):
         losses = pretrain_epoch(wrapped, loader, opt, cfg, rt, gen, epoch)
         if bar is not None:
+            bar.set_postfix(loss=f"{losses['loss.total']:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss.total']:.4f}")
         if probes and (epoch % tc.probe_every == 0 or epoch == tc.pretrain_epochs):
             probe = _fidelity_probe(model, data, cfg, rt)
             metrics = {"stage": "pretrain", "epoch": epoch, **losses,

@@ -5,8 +5,10 @@ evaluation. Plain PyTorch; nothing here knows of Ray (the worker passes a :class
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,8 @@ class Runtime:
     world_size: int = 1
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. ray.train.torch.prepare_model
     progress: bool = False  # tqdm bars (interactive runs only; quiet under Ray)
+    # A log line per tenth of a stage's epochs, for a run whose stderr is a file (no bars there).
+    progress_log: bool = False
     # Pretrained encoders are reused from and stored under this root (a folder or an s3:// /
     # gs:// URI; cbdtune.encoder_cache); None pretrains every trial and stores nothing.
     encoder_cache: str | None = None
@@ -104,13 +108,50 @@ def for_epoch(loader: DataLoader, epoch: int, seed: int) -> DataLoader:
 
 
 def progress_bar(total: int, desc: str, rt: Runtime, initial: int = 0) -> Any:
-    if not rt.progress or not rt.is_chief:
+    """A tqdm bar (``rt.progress``), else a :class:`ProgressLog` (``rt.progress_log``), else None.
+
+    Callers set the postfix before ``update`` so that a log line carries the epoch's numbers.
+    """
+    if not rt.is_chief:
         return None
+    if not rt.progress:
+        return ProgressLog(total, desc, initial) if rt.progress_log else None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
     return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr)
+
+
+class ProgressLog:
+    """tqdm's ``update``/``set_postfix``/``close`` as log lines (logger ``cbdtune.progress``):
+    one per tenth of ``total`` epochs and at the last, e.g.
+    ``pretrain: epoch 20/200 loss=0.4121 (31.0 s)``."""
+
+    log = logging.getLogger("cbdtune.progress")
+
+    def __init__(self, total: int, desc: str, initial: int = 0) -> None:
+        self.total, self.desc, self.n, self.logged = total, desc, initial, initial
+        self.every = max(1, math.ceil(total / 10))
+        self.postfix = ""
+        self.t0 = time.perf_counter()
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n >= self.total:
+            self._line()
+
+    def close(self) -> None:
+        if self.logged != self.n:  # stopped early between two lines
+            self._line()
+
+    def _line(self) -> None:
+        self.logged = self.n
+        self.log.info("%s: epoch %d/%d %s (%.1f s)", self.desc, self.n, self.total, self.postfix,
+                      time.perf_counter() - self.t0)
 
 
 @functools.cache  # a property of the hardware, asked once per batch by autocast

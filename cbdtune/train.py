@@ -46,7 +46,8 @@ def run_in_process(cfg: ExperimentConfig, data: Any) -> dict[str, Any]:
     from cbdtune.pipeline import Runtime, resolve_device, run_trial
 
     history: list[dict[str, Any]] = []
-    rt = Runtime(device=resolve_device(cfg.train), progress=sys.stderr.isatty())
+    tty = sys.stderr.isatty()  # bars on a terminal; a file (> log 2>&1) gets log lines
+    rt = Runtime(device=resolve_device(cfg.train), progress=tty, progress_log=not tty)
     result = run_trial(cfg, data, lambda metrics, _state: history.append(dict(metrics)), rt=rt)
     return {"status": result.status, "reason": result.reason, "final": result.metrics,
             "history": history}

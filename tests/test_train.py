@@ -32,6 +32,26 @@ def test_train_cli_in_process_prints_val_and_test(tmp_path: Path, capsys) -> Non
     assert {"config.yaml", "learning_curve.png", "spectrum_energy.png"} <= arts
 
 
+def test_train_in_process_logs_progress_lines_when_stderr_is_a_file(tmp_path: Path) -> None:
+    """No tqdm bar without a terminal: ``> log 2>&1`` gets one line per tenth of a stage's epochs
+    (here every epoch) while it runs, before the final table."""
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "cbdtune.train", "--dataset", "gesture",
+                               "--preset", "smoke", "--in-process", "--no-mlflow",
+                               "--set", "train.pretrain_epochs=2", "--set", "train.probe_epochs=1",
+                               "--set", "train.classifier_epochs=2"],
+                              stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, "\n".join(lines)
+    progress = [line.split(" loss=")[0].split(" cv_acc=")[0] for line in lines
+                if line.startswith(("pretrain: epoch", "linear_probe: epoch"))]
+    assert progress == ["pretrain: epoch 1/2", "pretrain: epoch 2/2",
+                        "linear_probe: epoch 1/2", "linear_probe: epoch 2/2"], lines
+    assert lines.index(next(x for x in lines if x.startswith("status"))) > lines.index(
+        next(x for x in lines if x.startswith("linear_probe: epoch 2/2")))
+
+
 def test_train_cli_bad_override_one_line(capsys) -> None:
     code = train.cli(["--dataset", "gesture", "--in-process", "--set", "model.mask_ratio=1.2"])
     err = capsys.readouterr().err.strip().splitlines()
