@@ -205,6 +205,8 @@ def minirocket_seed(data: Any, seed: int, fit_on: str, threads: int, *,
     from cbdtune.pipeline import macro_f1
 
     x, y = data.train.x, data.train.y
+    # numba refuses more threads than the CPUs this process may run on (taskset, cgroups)
+    threads = max(1, min(threads, len(os.sched_getaffinity(0))))
     if fit_on == "train+val":
         x, y = np.concatenate([x, data.val.x]), np.concatenate([y, data.val.y])
     if warm_up:  # numba compiles MiniRocket's kernels on first use (~30 s): keep it out of the time
