@@ -449,7 +449,9 @@ def test_cluster_search_commands_parse_with_the_real_cli(
         parsed = search.parser().parse_args(shlex.split(args))
     except SystemExit:
         pytest.fail(f"{name}: python -m cbdtune.search{args}\n{capsys.readouterr().err}")
-    search.validate_args(parsed)
+    from cbdtune.settings import SearchSettings
+
+    SearchSettings.from_args(parsed)  # every value checked, as the CLI does before Ray
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ruff_check_passes() -> None:
-    ruff = shutil.which("ruff")
+    # the venv's own ruff when the venv is not on PATH (its python run by path)
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(Path(sys.executable).parent))
     if ruff is None:
         pytest.fail("ruff is not installed; install the test extra: pip install -e '.[test]'")
     proc = subprocess.run([ruff, "check", "--output-format", "concise", str(REPO)],
