@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"shared); python {platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
         f"wall {wall:.0f} s for {len(df)} completed trials",
-        "- space: cbdtune/search_spaces/k_ablation.yaml (paper preset, linear probe); CV = "
+        "- space: cbdtune/search_spaces/k_ablation.yaml (paper preset, linear probe, half its "
+        "pretraining epochs, the probe stopped 30 epochs after its best point); CV = "
         "5-fold mean accuracy at the CV-chosen epoch count (s.e. over folds); test = the refit "
         "on all training series, read once; one seed", ""]
     out.mkdir(parents=True, exist_ok=True)
