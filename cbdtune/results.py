@@ -140,8 +140,10 @@ def _native(value: Any) -> Any:
 
 def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentConfig, *,
           metric: str, mode: str, command: str, header: dict[str, Any],
-          refits: dict[str, Any] | None = None, datasets: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Write the three result files, each atomically; returns their paths.
+          refits: dict[str, Any] | None = None, datasets: tuple[str, ...] = (),
+          objectives: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write the three result files, each atomically; returns their paths. ``objectives``
+    (``{metric: mode}``, two of them) adds the Pareto front to the summary.
 
     Every file's content is rendered before the first one is replaced, so an error while
     rendering (fANOVA, a bad best config) leaves the folder as it was. A ``best_config.yaml``
@@ -154,6 +156,8 @@ def write(out_dir: Path, df: pd.DataFrame, space: SearchSpace, base: ExperimentC
                "summary.md": (_summary(df, best, imp, metric, mode, command, header)
                               + (dataset_section(df, datasets, metric, mode)
                                  if len(datasets) > 1 else "")
+                              + (pareto_section(df, objectives)
+                                 if objectives and len(objectives) > 1 else "")
                               + selection_section(df, metric)
                               + (refit_section(refits) if refits else "")).encode()}
     if best is not None:
@@ -231,6 +235,39 @@ def dataset_section(df: pd.DataFrame, datasets: tuple[str, ...], metric: str, mo
     lines += ["", f"Each completed trial's rank on each dataset (by its {metric} there) and the "
                   "mean rank; the aggregate is the mean of the datasets' estimates, a fixed "
                   "value per trial.", "", _markdown(ranks)]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(df: pd.DataFrame, objectives: dict[str, str]) -> pd.DataFrame:
+    """The completed trials no other completed trial beats on every objective
+    (``{metric: "max" | "min"}``), as Optuna's ``Study.best_trials`` finds them; best first by
+    the first objective."""
+    import optuna
+
+    done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
+    if done.empty or not all(m in done for m in objectives):
+        return done.iloc[0:0]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as views.py: no "study created"
+    done = done.dropna(subset=list(objectives))
+    done = done[done[list(objectives)].apply(lambda c: c.map(math.isfinite)).all(axis=1)]
+    study = optuna.create_study(
+        directions=["minimize" if d == "min" else "maximize" for d in objectives.values()])
+    for i, row in enumerate(done[list(objectives)].itertuples(index=False)):
+        study.add_trial(optuna.trial.create_trial(values=[float(v) for v in row],
+                                                  user_attrs={"row": i}))
+    front = done.iloc[sorted(t.user_attrs["row"] for t in study.best_trials)]
+    first, mode = next(iter(objectives.items()))
+    return front.sort_values(first, ascending=mode == "min", kind="stable")
+
+
+def pareto_section(df: pd.DataFrame, objectives: dict[str, str]) -> str:
+    """The Pareto front of a two-objective search: trial and both values."""
+    front = pareto_front(df, objectives)
+    names = ", ".join(f"{m} ({d})" for m, d in objectives.items())
+    lines = ["", f"## Pareto front ({names})", ""]
+    if front.empty:
+        return "\n".join([*lines, "no completed trial has both values."]) + "\n"
+    lines.append(_markdown(front[["trial_id", *objectives]]))
     return "\n".join(lines) + "\n"
 
 

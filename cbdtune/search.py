@@ -80,9 +80,11 @@ def parser() -> argparse.ArgumentParser:
                    help="asha stops weak trials on their intermediate reports (default: asha "
                         "for one dataset; none for several, where a trial reports once at its "
                         "end and asha is refused)")
-    p.add_argument("--metric", help="what to optimise (default %(default)s)")
-    p.add_argument("--mode", choices=("max", "min"),
-                   help="direction (default: min for losses, else max)")
+    p.add_argument("--metric", help="what to optimise (default %(default)s); two, comma-separated "
+                                    "(val_accuracy,time_total_s), search both with Optuna's "
+                                    "multi-objective sampler and rank trials by the first")
+    p.add_argument("--mode", help="max or min, one per metric (default: min for losses and "
+                                  "time_total_s, else max)")
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:///./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default cbdtune-<dataset>)")
     p.add_argument("--name", help="search name: Tune run and results folder "
@@ -217,9 +219,13 @@ def _sampler(name: str, seed: int, space: SearchSpace) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, mode: str,
-                  max_concurrent: int, baseline: bool = True, reuse_share: float = 0.0) -> Any:
+def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str | list[str],
+                  mode: str | list[str], max_concurrent: int, baseline: bool = True,
+                  reuse_share: float = 0.0) -> Any:
     """Optuna over the space, sampled define-by-run, limited to ``max_concurrent``.
+
+    ``metric`` and ``mode`` may be lists of two: a multi-objective study (one value per metric;
+    a list of one is the single-objective study).
 
     :meth:`SearchSpace.define_by_run` suggests only the parameters whose ``when`` holds, named
     ``train_loop_config/<key>`` so that each trial's config nests them as the trainable expects.
@@ -232,6 +238,10 @@ def make_searcher(space: SearchSpace, *, sampler: str, seed: int, metric: str, m
     from cbdtune.searcher import FullFidelityOptunaSearch
 
     points = [baseline_point(space)] if baseline and space.params else None
+    if isinstance(metric, list) and len(metric) == 1:
+        metric = metric[0]
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
     searcher = FullFidelityOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
                                         sampler=_sampler(sampler, seed, space),
                                         points_to_evaluate=points, reuse_share=reuse_share)
@@ -542,7 +552,7 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
     space, base, datasets, uri = _inputs(settings)
     s = _Search(settings, space, base, datasets, uri,
                 list(settings.to_argv() if argv is None else argv),
-                metric=settings.metric, mode=str(settings.mode))
+                metric=settings.objectives[0], mode=settings.modes[0])
     # [2] Ray: join a cluster or start one; check that one trial fits; name the search.
     _connect(s)
     status, reason, code = "FAILED", "the search driver stopped", EXIT_INTERRUPTED
@@ -613,7 +623,7 @@ def _open_parent(s: _Search) -> None:
     s.header = {"dataset": s.label, "space": shown_path(a.space, s.space.path),
                 "space_sha256": s.space.sha256, "git_commit": tracking.git_commit(),
                 "sampler": a.sampler, "scheduler": a.scheduler, "seed": base.train.seed,
-                "metric": s.metric, "mode": s.mode, "cv_folds": base.data.cv_folds,
+                "metric": a.metric, "mode": a.mode, "cv_folds": base.data.cv_folds,
                 "cv_repeats": base.data.cv_repeats, "num_samples": a.num_samples,
                 "workers_per_trial": a.workers_per_trial, "gpus_per_worker": a.gpus_per_worker,
                 "time_budget": a.time_budget or "none"}
@@ -644,7 +654,8 @@ def _search(s: _Search) -> int:
     interrupted = _interrupted(s.settings, df, wall)
     s.header.update({"wall_s": round(wall, 1), "ray": s.where})
     write = dict(space=s.space, base=s.base, metric=s.metric, mode=s.mode, command=s.command,
-                 header=s.header, datasets=s.slugs)
+                 header=s.header, datasets=s.slugs,
+                 objectives=dict(zip(s.settings.objectives, s.settings.modes, strict=True)))
     paths = results.write(s.out_dir, df, **write)
     s.best = best = results.best_trial(df, s.metric, s.mode)
     _log_best(s, df, best)
@@ -810,7 +821,8 @@ def _tuner(s: _Search, refs: dict[str, Any]) -> Any:
     tune_config = tune.TuneConfig(
         metric=s.metric, mode=s.mode, num_samples=st.num_samples, scheduler=scheduler,
         search_alg=make_searcher(s.space, sampler=st.sampler, seed=s.base.train.seed,
-                                 metric=s.metric, mode=s.mode, max_concurrent=s.max_concurrent,
+                                 metric=list(st.objectives), mode=list(st.modes),
+                                 max_concurrent=s.max_concurrent,
                                  baseline=st.baseline,
                                  # a grid visits each point once: no repeated encoders
                                  reuse_share=st.reuse_share

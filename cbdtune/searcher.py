@@ -6,6 +6,7 @@ as COMPLETE with its last reported value, the ones ASHA stopped at a low rung in
 would learn from short-fidelity scores as if they were final. Here a trial is COMPLETE only when
 its last result is the pipeline's final report (``final == 1``); a stopped trial is told as
 PRUNED. Its intermediate values (one per report, through ``on_trial_result``) stay with it.
+With two objectives (a multi-objective study) the same holds, without intermediate values.
 
 The multi-fidelity rule this gives is Optuna's own for TPE (``optuna.samplers.TPESampler``):
 pruned trials rank below every complete trial, among themselves by how far they got (the later
@@ -65,12 +66,22 @@ class FullFidelityOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
         full = not error and is_final(result)
-        if result is not None and not error and not full:
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            result = {k: v for k, v in result.items() if k not in metrics}  # -> PRUNED
+        if isinstance(self.metric, list) and not full:
+            # Ray would tell [None, None] as COMPLETE (Optuna refuses it, the trial stays
+            # RUNNING): no result is PRUNED, or FAIL after an error. A multi-objective study has
+            # no intermediate values (Optuna's Trial.report is single-objective), so a pruned
+            # trial carries no value and TPE ranks it below every complete one.
+            result = None
+        elif result is not None and not error and not full:
+            result = {k: v for k, v in result.items() if k != self.metric}  # -> PRUNED
         super().on_trial_complete(trial_id, result, error)
-        if full and not isinstance(self.metric, list):
-            self._maybe_reuse(trial_id, result.get(self.metric))  # type: ignore[union-attr]
+        if full and result is not None:
+            self._maybe_reuse(trial_id, result.get(self._first(self.metric)))
+
+    @staticmethod
+    def _first(value: Any) -> Any:
+        """The first objective's metric or mode (reuse ranks trials by it)."""
+        return value[0] if isinstance(value, list) else value
 
     def _maybe_reuse(self, trial_id: str, value: Any) -> None:
         """Enqueue a trial on ``trial_id``'s encoder if it ranks among the best and the share
@@ -82,7 +93,7 @@ class FullFidelityOptunaSearch(OptunaSearch):
         fixed, free = split_params(ot_trial.params)
         if not fixed or not free:  # nothing to reuse, or nothing left to sample
             return
-        sign = -1.0 if self.mode == "max" else 1.0
+        sign = -1.0 if self._first(self.mode) == "max" else 1.0
         rank = sorted(sign * v for v in self._complete).index(sign * float(value))
         if rank >= self.reuse_top:
             return

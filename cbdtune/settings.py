@@ -28,6 +28,7 @@ Scheduler = Literal["asha", "none"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
+COSTS: tuple[str, ...] = ("time_total_s",)  # Tune fills it in every result; a 2nd objective only
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -67,8 +68,11 @@ class SearchSettings:
     gpus_per_worker: float = 0.0  # fractions (0.25) let trials share a GPU
     sampler: Sampler = "tpe"
     scheduler: Scheduler | None = None  # None: asha for one dataset, none for several
+    # One selection metric, or two separated by a comma (Optuna's multi-objective search): the
+    # second may also be a cost Tune records for every trial (COSTS). Trials are ranked, stopped
+    # by ASHA and refitted on the first; the summary lists the Pareto front of both.
     metric: str = METRIC
-    mode: Literal["max", "min"] | None = None  # None: min for losses, else max
+    mode: str | None = None  # max or min per metric (max,min); None: min for losses/costs, else max
     mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
     experiment: str | None = None  # None: cbdtune-<dataset>
     name: str | None = None  # None: <dataset>-<space stem>; -2, -3... when taken
@@ -97,10 +101,9 @@ class SearchSettings:
         for f in fields(self):  # types first (int -> float allowed), as ExperimentConfig does
             value = _coerce(getattr(self, f.name), hints[f.name], _where(f.name))
             object.__setattr__(self, f.name, value)
-        if self.mode is None:
-            object.__setattr__(self, "mode", "min" if "loss" in self.metric else MODE)
         self._check_datasets()
         self._check_metric()
+        self._check_mode()
         self._check_counts()
         self._check_resources()
         if self.time_budget is not None:
@@ -140,13 +143,53 @@ class SearchSettings:
         return "asha" if len(self.datasets) == 1 else "none"
 
     def _check_metric(self) -> None:
-        if self.metric.startswith("test"):
-            raise ConfigError(f"{_where('metric')} {self.metric}: the search never selects on a "
-                              f"test metric; use a validation metric such as {METRIC}")
-        if self.metric not in reports.SELECTION_METRICS:
-            raise ConfigError(f"{_where('metric')} {self.metric}: not a metric the pipeline "
-                              f"reports for selection; choose one of "
-                              f"{', '.join(reports.SELECTION_METRICS)}")
+        names = [n.strip() for n in self.metric.split(",")]
+        if len(names) > 2 or not all(names):
+            raise ConfigError(f"{_where('metric')} {self.metric}: expected one metric or two "
+                              f"separated by a comma, e.g. {METRIC},{COSTS[0]}")
+        for i, name in enumerate(names):
+            if name.startswith("test"):
+                raise ConfigError(f"{_where('metric')} {name}: the search never selects on a "
+                                  f"test metric; use a validation metric such as {METRIC}")
+            allowed = reports.SELECTION_METRICS + (COSTS if i else ())
+            if name not in allowed:
+                raise ConfigError(f"{_where('metric')} {name}: not a metric the pipeline "
+                                  f"reports for selection{' or a cost' if i else ''}; choose "
+                                  f"one of {', '.join(allowed)}"
+                                  + ("" if i else f" ({', '.join(COSTS)} only as the second)"))
+        if len(names) == 2 and names[0] == names[1]:
+            raise ConfigError(f"{_where('metric')} {self.metric}: the two objectives are the "
+                              "same metric; give two different ones")
+        if len(names) == 2 and self.sampler == "cmaes":
+            raise ConfigError(f"{_where('sampler')} cmaes: Optuna's CMA-ES is single-objective; "
+                              f"use tpe, random or grid with --metric {self.metric}")
+        object.__setattr__(self, "metric", ",".join(names))
+
+    def _check_mode(self) -> None:
+        """One direction per metric: given (``max,min``) or each metric's own."""
+        if self.mode is None:
+            object.__setattr__(self, "mode", ",".join(map(own_mode, self.objectives)))
+            return
+        modes = [m.strip() for m in self.mode.split(",")]
+        if not all(m in ("max", "min") for m in modes):
+            raise ConfigError(f"{_where('mode')}: expected one of max, min for each metric "
+                              f"(comma-separated), but got {self.mode}")
+        if len(modes) != len(self.objectives):
+            raise ConfigError(f"{_where('mode')} {self.mode}: {len(modes)} direction(s) for "
+                              f"{len(self.objectives)} metric(s) ({self.metric}); give one per "
+                              "metric, e.g. max,min")
+        object.__setattr__(self, "mode", ",".join(modes))
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """The metrics in ``metric``: the first ranks trials; a second makes the search
+        multi-objective."""
+        return tuple(self.metric.split(","))
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """``mode`` per objective."""
+        return tuple(str(self.mode).split(","))
 
     def _check_counts(self) -> None:
         for name, least in (("num_samples", 1), ("workers_per_trial", 1),
@@ -195,7 +238,7 @@ class SearchSettings:
         """The flags of the search CLI that give these settings (the fields that differ from
         their defaults; ``mode`` when it differs from the metric's own direction)."""
         argv = ["--dataset", self.dataset]
-        derived_mode = "min" if "loss" in self.metric else MODE
+        derived_mode = ",".join(map(own_mode, self.objectives))
         for name, default in self.defaults().items():
             value = getattr(self, name)
             if value == default or (name == "mode" and value == derived_mode) or (
@@ -210,9 +253,15 @@ class SearchSettings:
         return argv
 
 
+def own_mode(metric: str) -> str:
+    """A metric's own direction: min for a loss or a cost, else max."""
+    return "min" if "loss" in metric or metric in COSTS else MODE
+
+
 def _where(name: str) -> str:
     """How an error names a field: ``num_samples (--num-samples)``."""
     return f"{name} ({flag(name)})"
 
 
-__all__ = ["SAMPLERS", "SCHEDULERS", "SearchSettings", "flag", "parse_duration"]
+__all__ = ["COSTS", "SAMPLERS", "SCHEDULERS", "SearchSettings", "flag", "own_mode",
+           "parse_duration"]

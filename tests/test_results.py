@@ -145,3 +145,19 @@ def test_check_results_dir_refuses_a_file_with_one_line(tmp_path: Path, where: s
 def test_check_results_dir_accepts_a_missing_folder_without_creating_it(tmp_path: Path) -> None:
     results.check_results_dir(tmp_path / "results" / "deep")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pareto_front_of_two_objectives_in_the_summary(tmp_path: Path) -> None:
+    """Completed trials no other beats on both objectives, best accuracy first; a stopped trial
+    never is on it, however good its numbers."""
+    df = results.trials_frame([
+        results.trial_row(t, {}, {"val_accuracy": a, "time_total_s": s, "final": 1}, st, "")
+        for t, a, s, st in (("a", 0.90, 10.0, "completed"), ("b", 0.80, 5.0, "completed"),
+                            ("c", 0.95, 20.0, "completed"), ("d", 0.70, 6.0, "completed"),
+                            ("e", 0.99, 1.0, "stopped"))])
+    objectives = {"val_accuracy": "max", "time_total_s": "min"}
+    assert list(results.pareto_front(df, objectives)["trial_id"]) == ["c", "a", "b"]
+    text = results.pareto_section(df, objectives)
+    assert "## Pareto front (val_accuracy (max), time_total_s (min))" in text
+    assert "| c | 0.95 | 20 |" in text and "| d |" not in text and "| e |" not in text
+    assert "no completed trial" in results.pareto_section(df.iloc[4:], objectives)

@@ -142,6 +142,30 @@ def test_search_smoke_against_mlflow_server(tmp_path: Path, mlflow_server: str) 
 
 
 @pytest.mark.ray
+def test_search_two_objectives_smoke_lists_the_pareto_front(tmp_path: Path) -> None:
+    """--metric val_accuracy,time_total_s: Optuna's multi-objective study; trials ranked by
+    val_accuracy as before, and summary.md lists the Pareto front of both."""
+    from cbdtune import results
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _search_cmd(tmp_path, uri, "--metric", "val_accuracy,time_total_s")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = _check_outputs(tmp_path, uri, 2)
+    [summary] = list((tmp_path / "results").glob("*/*/summary.md"))
+    text = summary.read_text()
+    assert "## Pareto front (val_accuracy (max), time_total_s (min))" in text
+    front = results.pareto_front(df, {"val_accuracy": "max", "time_total_s": "min"})
+    assert len(front) >= 1 and all(f"| {t} |" in text for t in front["trial_id"])
+    best = results.best_trial(df, "val_accuracy", "max")
+    assert front["val_accuracy"].max() == best["val_accuracy"]  # the top accuracy is on it
+    assert f"# best trial {best['trial_id']}: val_accuracy=" in (
+        summary.parent / "best_config.yaml").read_text()
+    [parent], _ = _runs(uri)
+    assert parent.data.params["metric"] == "val_accuracy,time_total_s"
+
+
+@pytest.mark.ray
 def test_search_ray_job_submit_succeeds(tmp_path: Path) -> None:
     """`ray start --head` on loopback + `ray job submit -- python -m cbdtune.search` SUCCEEDED."""
     env = {**_env(), "RAY_AUTH_MODE": "token"}

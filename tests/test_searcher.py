@@ -43,3 +43,27 @@ def test_a_finished_trial_is_complete_and_an_errored_one_failed() -> None:
                                         "final": 1})
     searcher.on_trial_complete("broken", None, error=True)
     assert _states(searcher) == [("COMPLETE", 0.8), ("FAIL", None)]
+
+
+def test_two_objectives_reach_optuna_as_two_values_and_a_stopped_trial_as_pruned() -> None:
+    """--metric val_accuracy,time_total_s: a multi-objective study. Ray's own OptunaSearch would
+    tell a stopped trial [None, None] as COMPLETE (refused: the trial stayed RUNNING)."""
+    metric, mode = ["val_accuracy", "time_total_s"], ["max", "min"]
+    searcher = FullFidelityOptunaSearch(metric=metric, mode=mode,
+                                        sampler=optuna.samplers.RandomSampler(seed=0))
+    searcher.set_search_properties(None, None,  # (the search gives the space to the constructor)
+                                   {"train_loop_config": {"x": tune.uniform(0.0, 1.0)}})
+    for trial_id in ("done", "stopped", "broken"):
+        assert searcher.suggest(trial_id) is not None
+    searcher.on_trial_result("stopped", {"val_accuracy": 0.6, "time_total_s": 3.0,
+                                         "training_iteration": 1})
+    searcher.on_trial_complete("stopped", {"val_accuracy": 0.6, "time_total_s": 3.0,
+                                           "training_iteration": 1})
+    searcher.on_trial_complete("done", {"val_accuracy": 0.8, "time_total_s": 9.5,
+                                        "training_iteration": 4, "final": 1})
+    searcher.on_trial_complete("broken", {"val_accuracy": 0.1, "time_total_s": 1.0}, error=True)
+    study = searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    by_state = {t.state.name: t.values for t in study.get_trials(deepcopy=False)}
+    assert by_state == {"COMPLETE": [0.8, 9.5], "PRUNED": None, "FAIL": None}
+    assert [t.values for t in study.best_trials] == [[0.8, 9.5]]

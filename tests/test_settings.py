@@ -29,6 +29,15 @@ from cbdtune.settings import SearchSettings
     ({"metric": "val_acc"}, "not a metric the pipeline reports for selection"),
     ({"sampler": "anneal"}, "sampler (--sampler): expected one of"),
     ({"mode": "up"}, "mode (--mode): expected one of"),
+    ({"metric": "time_total_s"}, "time_total_s only as the second"),
+    ({"metric": "val_accuracy,val_loss,val_f1"}, "expected one metric or two"),
+    ({"metric": "val_accuracy,"}, "expected one metric or two"),
+    ({"metric": "val_accuracy,test_f1"}, "never selects on a test metric"),
+    ({"metric": "val_loss,val_loss"}, "the two objectives are the same metric"),
+    ({"metric": "val_accuracy,epochs"}, "not a metric the pipeline reports for selection or a"),
+    ({"metric": "val_accuracy,time_total_s", "mode": "max"}, "give one per metric"),
+    ({"mode": "max,min"}, "2 direction(s) for 1 metric(s)"),
+    ({"metric": "val_accuracy,time_total_s", "sampler": "cmaes"}, "CMA-ES is single-objective"),
     ({"num_samples": "16"}, "num_samples (--num-samples): expected an integer"),
     ({"time_budget": "2 hours"}, "expected a positive duration"),
     ({"dataset": " "}, "dataset (--dataset): must not be empty"),
@@ -38,6 +47,16 @@ def test_settings_reject_each_bad_value_with_one_line(kwargs: dict[str, Any],
     with pytest.raises(ConfigError) as err:
         SearchSettings(**{"dataset": "gesture", **kwargs})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_settings_two_objectives_each_with_its_own_direction() -> None:
+    two = SearchSettings(dataset="gesture", metric=" val_accuracy , time_total_s")
+    assert (two.metric, two.mode) == ("val_accuracy,time_total_s", "max,min")
+    assert (two.objectives, two.modes) == (("val_accuracy", "time_total_s"), ("max", "min"))
+    assert two.to_argv() == ["--dataset", "gesture", "--metric", "val_accuracy,time_total_s"]
+    given = SearchSettings(dataset="gesture", metric="val_f1,val_loss", mode="max,max")
+    assert given.modes == ("max", "max") and given.to_argv()[-2:] == ["--mode", "max,max"]
+    assert SearchSettings(dataset="gesture", metric="val_loss").modes == ("min",)
 
 
 def test_settings_resolve_mode_and_budget() -> None:
