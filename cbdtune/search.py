@@ -89,6 +89,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment (default cbdtune-<dataset>)")
     p.add_argument("--name", help="search name: Tune run and results folder "
                                   "(default <dataset>-<space>, suffixed -2, -3... when taken)")
+    _add_run_flags(p)
+    p.set_defaults(**SearchSettings.defaults())  # one place for every default: the settings
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where the search runs and stores, what it does after, and encoder reuse."""
     p.add_argument("--storage",
                    help="Ray storage: a folder or s3:// / gs:// URI (default ~/ray_results)")
     p.add_argument("--address",
@@ -130,8 +137,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-share", type=float,
                    help="the most trials Optuna proposes on an already pretrained encoder, "
                         "as a share of all (default %(default)s)")
-    p.set_defaults(**SearchSettings.defaults())  # one place for every default: the settings
-    return p
 
 
 # ---- checks before Ray starts ----------------------------------------------------------------
