@@ -218,6 +218,19 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
                         scaling_config=scaling, run_config=run_config)
 
 
+def _trial_inputs(config: dict[str, Any], base: dict[str, Any] | None
+                  ) -> tuple[TrialSettings, ExperimentConfig, str, bool]:
+    """A Tune trial's run settings, its config (``base`` with the trial's hyperparameters over
+    it), its trial id (``"single"`` outside Tune) and whether it runs inside Tune."""
+    from ray import tune  # here, not at import: `import cbdtune.train` stays free of ray.tune
+
+    run = TrialSettings.from_config(config)
+    cfg = ExperimentConfig.from_dict(base or {}, where="search base config")
+    cfg = cfg.replace(dict(config[LOOP_KEY]), where="trial config")
+    trial_id = tune.get_context().get_trial_id()
+    return run, cfg, trial_id or "single", trial_id is not None
+
+
 def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
                     base: dict[str, Any] | None = None, search: str = "") -> dict[str, Any] | None:
     """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``.
@@ -230,11 +243,7 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    run = TrialSettings.from_config(config)
-    cfg = ExperimentConfig.from_dict(base or {}, where="search base config")
-    cfg = cfg.replace(dict(config[LOOP_KEY]), where="trial config")
-    in_tune = ray.tune.get_context().get_trial_id() is not None
-    trial_id = ray.tune.get_context().get_trial_id() if in_tune else "single"
+    run, cfg, trial_id, in_tune = _trial_inputs(config, base)
     trainer = make_trainer(
         cfg, data_ref=data_ref[0] if data_ref else None, name=f"trial_id={trial_id}",
         trial=f"{search}/{trial_id}" if search else trial_id,
@@ -262,12 +271,7 @@ def multi_driver_fn(config: dict[str, Any], datasets: list[dict[str, Any]] | Non
 
     from ray import tune
 
-    run = TrialSettings.from_config(config)
-    cfg = ExperimentConfig.from_dict(base or {}, where="search base config")
-    cfg = cfg.replace(dict(config[LOOP_KEY]), where="trial config")
-    trial_id = tune.get_context().get_trial_id()
-    in_tune = trial_id is not None
-    trial_id = trial_id or "single"
+    run, cfg, trial_id, in_tune = _trial_inputs(config, base)
 
     def fit(slug: str, name: str, ref: Any) -> dict[str, Any]:
         trainer = make_trainer(cfg.replace({"data.dataset": name}, where=f"dataset {slug}"),
