@@ -67,8 +67,8 @@ DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
 ENSEMBLE_SEED_OFFSETS = (1000, 2000)  # members 2 and 3 of (c): train.seed = seed + offset
 VAL_SPLIT = "(a) validation split (today)"
 CV_REFIT = "(b) CV + refit"
-ENSEMBLE = f"(c) refit ensemble of {1 + len(ENSEMBLE_SEED_OFFSETS)} seeds"
 ENSEMBLE_SIZE = 1 + len(ENSEMBLE_SEED_OFFSETS)
+ENSEMBLE = f"(c) refit ensemble of {ENSEMBLE_SIZE} seeds"
 MR_ALL = "MiniRocket, fit on all training series (matched to b, c)"
 MR_SPLIT = "MiniRocket, fit on (a)'s train split (matched to a)"
 
@@ -95,10 +95,7 @@ def _trial_row(protocol: str, result: Any, seconds: float, n_train: int) -> dict
 
 def _ensemble_row(cfg: Any, data: Any, cv: dict[str, Any], clf: Any, rt: Any) -> dict[str, Any]:
     """(c): (b)'s refit and refits at seed + each offset; softmax average tested once."""
-    import numpy as np
-
     from cbdtune import classify, pipeline
-    from cbdtune.runtime import macro_f1
 
     stage, epochs = cv["stage"], cv["epoch"]
     probas = [classify.predict_proba(clf, data.test.x, rt, cfg.train)]
@@ -109,11 +106,19 @@ def _ensemble_row(cfg: Any, data: Any, cv: dict[str, Any], clf: Any, rt: Any) ->
                                                     rt=rt)
         probas.append(proba)
         seconds += metrics["wall_s"]
-    members = [float(np.mean(p.argmax(1) == data.test.y)) for p in probas]
+    return {**cv, **_ensemble_scores(probas, data.test.y, data.n_classes), "time_s": seconds}
+
+
+def _ensemble_scores(probas: list[Any], y: Any, n_classes: int) -> dict[str, Any]:
+    """(c)'s columns: the softmax average tested once, and each member alone."""
+    import numpy as np
+
+    from cbdtune.runtime import macro_f1
+
     pred = np.mean(probas, axis=0).argmax(1)
-    return {**cv, "protocol": ENSEMBLE, "test_accuracy": float(np.mean(pred == data.test.y)),
-            "test_f1": macro_f1(pred, data.test.y, data.n_classes), "n_models": len(probas),
-            "members": " ".join(f"{a:.4f}" for a in members), "time_s": seconds}
+    return {"protocol": ENSEMBLE, "test_accuracy": float(np.mean(pred == y)),
+            "test_f1": macro_f1(pred, y, n_classes), "n_models": len(probas),
+            "members": " ".join(f"{np.mean(p.argmax(1) == y):.4f}" for p in probas)}
 
 
 def cbd_seed(cfg: Any, seed: int, cv_folds: int, args: argparse.Namespace
@@ -152,7 +157,6 @@ def seed_ensembles(runs: dict[tuple[str, int], dict[str, Any]], seeds: int
     of seeds s .. s + ENSEMBLE_SIZE - 1 (mod ``seeds``), tested once; every member must exist."""
     import numpy as np
 
-    from cbdtune.runtime import macro_f1
 
     out = []
     for (dataset, seed), run in runs.items():
@@ -162,12 +166,8 @@ def seed_ensembles(runs: dict[tuple[str, int], dict[str, Any]], seeds: int
         y = np.asarray(run["test_y"])
         probas = [np.asarray(m["cv_proba"]) for m in members]
         cv = next(r for r in run["rows"] if r["protocol"] == CV_REFIT)
-        pred = np.mean(probas, axis=0).argmax(1)
-        out.append({"dataset": dataset, "seed": seed, **cv, "protocol": ENSEMBLE,
-                    "test_accuracy": float(np.mean(pred == y)),
-                    "test_f1": macro_f1(pred, y, probas[0].shape[1]),
-                    "n_models": len(probas),
-                    "members": " ".join(f"{np.mean(p.argmax(1) == y):.4f}" for p in probas),
+        out.append({"dataset": dataset, "seed": seed, **cv,
+                    **_ensemble_scores(probas, y, probas[0].shape[1]),
                     "time_s": sum(next(r for r in m["rows"] if r["protocol"] == CV_REFIT)
                                   ["time_s"] for m in members)})
     return out
