@@ -237,8 +237,7 @@ def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[s
 
     space = load_space(args.space)
     tc = space.base.train
-    methods = {name: " ".join(f for f in flags if f != "--encoder-cache")
-               for name, flags in COMPARISONS[args.compare].items()}
+    methods = {name: " ".join(flags) for name, flags in COMPARISONS[args.compare].items()}
     title = ("TPE + ASHA vs random search" if args.compare == "asha"
              else "pretrained-encoder reuse vs none")
     lines = [
