@@ -82,7 +82,8 @@ def run_search(method: str, seed: int, args: argparse.Namespace, work: Path) -> 
            "--seed", str(seed), "--refit-top", "0",
            "--max-concurrent", str(args.max_concurrent), "--name", name,
            "--storage", str(work / "ray"), "--results-dir", str(work / "results"),
-           "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", "--experiment", "efficiency"]
+           # one MLflow db per search: two searches may run side by side (--only)
+           "--mlflow-uri", f"sqlite:///{work / f'{name}.mlflow.db'}", "--experiment", "efficiency"]
     # RAY_ADDRESS=local: a fresh Ray per search; "auto" would join any Ray running on this machine.
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -316,12 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in range(args.seeds):
         for method in methods:
+            if args.only is not None and method != methods[args.only]:
+                continue
             run = summarise_run(run_search(method, seed, args, work))
             runs.append(run)
             print(f"{method:26s} seed {seed}: {run['n_trials']} trials {run['statuses']}, "
                   f"{run['reused']} reused, {run['trial_epochs']} trial-epochs, "
                   f"{run['trial_s']:.0f} trial-s, wall {run['wall_s']:.0f} s, best val "
                   f"{pct(run['best_val'])} (test {pct(run['best_test'])})", flush=True)
+
+    if args.only is not None:
+        print(f"--only {args.only}: {methods[args.only]}'s searches are in {work}; run again "
+              "with this --work-dir and without --only for the tables")
+        return 0
 
     import pandas as pd
 
@@ -364,10 +372,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "a temp dir, deleted at the end unless --keep-work); a search already "
                         "finished there is reused, so a stopped run resumes")
     p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--only", type=int, choices=(0, 1), default=None,
+                   help="run only this method's searches (0 or 1, in --compare's order) into "
+                        "--work-dir and stop: two invocations can run side by side, each pinned "
+                        "to its own core; a third without --only writes the tables")
     p.add_argument("--quick", action="store_true",
                    help="smoke space, 2 trials, 1 seed; writes to a temp dir")
     p.add_argument("--out-dir", default=None, help="default results/ (a temp dir with --quick)")
     args = p.parse_args(argv)
+    if args.only is not None and args.work_dir is None:
+        p.error("--only needs --work-dir (the other invocations read the searches from it)")
     if args.quick:
         args.space, args.num_samples, args.seeds = "smoke", 2, 1
     return args

@@ -158,6 +158,13 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 128  # [P]
     pretrain_epochs: int = 100  # [C]
+    # A budget in optimizer steps instead: 0 = pretrain_epochs epochs [C]; N > 0 = N steps on any
+    # dataset (100 epochs are 100 steps on 120 series but 200 on 316 at batch 128). The pipeline
+    # turns it into epochs for the training set it gets (pipeline.steps_to_epochs); the number of
+    # probes stays ceil(pretrain_epochs / probe_every), the count ASHA's rungs are set from.
+    pretrain_steps: int = 0
+    drop_last: bool = True  # [C] pretraining drops the last partial batch (one is always kept);
+    #                         False keeps it: 253 series at batch 128 give 2 steps, not 1
     pretrain_lr: float = 1e-4  # [P] AdamW
     weight_decay: float = 3e-4  # [P]
     beta1: float = 0.9  # [P]
@@ -187,8 +194,8 @@ class TrainConfig:
         for name in ("batch_size", "probe_every"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", f"must be >= 1, but got {value}")
-        for name in ("pretrain_epochs", "classifier_epochs", "probe_epochs", "plateau_patience",
-                     "early_stop_patience", "num_threads"):
+        for name in ("pretrain_epochs", "pretrain_steps", "classifier_epochs", "probe_epochs",
+                     "plateau_patience", "early_stop_patience", "num_threads"):
             value = getattr(self, name)
             _check(value >= 0, f"train.{name}", f"must be >= 0, but got {value}")
         for name in ("pretrain_lr", "classifier_lr"):

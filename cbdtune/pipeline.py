@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -49,6 +50,7 @@ from cbdtune.runtime import (  # noqa: F401  (re-exported: the pipeline's public
     TrialDiverged,
     as_tensor,
     autocast,
+    batches_per_epoch,
     check_finite,
     evaluate,
     for_epoch,
@@ -145,7 +147,7 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
     wrapped = rt.wrap_model(model)
     per_rank = max(1, tc.batch_size // rt.world_size)  # same global batch for any worker count
     loader = make_loader((as_tensor(data.train.x),), per_rank, shuffle=True, seed=tc.seed, rt=rt,
-                     drop_last=True)  # [C] drop_last
+                         drop_last=tc.drop_last)
     bar = progress_bar(tc.pretrain_epochs, "pretrain", rt, initial=start)
     for epoch in range(start + 1, tc.pretrain_epochs + 1):
         losses = pretrain_epoch(wrapped, loader, opt, cfg, rt, gen, epoch)
@@ -187,11 +189,25 @@ def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
 # ---- the trial ---------------------------------------------------------------------------------
 
 
+def steps_to_epochs(cfg: ExperimentConfig, n_train: int) -> ExperimentConfig:
+    """``train.pretrain_steps`` as the epochs over ``n_train`` series that reach it (at least that
+    many steps), probed as often as ``pretrain_epochs``/``probe_every`` says (the report count
+    ASHA was set up with, or fewer). The result has ``pretrain_steps`` 0: resolved once."""
+    tc = cfg.train
+    if not tc.pretrain_steps:
+        return cfg
+    epochs = math.ceil(tc.pretrain_steps / batches_per_epoch(n_train, tc.batch_size, tc.drop_last))
+    every = math.ceil(epochs / max(1, reports.probe_count(tc)))
+    return replace(cfg, train=replace(tc, pretrain_steps=0, pretrain_epochs=epochs,
+                                      probe_every=every))
+
+
 def build_for(data: Dataset, cfg: ExperimentConfig) -> tuple[ExperimentConfig, CBDModel]:
-    """Fill the dataset's shape into the model config and build the model (seeded)."""
+    """Fill the dataset's shape (and a budget in steps: :func:`steps_to_epochs`) into the config
+    and build the model (seeded)."""
     mc = replace(cfg.model, in_channels=data.n_channels, seq_len=data.seq_len,
                  num_classes=data.n_classes)
-    cfg = replace(cfg, model=mc)
+    cfg = steps_to_epochs(replace(cfg, model=mc), len(data.train.x))
     seed_everything(cfg.train.seed)
     return cfg, build_model(mc)
 

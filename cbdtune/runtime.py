@@ -98,6 +98,14 @@ def make_loader(tensors: tuple[torch.Tensor, ...], batch_size: int, *, shuffle: 
                       generator=torch.Generator().manual_seed(seed), drop_last=drop_last)
 
 
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps per epoch over ``n`` series at the global ``batch_size``, as
+    :func:`make_loader` batches them (``drop_last`` keeps the only batch of a small set)."""
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    return max(1, math.ceil(n / batch_size))
+
+
 def for_epoch(loader: DataLoader, epoch: int, seed: int) -> DataLoader:
     """Set the loader's shuffle order for ``epoch``."""
     if isinstance(loader.sampler, DistributedSampler):

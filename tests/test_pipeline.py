@@ -176,3 +176,53 @@ def test_cross_validated_trial_refits_on_every_training_series(gesture: Dataset,
     assert final["val_accuracy"] == max(m["val_accuracy_epoch"] for m in curve)
     assert all(b["val_accuracy"] >= a["val_accuracy"] for a, b in zip(curve, curve[1:], strict=False))
     assert result.classifier is not None
+
+
+# ---- a pretraining budget in optimizer steps -------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "batch", "drop_last", "steps"), [
+    (96, 128, True, 1),    # a set smaller than a batch keeps its only batch
+    (253, 128, True, 1),   # [C]: 125 of 253 series never seen in an epoch
+    (253, 128, False, 2),
+    (256, 128, True, 2), (257, 32, False, 9)])
+def test_batches_per_epoch_is_what_the_loader_yields(n, batch, drop_last, steps) -> None:
+    rt = runtime.Runtime(device=torch.device("cpu"))
+    loader = runtime.make_loader((torch.zeros(n, 1),), batch, shuffle=True, seed=0, rt=rt,
+                                 drop_last=drop_last)
+    assert runtime.batches_per_epoch(n, batch, drop_last) == len(loader) == steps
+
+
+def test_steps_budget_becomes_epochs_for_the_data_and_keeps_the_probe_count() -> None:
+    cfg = preset("paper").replace({"train.pretrain_steps": 300, "train.probe_every": 10})
+    assert cfg.train.pretrain_epochs == 100  # 10 probes: what ASHA's rungs are set from
+    small = pipeline.steps_to_epochs(cfg, 96).train  # 1 step per epoch
+    big = pipeline.steps_to_epochs(cfg, 640).train  # 5 steps per epoch
+    assert (small.pretrain_epochs, small.probe_every) == (300, 30)
+    assert (big.pretrain_epochs, big.probe_every) == (60, 6)
+    for tc in (small, big):
+        assert tc.pretrain_steps == 0  # resolved once: resolving again changes nothing
+        assert pipeline.steps_to_epochs(dataclasses.replace(cfg, train=tc), 96).train == tc
+        assert math.ceil(tc.pretrain_epochs / tc.probe_every) == 10
+    assert pipeline.steps_to_epochs(preset("paper"), 96) == preset("paper")  # 0: epochs [C]
+
+
+def test_run_trial_pretrains_for_the_steps_budget(gesture: Dataset, monkeypatch) -> None:
+    """120 training series at batch 32 are 3 steps per epoch (drop_last): 10 steps take 4 epochs,
+    12 optimizer steps (the budget rounds up to whole epochs)."""
+    steps = 0
+    real = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        nonlocal steps
+        steps += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    cfg = preset("smoke").replace({"train.num_threads": 2, "train.pretrain_steps": 10,
+                                   "train.classifier_epochs": 1, "data.cv_folds": 2})
+    _, reports = _run(cfg, gesture)
+    probes = [m for m, _ in reports if m["stage"] == "pretrain"]
+    assert [m["epoch"] for m in probes][-1] == 4
+    assert len(probes) <= math.ceil(cfg.train.pretrain_epochs / cfg.train.probe_every)
+    assert steps == 12
