@@ -3,6 +3,7 @@ real throughput run."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import pretrain_gap  # noqa: E402
 import reproduce  # noqa: E402
 import search_efficiency as eff  # noqa: E402
 import selection  # noqa: E402
@@ -150,3 +152,29 @@ def test_reuse_verdict_is_trials_per_hour_ratio_and_cv_difference() -> None:
     line = eff.verdict("reuse", means)
     assert line.startswith("Encoder reuse: 2.50x the trials per hour (30.0 vs 12.0)")
     assert "50.0% fewer trial-epochs" in line and "+1.00 points" in line
+
+
+def test_pretrain_gap_quick_probes_along_the_step_budget(tmp_path: Path) -> None:
+    """8 steps at batch 32 over 120 series (3 steps an epoch) are 3 epochs, probed at 2 and 3."""
+    proc = _run_script("pretrain_gap.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "pretrain_gap_runs" / "gesture_seed0.json")
+                                   .read_text())
+    assert [c[:2] for c in run["pretrained"]["curve"]] == [[6, 2], [9, 3]]
+    assert run["random"]["epochs"] == 0 and run["pretrained"]["epochs"] == 3
+    assert (tmp_path / "pretrain_gap.png").stat().st_size > 0
+    table = (tmp_path / "pretrain_gap.md").read_text()
+    gap = 100 * (run["pretrained"]["curve"][-1][2] - run["random"]["val"])
+    assert "| gesture | 1 | 9 (3) |" in table and f"{gap:+.2f}" in table
+
+
+def test_pretrain_gap_table_is_pretrained_minus_random_in_points() -> None:
+    runs = {"d": [{"random": {"val": 0.5, "test": 0.4},
+                   "pretrained": {"curve": [[10, 1, 0.6], [20, 2, 0.7]], "test": 0.6,
+                                  "epochs": 2}},
+                  {"random": {"val": 0.7, "test": 0.6},
+                   "pretrained": {"curve": [[10, 1, 0.6], [20, 2, 0.9]], "test": 0.6,
+                                  "epochs": 2}}]}
+    rows = pretrain_gap.table(runs)[2:]
+    assert rows[0].startswith("| d | 2 | 10 (1) | 60.00 ± 14.14 | 60.00 ± 0.00 | +0.00 | | | |")
+    assert "| 80.00 ± 14.14 | +20.00 | 50.00 ± 14.14 | 60.00 ± 0.00 | 10.00 ± 14.14 |" in rows[1]
