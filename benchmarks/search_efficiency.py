@@ -78,7 +78,7 @@ def run_search(method: str, seed: int, args: argparse.Namespace, work: Path) -> 
     if "--no-reuse" not in flags:
         flags = [*flags, "--encoder-cache", str(work / f"{name}-encoders")]
     cmd = [sys.executable, "-m", "cbdtune.search", "--dataset", args.dataset,
-           "--space", args.space, "--num-samples", str(args.num_samples), *flags,
+           "--space", space_file(args, work), "--num-samples", str(args.num_samples), *flags,
            "--seed", str(seed), "--refit-top", "0",
            "--max-concurrent", str(args.max_concurrent), "--name", name,
            "--storage", str(work / "ray"), "--results-dir", str(work / "results"),
@@ -106,6 +106,22 @@ def run_search(method: str, seed: int, args: argparse.Namespace, work: Path) -> 
     return {"method": method, "seed": seed, "name": name, "wall_s": wall,
             "storage": work / "ray" / name,
             "trials": next((work / "results").glob(f"*/{name}/trials.parquet"))}
+
+
+def space_file(args: argparse.Namespace, work: Path) -> str:
+    """``--space`` as given, or with ``--set`` overrides of its fixed keys: a copy in ``work``."""
+    if not args.set:
+        return args.space
+    import yaml
+
+    from cbdtune.config import parse_overrides
+    from cbdtune.space import load_space
+
+    raw = yaml.safe_load(Path(load_space(args.space).path).read_text())
+    raw.update(parse_overrides(args.set))
+    path = work / f"{Path(load_space(args.space).path).stem}-set.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
 
 
 # ---- reading what they did ---------------------------------------------------------------------
@@ -234,10 +250,11 @@ def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[s
     import ray
     import torch
 
+    from cbdtune.config import parse_overrides
     from cbdtune.space import load_space
 
     space = load_space(args.space)
-    tc = space.base.train
+    tc = space.base.replace(parse_overrides(args.set)).train
     methods = {name: " ".join(flags) for name, flags in COMPARISONS[args.compare].items()}
     title = ("TPE + ASHA vs random search" if args.compare == "asha"
              else "pretrained-encoder reuse vs none")
@@ -247,7 +264,9 @@ def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[s
         f"- machine: {machine()}; load average at start {load_start} (the machine is shared)",
         f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- space: {Path(space.path).name} (searched: {', '.join(space.keys)}); each trial "
+        f"- space: {Path(space.path).name}"
+        + (f" with {' '.join(args.set)} (a smaller budget)" if args.set else "")
+        + f" (searched: {', '.join(space.keys)}); each trial "
         f"{tc.pretrain_epochs} pretraining + {tc.classifier_epochs} {tc.classifier} epochs, "
         f"1 CPU; {args.num_samples} trials per search, {args.max_concurrent} at once; seeds "
         f"0..{args.seeds - 1} (sampler and trial seed); no refit after the search",
@@ -364,6 +383,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="asha: TPE + ASHA vs random search (default); reuse: encoder reuse vs none")
     p.add_argument("--space", default="efficiency", help="search space (default efficiency)")
     p.add_argument("--num-samples", type=int, default=16, help="trials per search (default 16)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a fixed key of the space for both methods, e.g. a smaller "
+                        "budget: train.pretrain_epochs=40 (repeatable; stated in the header)")
     p.add_argument("--seeds", type=int, default=3, help="search seeds 0..N-1 per method")
     p.add_argument("--max-concurrent", type=int, default=2,
                    help="trials at once, the same for both methods (default 2: 2 cores)")

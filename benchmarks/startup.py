@@ -20,7 +20,11 @@ script times the parts of that a trial pays before and after its own work:
        teardown       the train function returned -> fit() returned
 
    for a bare train function (it reports once and returns) and for cbdtune's worker on a trial
-   with no epochs (``train.pretrain_epochs=0``, one linear-probe epoch), in alternation.
+   with no epochs (``train.pretrain_epochs=0``, one linear-probe epoch), in alternation;
+3. the same no-epoch trial as a Tune search runs it (``worker.train_driver_fn`` in a Tune trial
+   actor that builds the TorchTrainer), ``--trials`` of them one after another, with Tune's
+   ``reuse_actors`` off and on (``cbdtune.search`` turns it on: the trial actor's process and its
+   imports then carry over to the next trial): seconds per trial.
 
     python benchmarks/startup.py                 # 3 repeats (~3 min)
     python benchmarks/startup.py --repeats 5
@@ -113,36 +117,70 @@ def fit_phases(fn: Any, cfg: Any, data_ref: Any, storage: str, name: str) -> dic
             "total": ended - called}
 
 
+def tune_seconds_per_trial(cfg: Any, data_ref: Any, storage: str, trials: int,
+                           reuse: bool) -> float:
+    """Wall time of ``trials`` no-epoch trials run one at a time by Tune, per trial."""
+    from ray import tune
+
+    from cbdtune.search import DRIVER_MEMORY
+    from cbdtune.worker import TrialSettings, train_driver_fn
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=cfg.to_dict()),
+        {"cpu": 0, "memory": DRIVER_MEMORY})
+    param_space = TrialSettings(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
+                                max_failures=0, storage_path=f"{storage}/train",
+                                encoder_cache=None).param_space()
+    tuner = tune.Tuner(trainable, param_space=param_space,
+                       tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
+                                                   reuse_actors=reuse),
+                       run_config=tune.RunConfig(name=f"startup-tune-{reuse}-{time.time_ns()}",
+                                                 storage_path=storage, verbose=0))
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"Tune trial failed: {grid.errors[0]}")
+    return (time.perf_counter() - t0) / trials
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 
-def measure(repeats: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from cbdtune import worker
     from cbdtune.config import preset
     from cbdtune.data import load_dataset
 
-    imports = {m: statistics.median(import_seconds(m) for _ in range(repeats)) for m in IMPORTS}
+    imports = {m: statistics.median(import_seconds(m) for _ in range(args.repeats))
+               for m in IMPORTS}
     cfg = preset("smoke").replace({"data.dataset": "gesture", "train.pretrain_epochs": 0,
                                    "train.classifier_epochs": 1, "train.num_threads": 1})
     worker.connect()
     data_ref = ray.put(load_dataset(cfg.data, seed=cfg.train.seed))
     fns = {"bare train function": bare_fn, "cbdtune worker, no epochs": cbdtune_fn}
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in fns}
+    tune_runs: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="cbdtune-startup-") as storage:
-        for i in range(repeats):  # alternated, so load drifts hit both alike
+        for i in range(args.repeats):  # alternated, so load drifts hit both alike
             for label, fn in fns.items():
                 runs[label].append(fit_phases(fn, cfg, data_ref, storage, f"startup-{i}-{fn.__name__}"))
                 print(f"{label} #{i + 1}: {runs[label][-1]['total']:.1f} s", flush=True)
+            for reuse in tune_runs:
+                tune_runs[reuse].append(
+                    tune_seconds_per_trial(cfg, data_ref, storage, args.trials, reuse))
+                print(f"Tune, reuse_actors={reuse} #{i + 1}: {tune_runs[reuse][-1]:.1f} s per "
+                      "trial", flush=True)
     ray.shutdown()
-    medians = {label: {k: statistics.median(r[k] for r in rs) for k in (*PHASES, "total")}
-               for label, rs in runs.items()}
-    return imports, medians
+    phases = {label: {k: statistics.median(r[k] for r in rs) for k in (*PHASES, "total")}
+              for label, rs in runs.items()}
+    return {"imports": imports, "phases": phases,
+            "tune": {reuse: statistics.median(v) for reuse, v in tune_runs.items()}}
 
 
 def report(args: argparse.Namespace, argv: list[str], load_start: str,
-           imports: dict[str, float], medians: dict[str, dict[str, float]]) -> list[str]:
+           found: dict[str, Any]) -> list[str]:
     import ray
     import torch
 
@@ -157,12 +195,17 @@ def report(args: argparse.Namespace, argv: list[str], load_start: str,
         f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')}",
         "", "Imports in a fresh interpreter (minus the interpreter's own start):", "",
         "| module | s |", "|---|---|",
-        *[f"| `{m}` | {s:.2f} |" for m, s in imports.items()],
+        *[f"| `{m}` | {s:.2f} |" for m, s in found["imports"].items()],
         "", "`TorchTrainer.fit()` by phase, s:", "",
         "| train function | " + " | ".join(PHASES) + " | total |",
         "|---|" + "---|" * (len(PHASES) + 1)]
-    for label, m in medians.items():
+    for label, m in found["phases"].items():
         lines.append(f"| {label} | " + " | ".join(f"{m[k]:.2f}" for k in (*PHASES, "total")) + " |")
+    off, on = found["tune"][False], found["tune"][True]
+    lines += ["", f"A Tune search of {args.trials} no-epoch trials, one at a time, s per trial:", "",
+              "| reuse_actors | s per trial |", "|---|---|",
+              f"| False (Tune's default) | {off:.2f} |", f"| True (cbdtune.search) | {on:.2f} |",
+              "", f"Reusing the trial actor saves {off - on:.2f} s per trial ({1 - on / off:.0%})."]
     return lines
 
 
@@ -170,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--trials", type=int, default=3, help="trials per Tune run (default 3)")
     p.add_argument("--out", default=str(ROOT / "results" / "startup.md"))
     args = p.parse_args(argv)
     from cbdtune.worker import TRAIN_POLL_ENV
@@ -177,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in TRAIN_POLL_ENV.items():  # as a search sets it for its trials
         os.environ.setdefault(k, v)
     load_start = load_average()
-    imports, medians = measure(args.repeats)
-    lines = report(args, argv, load_start, imports, medians)
+    lines = report(args, argv, load_start, measure(args))
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
