@@ -107,9 +107,10 @@ def run_tasks(base: Any, runs_dir: Path, settings: dict[str, Any],
 
 
 def pm(xs: list[float]) -> str:
-    """Mean ± sample std, in %."""
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.fmean(xs):.2f} ± {100 * sd:.2f}"
+    """Mean ± sample std, in % (the value alone for one seed)."""
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.2f}"
+    return f"{100 * statistics.fmean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
 def table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
