@@ -81,8 +81,11 @@ def torch_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
     return {**out.get("final", {}), "reports": len(out.get("history", []))}
 
 
-def tune_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
-    """One Tune trial running ``train_driver_fn``, wired as in ``cbdtune.search.run_search``."""
+def make_tuner(cfg: Any, data_ref: Any, storage: str, *, name: str, trials: int = 1,
+               reuse_actors: bool = False) -> Any:
+    """A ``tune.Tuner`` of ``trials`` trials of ``worker.train_driver_fn`` on ``cfg`` (nothing
+    searched: the base config is every trial), one at a time, wired as ``cbdtune.search`` wires
+    its trainable."""
     from ray import tune
 
     from cbdtune.search import DRIVER_MEMORY
@@ -91,15 +94,18 @@ def tune_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=cfg.to_dict()),
         {"cpu": 0, "memory": DRIVER_MEMORY})
-    # nothing searched: the base config is the trial
     param_space = TrialSettings(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
                                 max_failures=0, storage_path=f"{storage}/train",
                                 encoder_cache=None).param_space()
-    tuner = tune.Tuner(trainable, param_space=param_space,
-                       tune_config=tune.TuneConfig(num_samples=1),
-                       run_config=tune.RunConfig(name="overhead-tune", storage_path=storage,
-                                                 verbose=0))
-    grid = tuner.fit()
+    return tune.Tuner(trainable, param_space=param_space,
+                      tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
+                                                  reuse_actors=reuse_actors),
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+
+
+def tune_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
+    """One Tune trial running ``train_driver_fn``, wired as in ``cbdtune.search.run_search``."""
+    grid = make_tuner(cfg, data_ref, storage, name="overhead-tune").fit()
     if grid.errors:
         raise RuntimeError(f"Tune trial failed: {grid.errors[0]}")
     last = grid[0].metrics or {}

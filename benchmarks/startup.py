@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from overhead import make_tuner
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = ("torch", "ray.train.torch", "cbdtune.worker")
@@ -120,22 +121,8 @@ def fit_phases(fn: Any, cfg: Any, data_ref: Any, storage: str, name: str) -> dic
 def tune_seconds_per_trial(cfg: Any, data_ref: Any, storage: str, trials: int,
                            reuse: bool) -> float:
     """Wall time of ``trials`` no-epoch trials run one at a time by Tune, per trial."""
-    from ray import tune
-
-    from cbdtune.search import DRIVER_MEMORY
-    from cbdtune.worker import TrialSettings, train_driver_fn
-
-    trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=cfg.to_dict()),
-        {"cpu": 0, "memory": DRIVER_MEMORY})
-    param_space = TrialSettings(workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
-                                max_failures=0, storage_path=f"{storage}/train",
-                                encoder_cache=None).param_space()
-    tuner = tune.Tuner(trainable, param_space=param_space,
-                       tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
-                                                   reuse_actors=reuse),
-                       run_config=tune.RunConfig(name=f"startup-tune-{reuse}-{time.time_ns()}",
-                                                 storage_path=storage, verbose=0))
+    tuner = make_tuner(cfg, data_ref, storage, name=f"startup-tune-{reuse}-{time.time_ns()}",
+                       trials=trials, reuse_actors=reuse)
     t0 = time.perf_counter()
     grid = tuner.fit()
     if grid.errors:
