@@ -81,8 +81,7 @@ def torch_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
     return {**out.get("final", {}), "reports": len(out.get("history", []))}
 
 
-def make_tuner(cfg: Any, data_ref: Any, storage: str, *, name: str, trials: int = 1,
-               reuse_actors: bool = False) -> Any:
+def make_tuner(cfg: Any, data_ref: Any, storage: str, *, name: str, trials: int = 1) -> Any:
     """A ``tune.Tuner`` of ``trials`` trials of ``worker.train_driver_fn`` on ``cfg`` (nothing
     searched: the base config is every trial), one at a time, wired as ``cbdtune.search`` wires
     its trainable."""
@@ -98,8 +97,7 @@ def make_tuner(cfg: Any, data_ref: Any, storage: str, *, name: str, trials: int 
                                 max_failures=0, storage_path=f"{storage}/train",
                                 encoder_cache=None).param_space()
     return tune.Tuner(trainable, param_space=param_space,
-                      tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1,
-                                                  reuse_actors=reuse_actors),
+                      tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
 
 

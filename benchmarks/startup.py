@@ -22,9 +22,10 @@ script times the parts of that a trial pays before and after its own work:
    for a bare train function (it reports once and returns) and for cbdtune's worker on a trial
    with no epochs (``train.pretrain_epochs=0``, one linear-probe epoch), in alternation;
 3. the same no-epoch trial as a Tune search runs it (``worker.train_driver_fn`` in a Tune trial
-   actor that builds the TorchTrainer), ``--trials`` of them one after another, with Tune's
-   ``reuse_actors`` off and on (``cbdtune.search`` turns it on: the trial actor's process and its
-   imports then carry over to the next trial): seconds per trial.
+   actor that builds the TorchTrainer), ``--trials`` of them one after another: seconds per
+   trial, the fixed cost a search pays per trial. (Tune's ``reuse_actors`` would keep the trial
+   actor's process for the next trial, but Ray 2.60's function trainables have no
+   ``reset_config``: the next trial hangs.)
 
     python benchmarks/startup.py                 # 3 repeats (~3 min)
     python benchmarks/startup.py --repeats 5
@@ -118,11 +119,10 @@ def fit_phases(fn: Any, cfg: Any, data_ref: Any, storage: str, name: str) -> dic
             "total": ended - called}
 
 
-def tune_seconds_per_trial(cfg: Any, data_ref: Any, storage: str, trials: int,
-                           reuse: bool) -> float:
+def tune_seconds_per_trial(cfg: Any, data_ref: Any, storage: str, trials: int) -> float:
     """Wall time of ``trials`` no-epoch trials run one at a time by Tune, per trial."""
-    tuner = make_tuner(cfg, data_ref, storage, name=f"startup-tune-{reuse}-{time.time_ns()}",
-                       trials=trials, reuse_actors=reuse)
+    tuner = make_tuner(cfg, data_ref, storage, name=f"startup-tune-{time.time_ns()}",
+                       trials=trials)
     t0 = time.perf_counter()
     grid = tuner.fit()
     if grid.errors:
@@ -148,22 +148,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     data_ref = ray.put(load_dataset(cfg.data, seed=cfg.train.seed))
     fns = {"bare train function": bare_fn, "cbdtune worker, no epochs": cbdtune_fn}
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in fns}
-    tune_runs: dict[bool, list[float]] = {False: [], True: []}
+    tune_runs: list[float] = []
     with tempfile.TemporaryDirectory(prefix="cbdtune-startup-") as storage:
         for i in range(args.repeats):  # alternated, so load drifts hit both alike
             for label, fn in fns.items():
                 runs[label].append(fit_phases(fn, cfg, data_ref, storage, f"startup-{i}-{fn.__name__}"))
                 print(f"{label} #{i + 1}: {runs[label][-1]['total']:.1f} s", flush=True)
-            for reuse in tune_runs:
-                tune_runs[reuse].append(
-                    tune_seconds_per_trial(cfg, data_ref, storage, args.trials, reuse))
-                print(f"Tune, reuse_actors={reuse} #{i + 1}: {tune_runs[reuse][-1]:.1f} s per "
-                      "trial", flush=True)
+            tune_runs.append(tune_seconds_per_trial(cfg, data_ref, storage, args.trials))
+            print(f"Tune #{i + 1}: {tune_runs[-1]:.1f} s per trial", flush=True)
     ray.shutdown()
     phases = {label: {k: statistics.median(r[k] for r in rs) for k in (*PHASES, "total")}
               for label, rs in runs.items()}
     return {"imports": imports, "phases": phases,
-            "tune": {reuse: statistics.median(v) for reuse, v in tune_runs.items()}}
+            "tune": statistics.median(tune_runs)}
 
 
 def report(args: argparse.Namespace, argv: list[str], load_start: str,
@@ -188,11 +185,11 @@ def report(args: argparse.Namespace, argv: list[str], load_start: str,
         "|---|" + "---|" * (len(PHASES) + 1)]
     for label, m in found["phases"].items():
         lines.append(f"| {label} | " + " | ".join(f"{m[k]:.2f}" for k in (*PHASES, "total")) + " |")
-    off, on = found["tune"][False], found["tune"][True]
-    lines += ["", f"A Tune search of {args.trials} no-epoch trials, one at a time, s per trial:", "",
-              "| reuse_actors | s per trial |", "|---|---|",
-              f"| False (Tune's default) | {off:.2f} |", f"| True (cbdtune.search) | {on:.2f} |",
-              "", f"Reusing the trial actor saves {off - on:.2f} s per trial ({1 - on / off:.0%})."]
+    fit = found["phases"]["cbdtune worker, no epochs"]["total"]
+    lines += ["", f"A Tune run of {args.trials} such trials one at a time (`worker.train_driver_fn` "
+              f"as `cbdtune.search` wires it): {found['tune']:.2f} s per trial, of which the "
+              f"TorchTrainer's fit above is {fit:.2f} s and Tune's trial actor and bookkeeping "
+              f"the other {found['tune'] - fit:.2f} s."]
     return lines
 
 

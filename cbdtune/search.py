@@ -833,9 +833,6 @@ def _tuner(s: _Search, refs: dict[str, Any]) -> Any:
                                  reuse_share=st.reuse_share
                                  if st.reuse and st.sampler != "grid" else 0.0),
         time_budget_s=st.time_budget_s,
-        # The next trial runs in the last one's driver actor: no new process, no second import
-        # of torch and cbdtune (benchmarks/startup.py). Its TorchTrainer is new each trial.
-        reuse_actors=True,
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
     return tune.Tuner(trainable, param_space=settings, tune_config=tune_config,
                       run_config=run_config)
