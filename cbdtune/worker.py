@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -322,8 +323,24 @@ def connect(address: str | None = None) -> str:
         return "cluster"
     # The job-level env vars merge with a submitted job's own (unless it sets the same keys).
     env = {k: v for k, v in TRAIN_POLL_ENV.items() if k not in os.environ}
-    runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {}
+    if address == "local" and "RAY_API_SERVER_ADDRESS" not in os.environ:
+        # Ray Train's PlacementGroupCleaner asks the state API whether a trial's controller is
+        # alive, at the address its process finds: with a second Ray on this machine (another
+        # search) that lookup fails ("multiple active Ray instances") and the placement group
+        # of every trial ASHA stops is never freed, until no CPU is left and the search hangs.
+        # So this Ray's dashboard gets a port chosen here, and its workers are told where it is.
+        kwargs["dashboard_port"] = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
     # log_to_driver=False: workers' logs stay in Ray's session folder; progress is Tune's.
-    ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None,
+             **kwargs)
     return "local" if address == "local" else "cluster"
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -176,3 +176,22 @@ def test_connect_starts_a_ray_of_its_own_unless_an_address_is_given(monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` sets
     assert worker.connect() == "cluster"
     assert calls == ["local", "auto", "http://127.0.0.1:8265"]
+
+
+def test_connect_tells_a_local_rays_workers_where_its_state_api_is(monkeypatch) -> None:
+    """Ray Train's placement-group cleaner looks the state API up from its worker; with two Rays
+    on one machine that fails unless RAY_API_SERVER_ADDRESS names this one's dashboard."""
+    from cbdtune import worker
+
+    calls: list[dict] = []
+    monkeypatch.setattr(worker.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(worker.ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    worker.connect()
+    local = calls[-1]
+    port = local["dashboard_port"]
+    assert local["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    worker.connect("auto")  # a cluster's own dashboard: nothing chosen here
+    assert "dashboard_port" not in calls[-1]
+    assert "RAY_API_SERVER_ADDRESS" not in (calls[-1]["runtime_env"] or {}).get("env_vars", {})
