@@ -281,7 +281,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # whose A~ stays spread on trained features, token positions, and the [C] head with dropout.
     # (On one gesture encoder, seed 0, the pooled heads probed 4-6 points below the flatten head;
     # results/README.md.) Level features are searched, not preset: on FingerMovements they raised
-    # the CV estimate and lowered test accuracy by 6 points (results/selection_default_levels.md).
+    # the CV estimate and cost 7 test points (results/selection_default*.md, results/README.md).
     "default": {
         "model.ser_norm": "tempered", "model.pos_encoding": "learned", "model.head": "flatten",
         "model.head_dropout": 0.1,
