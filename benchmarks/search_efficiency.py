@@ -246,6 +246,11 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}" if x == x else "-"
 
 
+def shown(argv: list[str]) -> list[str]:
+    """``argv`` with ``--work-dir``'s folder as ``W``: a path of the machine it ran on."""
+    return ["W" if i and argv[i - 1] == "--work-dir" else a for i, a in enumerate(argv)]
+
+
 def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[str]:
     import ray
     import torch
@@ -260,7 +265,7 @@ def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[s
              else "pretrained-encoder reuse vs none")
     lines = [
         f"# Search efficiency on {args.dataset}: {title}", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
+        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *shown(argv)])}`",
         f"- machine: {machine()}; load average at start {load_start} (the machine is shared)",
         f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
