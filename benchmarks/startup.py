@@ -16,7 +16,9 @@ script times the parts of that a trial pays before and after its own work:
        worker setup   process created -> the train function entered (Ray Train's worker set-up,
                       unpickling the function, torch's process group)
        imports        cbdtune.worker imported inside the train function (0 for the bare one)
-       data + model   the dataset from the object store, config and model built (cbdtune only)
+       data + model   the dataset from the object store, the config read (the model is built
+                      at the start of the trial work; cbdtune only)
+       trial work     the model built and the trial run (one linear-probe epoch)
        teardown       the train function returned -> fit() returned
 
    for a bare train function (it reports once and returns) and for cbdtune's worker on a trial
