@@ -117,9 +117,10 @@ def space_file(args: argparse.Namespace, work: Path) -> str:
     from cbdtune.config import parse_overrides
     from cbdtune.space import load_space
 
-    raw = yaml.safe_load(Path(load_space(args.space).path).read_text())
+    source = Path(load_space(args.space).path)
+    raw = yaml.safe_load(source.read_text())
     raw.update(parse_overrides(args.set))
-    path = work / f"{Path(load_space(args.space).path).stem}-set.yaml"
+    path = work / f"{source.stem}-set.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
 

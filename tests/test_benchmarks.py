@@ -179,3 +179,15 @@ def test_pretrain_gap_table_is_pretrained_minus_random_in_points() -> None:
     rows = pretrain_gap.table(runs)[2:]
     assert rows[0].startswith("| d | 2 | 10 (1) | 60.00 ± 14.14 | 60.00 ± 0.00 | +0.00 | | | |")
     assert "| 80.00 ± 14.14 | +20.00 | 50.00 ± 14.14 | 60.00 ± 0.00 | 10.00 ± 14.14 |" in rows[1]
+
+
+def test_reuse_benchmark_budget_override_and_no_machine_path(tmp_path: Path) -> None:
+    from cbdtune.space import load_space
+
+    args = eff.parse_args(["--compare", "reuse", "--space", "default", "--set",
+                           "train.pretrain_epochs=40", "--work-dir", str(tmp_path)])
+    space = load_space(eff.space_file(args, tmp_path))
+    assert space.base.train.pretrain_epochs == 40
+    assert space.keys == load_space("default").keys  # the same knobs searched
+    assert eff.shown(["--seeds", "3", "--work-dir", str(tmp_path)]) == ["--seeds", "3",
+                                                                       "--work-dir", "W"]
