@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
-from reproduce import _claim
+from reproduce import claimed, write_done
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -92,15 +92,9 @@ def run_tasks(base: Any, runs_dir: Path, settings: dict[str, Any],
     for seed in range(args.seeds):
         for dataset in args.datasets:
             done = runs_dir / f"{dataset}_seed{seed}.json"
-            if done.exists() or not _claim(done.with_suffix(".claim")):
-                continue
-            try:
-                run = one_task(base, dataset, seed, args)
-                tmp = done.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"settings": settings, **run}))
-                tmp.replace(done)
-            finally:
-                done.with_suffix(".claim").unlink(missing_ok=True)
+            with claimed(done) as mine:
+                if mine:
+                    write_done(done, {"settings": settings, **one_task(base, dataset, seed, args)})
 
 
 # ---- the table and the figure ------------------------------------------------------------------

@@ -49,6 +49,7 @@ results/reproduce.csv (one row per dataset, seed, method and protocol).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -58,6 +59,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -314,6 +316,27 @@ def _claim(path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def claimed(done: Path) -> Iterator[bool]:
+    """A (dataset, seed) task whose result lands in ``done``: yields True when this process took
+    it (not finished, and no live process holds its claim), and frees the claim after."""
+    claim = done.with_suffix(".claim")
+    if done.exists() or not _claim(claim):
+        yield False  # finished earlier, or another process runs it now
+        return
+    try:
+        yield True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def write_done(done: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as JSON at ``done``, atomically: a reader sees all of it or no file."""
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(done)
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -386,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     warmed: set[str] = set()
     for i, (dataset, seed) in enumerate(tasks, 1):
         done = runs_dir / f"{dataset}_seed{seed}.json"
-        if done.exists() or not _claim(done.with_suffix(".claim")):
-            continue  # finished earlier, or another process runs it now
-        try:
+        with claimed(done) as mine:
+            if not mine:
+                continue
             cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
             data = load_dataset(cfg.data, seed=seed)
             t0 = time.perf_counter()
@@ -400,13 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in found:
                 print(f"{dataset:26s} seed {seed}  {r['method']:34s} {r['protocol']:29s} "
                       f"test {r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"settings": settings, "rows": found}))
-            tmp.replace(done)
+            write_done(done, {"settings": settings, "rows": found})
             print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
                   f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
-        finally:
-            done.with_suffix(".claim").unlink(missing_ok=True)
 
     rows, missing = [], []
     for dataset, seed in sorted(tasks, key=lambda t: (args.datasets.index(t[0]), t[1])):

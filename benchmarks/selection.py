@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
-from reproduce import _claim, fmt_ms, mean_std, minirocket_seed
+from reproduce import claimed, fmt_ms, mean_std, minirocket_seed, write_done
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -354,9 +354,9 @@ def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: 
     warmed: set[str] = set()
     for i, (dataset, seed) in enumerate(tasks, 1):
         done = runs_dir / f"{dataset}_seed{seed}.json"
-        if done.exists() or not _claim(done.with_suffix(".claim")):
-            continue  # finished earlier, or another process runs it now
-        try:
+        with claimed(done) as mine:
+            if not mine:
+                continue
             t0 = time.perf_counter()
             cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
             found, split_data, cv_data, proba = cbd_seed(cfg, seed, cv_folds, args)
@@ -367,15 +367,11 @@ def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: 
             for r in found:
                 print(f"{dataset:26s} seed {seed}  {r['protocol']:58s} test "
                       f"{r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
-            tmp = done.with_suffix(".tmp")
             extra = {} if proba is None else {"cv_proba": proba.round(6).tolist(),
                                               "test_y": cv_data.test.y.tolist()}
-            tmp.write_text(json.dumps({"settings": settings, "rows": found, **extra}))
-            tmp.replace(done)
+            write_done(done, {"settings": settings, "rows": found, **extra})
             print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
                   f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
-        finally:
-            done.with_suffix(".claim").unlink(missing_ok=True)
 
 
 def collect(tasks: list[tuple[str, int]], runs_dir: Path, settings: dict[str, Any]
