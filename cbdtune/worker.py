@@ -331,7 +331,7 @@ def connect(address: str | None = None) -> str:
         # search) that lookup fails ("multiple active Ray instances") and the placement group
         # of every trial ASHA stops is never freed, until no CPU is left and the search hangs.
         # So this Ray's dashboard gets a port chosen here, and its workers are told where it is.
-        kwargs["dashboard_port"] = _free_port()
+        kwargs["dashboard_port"] = free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
     # log_to_driver=False: workers' logs stay in Ray's session folder; progress is Tune's.
     ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None,
@@ -339,7 +339,7 @@ def connect(address: str | None = None) -> str:
     return "local" if address == "local" else "cluster"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

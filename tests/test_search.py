@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ import pytest
 
 from cbdtune import search
 from cbdtune.space import load_space
+from cbdtune.worker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
 EXPERIMENT = "cbdtune-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _search_cmd(tmp: Path, uri: str, *extra: str) -> list[str]:
@@ -83,7 +77,7 @@ def _check_outputs(tmp: Path, uri: str, n: int) -> pd.DataFrame:
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -169,7 +163,7 @@ def test_search_two_objectives_smoke_lists_the_pareto_front(tmp_path: Path) -> N
 def test_search_ray_job_submit_succeeds(tmp_path: Path) -> None:
     """`ray start --head` on loopback + `ray job submit -- python -m cbdtune.search` SUCCEEDED."""
     env = {**_env(), "RAY_AUTH_MODE": "token"}
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     start = subprocess.run(
         [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -283,7 +277,7 @@ def test_cli_unreachable_mlflow_uri_fails_at_start(tmp_path: Path, capsys) -> No
     import ray
 
     code = search.cli(["--dataset", "gesture", "--space", "smoke", "--mlflow-uri",
-                       f"http://127.0.0.1:{_free_port()}"])
+                       f"http://127.0.0.1:{free_port()}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "cannot reach the MLflow server" in err
