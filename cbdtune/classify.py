@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cbdtune import reports
+from cbdtune import reports, ridge
 from cbdtune.config import ExperimentConfig, TrainConfig
 from cbdtune.data import Dataset, stratified_folds
 from cbdtune.model import CBDClassifier, CBDModel, build_head, series_stats
@@ -49,7 +49,7 @@ from cbdtune.runtime import (
 )
 
 STAGES = reports.STAGES  # the classifier stages; the report format (cbdtune.reports) owns them
-_STAGE_SEED = {"linear_probe": 1, "fine_tune": 2}
+_STAGE_SEED = {"linear_probe": 1, "fine_tune": 2, "ridge": 3}
 
 # report(metrics, payload): the pipeline's reporter; the classifier stages attach no payload.
 Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
@@ -91,8 +91,8 @@ def new_classifier(model: CBDModel, cfg: ExperimentConfig, stage: str, rt: Runti
     gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + _STAGE_SEED[stage] + 10 * salt)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        head = build_head(cfg.model, model.num_tokens).to(rt.device)
-    if stage == "linear_probe":  # the probe trains the head alone, on cached features
+        head = build_head(cfg.model, model.num_tokens, ridge=stage == "ridge").to(rt.device)
+    if stage in ("linear_probe", "ridge"):  # the encoder stays frozen: the head alone learns
         return CBDClassifier(model, head)
     encoder = copy.deepcopy(model)  # the pretrained model stays intact for later stages
     for p in encoder.parameters():  # decoders stay frozen: they are not in the classifier
@@ -201,6 +201,8 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
     if it stopped here (the best point of the mean curve so far): what ASHA compares at a rung.
     Stops early after ``train.early_stop_patience`` epochs without a better point.
     """
+    if stage == "ridge":
+        return _fit_ridge(model, pool, cfg, rt, n_classes, report)
     tc = cfg.train
     inputs, y = stage_inputs(model, pool.x, stage, rt, tc), as_tensor(pool.y)
     runs = [FoldRun(new_classifier(model, cfg, stage, rt, salt=i), stage, inputs, y, tr, va,
@@ -236,6 +238,32 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
     return best
 
 
+def _fit_ridge(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, n_classes: int,
+               report: Report | None) -> StageResult:
+    """The ridge readout's stage: every point of its path scored on the folds at once; the
+    point of the best mean accuracy (ties: lower mean loss) is the estimate, reported once."""
+    clf = new_classifier(model, cfg, "ridge", rt)
+    z = ridge.encode(clf, pool.x, rt, cfg.train)
+    per_fold = [ridge.path_scores(clf.head, z, pool.y, tr, va, n_classes) for tr, va in pool.folds]
+    points = [_mean_point([fold[i] for fold in per_fold]) for i in range(len(per_fold[0]))]
+    best = max(range(len(points)), key=lambda i: (points[i]["accuracy"], -points[i]["loss"]))
+    weights = None
+    if pool.holdout:  # the paper's protocol tests the validation split's own classifier
+        tr, _ = pool.folds[0]
+        ridge.fit(clf.head, z[tr], pool.y[tr], best, n_classes)
+        weights = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+    (token_w, level_w), alpha = ridge.path(clf.head)[best]
+    point = points[best]
+    if report is not None:
+        report({reports.STAGE: "ridge", reports.EPOCH: best + 1,
+                reports.VAL_ACCURACY: point["accuracy"],
+                reports.VAL_ACCURACY_SE: point["accuracy_se"],
+                "val_accuracy_epoch": point["accuracy"], reports.VAL_LOSS: point["loss"],
+                reports.VAL_F1: point["f1"], "ridge_alpha": alpha,
+                "ridge_token_weight": token_w, "ridge_level_weight": level_w}, None)
+    return StageResult("ridge", best + 1, point, len(pool.folds), weights)
+
+
 def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
     """The mean CV curve at one epoch, with the standard error of the accuracy over folds."""
     acc = np.array([s["accuracy"] for s in scores])
@@ -247,8 +275,13 @@ def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
 
 def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, rt: Runtime,
           stage: str, epochs: int) -> CBDClassifier:
-    """One classifier on every series given, for exactly ``epochs`` epochs (no validation)."""
+    """One classifier on every series given, for exactly ``epochs`` epochs (no validation); for
+    the ridge readout, fit at point ``epochs`` of its path."""
     tc = cfg.train
+    if stage == "ridge":
+        clf = new_classifier(model, cfg, stage, rt)
+        ridge.fit(clf.head, ridge.encode(clf, x, rt, tc), y, epochs - 1, cfg.model.num_classes)
+        return clf.eval()
     inputs = stage_inputs(model, x, stage, rt, tc)
     clf = new_classifier(model, cfg, stage, rt)
     run = FoldRun(clf, stage, inputs, as_tensor(y), np.arange(len(y)), None, cfg, rt)

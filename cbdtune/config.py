@@ -169,7 +169,9 @@ class TrainConfig:
     weight_decay: float = 3e-4  # [P]
     beta1: float = 0.9  # [P]
     beta2: float = 0.99  # [P]
-    classifier: Literal["linear_probe", "fine_tune", "both"] = "fine_tune"
+    # ridge: a closed-form linear readout on every encoder depth's pooled tokens (cbdtune.ridge),
+    # selected on its regularisation path; no classifier epochs, lr or head options apply.
+    classifier: Literal["linear_probe", "fine_tune", "both", "ridge"] = "fine_tune"
     classifier_epochs: int = 200  # [C]
     classifier_lr: float = 1e-4  # [C] Adam
     plateau_patience: int = 10  # ReduceLROnPlateau on validation loss ([C] uses the default 10)

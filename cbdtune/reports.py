@@ -8,7 +8,8 @@ benchmarks. The values are also the MLflow metric names. One report is a flat di
 
 - pretraining probe (every ``train.probe_every`` epochs and after the last): ``stage`` =
   ``"pretrain"``, ``epoch``, ``loss.<term>`` (Eq. 14), the short probe's ``val_*``, ``diag.*``;
-- classifier epoch: ``stage`` = ``"linear_probe"`` or ``"fine_tune"``, ``epoch``,
+- classifier epoch: ``stage`` = ``"linear_probe"`` or ``"fine_tune"`` (or ``"ridge"``, once, at
+  the selected point of its path: cbdtune.ridge), ``epoch``,
   ``train_loss``, ``val_accuracy`` (the best point of the mean CV curve so far, what ASHA
   compares), ``val_accuracy_se``, ``val_accuracy_epoch``, ``val_loss``, ``val_f1``, ``lr``;
 - end of a classifier stage: ``stage``, ``epoch`` (the chosen count), ``stage_done`` = 1, ``val_*``;
@@ -63,7 +64,7 @@ ITERATION = "training_iteration"
 # ---- stages ----------------------------------------------------------------------------------
 
 PRETRAIN = "pretrain"
-STAGES = ("linear_probe", "fine_tune")  # the classifier stages, in the order a trial runs them
+STAGES = ("ridge", "linear_probe", "fine_tune")  # the classifier stages, in the order they run
 FINAL_STAGE = "final"  # ``stage`` of the final report
 REFIT_STAGE = "refit"  # ``stage`` of a refit's only report
 
@@ -74,6 +75,8 @@ SELECTION_METRICS = (VAL_ACCURACY, VAL_LOSS, VAL_F1)
 
 def stages(tc: TrainConfig) -> Iterator[str]:
     """The classifier stages ``tc.classifier`` runs, in order."""
+    if tc.classifier == "ridge":
+        yield "ridge"
     if tc.classifier in ("linear_probe", "both"):
         yield "linear_probe"
     if tc.classifier in ("fine_tune", "both"):
@@ -118,8 +121,13 @@ def report_budget(cfg: ExperimentConfig) -> int:
     """How many reports one trial makes at most: the probes, one per classifier epoch and one per
     stage end, and the final report. Early stopping and reuse can only make fewer."""
     tc = cfg.train
-    n_stages = sum(1 for _ in stages(tc))
-    return max(1, probe_count(tc) + n_stages * (tc.classifier_epochs + 1) + 1)
+    per_stage = sum(stage_epochs(tc, s) + 1 for s in stages(tc))
+    return max(1, probe_count(tc) + per_stage + 1)
+
+
+def stage_epochs(tc: TrainConfig, stage: str) -> int:
+    """Epoch reports a stage makes at most: the ridge readout reports its selected point once."""
+    return 1 if stage == "ridge" else tc.classifier_epochs
 
 
 # ---- several datasets: one configuration, one report per trial ---------------------------------

@@ -211,7 +211,8 @@ def _build_classifier(cfg: ExperimentConfig, state: dict[str, Any], *, where: st
     from cbdtune.model import CBDClassifier, build_head, build_model
 
     model = build_model(cfg.model)
-    clf = CBDClassifier(model, build_head(cfg.model, model.num_tokens))
+    clf = CBDClassifier(model, build_head(cfg.model, model.num_tokens,
+                                          ridge=cfg.train.classifier == "ridge"))
     try:
         clf.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -83,6 +83,16 @@ class CBDModel(nn.Module):
         """
         return self.encoder(self.tokenize(x)[0])
 
+    def encode_layers(self, x: Tensor) -> Tensor:
+        """Every depth's features, for readouts that pool them all (:class:`RidgeHead`):
+        (B, C, L) -> (B, encoder_layers + 1, T, D), the tokens first, ``encode(x)`` last."""
+        h = self.tokenize(x)[0]
+        out = [h]
+        for layer in self.encoder.layers:
+            h = layer(h)
+            out.append(h)
+        return torch.stack(out, dim=1)
+
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
         B, C, L = x.shape
         if (C, L) != (self.cfg.in_channels, self.cfg.seq_len):

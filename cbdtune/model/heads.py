@@ -119,8 +119,55 @@ class ClassifierHead(nn.Module):
         return self.fc2(h)  # (B, num_classes)
 
 
-def build_head(cfg: ModelConfig, num_tokens: int) -> ClassifierHead:
-    """The head ``cfg`` asks for (``model.head``, ``head_dropout``, ``level_features``).
+class RidgeHead(nn.Module):
+    """A linear readout over every depth of the frozen encoder, fit in closed form
+    (``train.classifier = "ridge"``; :mod:`cbdtune.ridge` fits it, this module only applies it).
+
+    Features: for each of the ``depths`` = encoder_layers + 1 feature maps (the tokens, then every
+    layer's output), the mean, max and standard deviation of each channel over the tokens, the
+    pooling ROCKET's ridge readout uses on convolution maps (max; Dempster et al., "ROCKET",
+    DMKD 2020, https://arxiv.org/abs/1910.13051) with the mean and spread; then the series
+    statistics when ``n_stats`` > 0. Logits = ((features - center) * column_weight) @ weight.T +
+    bias: ``column_weight`` is 1/std of the training features times its block's weight.
+    """
+
+    def __init__(self, depths: int, d_model: int, num_classes: int, *, n_stats: int = 0):
+        super().__init__()
+        assert depths >= 1 and d_model >= 1 and num_classes >= 1 and n_stats >= 0, (
+            f"depths={depths}, d_model={d_model}, num_classes={num_classes}, n_stats={n_stats}")
+        self.n_stats = n_stats
+        self.n_pooled = depths * 3 * d_model
+        n = self.n_pooled + n_stats
+        for name, shape in (("center", (n,)), ("column_weight", (n,)),
+                            ("weight", (num_classes, n)), ("bias", (num_classes,))):
+            self.register_buffer(name, torch.zeros(shape))  # set by cbdtune.ridge, then saved
+
+    @staticmethod
+    def pool(layers: Tensor) -> Tensor:
+        """(B, depths, T, D) -> (B, depths * 3 * D): mean, max and std over the tokens."""
+        layers = layers.float()
+        pooled = torch.cat([layers.mean(dim=2), layers.amax(dim=2),
+                            layers.std(dim=2, correction=0)], dim=-1)  # (B, depths, 3D)
+        return pooled.flatten(1)
+
+    def features(self, layers: Tensor, stats: Tensor | None = None) -> Tensor:
+        """What the readout's columns are, before standardisation: (B, n_pooled [+ n_stats])."""
+        assert (stats is not None) == bool(self.n_stats), (
+            f"head reads {self.n_stats} series statistics, got "
+            f"{None if stats is None else tuple(stats.shape)}")
+        z = self.pool(layers)
+        return z if stats is None else torch.cat([z, stats.float()], dim=-1)
+
+    def forward(self, layers: Tensor, stats: Tensor | None = None) -> Tensor:
+        z = (self.features(layers, stats) - self.center) * self.column_weight
+        return z @ self.weight.T + self.bias  # (B, num_classes)
+
+
+def build_head(cfg: ModelConfig, num_tokens: int, *,
+               ridge: bool = False) -> ClassifierHead | RidgeHead:
+    """The head ``cfg`` asks for (``model.head``, ``head_dropout``, ``level_features``), or with
+    ``ridge`` (``train.classifier = "ridge"``) the closed-form readout, which reads
+    ``level_features`` alone of them.
 
     Raises:
         ConfigError: ``cfg.num_classes`` not set, or ``cfg.in_channels`` not set while
@@ -131,5 +178,7 @@ def build_head(cfg: ModelConfig, num_tokens: int) -> ClassifierHead:
         raise ConfigError(f"model.{name}: must be set from the dataset (> 0) before building "
                           f"the head, but got {getattr(cfg, name)}")
     n_stats = 2 * cfg.in_channels if cfg.level_features else 0
+    if ridge:
+        return RidgeHead(cfg.encoder_layers + 1, cfg.d_model, cfg.num_classes, n_stats=n_stats)
     return ClassifierHead(num_tokens, cfg.d_model, cfg.num_classes, n_stats=n_stats,
                           kind=cfg.head, dropout=cfg.head_dropout)
