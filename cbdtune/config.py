@@ -102,6 +102,10 @@ class ModelConfig:
     level_features: bool = False  # [C] none; True: the head also reads per-channel mean and
     #                               log-std of the raw series, which the instance norm removes
 
+    # The ridge readout (train.classifier = ridge, heads.RidgeHead) pools every depth over all
+    # tokens and, besides, over this many equal runs of tokens (mean, max); 0 = globally only.
+    readout_segments: int = 3
+
     use_cbd: bool = True  # False: the plain masked model (TimeMAE-like), temporal decoder only
     use_cim: bool = True
     use_ser: bool = True
@@ -115,7 +119,8 @@ class ModelConfig:
                      "cbd_ff_dim", "patch_size"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{name}", f"must be >= 1, but got {value}")
-        for name in ("decoder_layers", "cbd_blocks", "in_channels", "seq_len", "num_classes"):
+        for name in ("decoder_layers", "cbd_blocks", "in_channels", "seq_len", "num_classes",
+                     "readout_segments"):
             value = getattr(self, name)
             _check(value >= 0, f"model.{name}", f"must be >= 0, but got {value}")
         _check(self.d_model % self.n_heads == 0, "model.d_model",

@@ -65,7 +65,7 @@ NOT_IN_KEY: dict[str, str] = {
     "model.in_channels": "data", "model.seq_len": "data", "model.num_classes": "data",
     # heads.build_head reads these; CBDModel does not
     "model.head": "classifier", "model.head_dropout": "classifier",
-    "model.level_features": "classifier",
+    "model.level_features": "classifier", "model.readout_segments": "classifier",
     **{f"train.{name}": "classifier" for name in (
         "classifier", "classifier_epochs", "classifier_lr", "plateau_patience", "plateau_factor",
         "early_stop_patience", "label_smoothing", "augment_jitter", "augment_scale",

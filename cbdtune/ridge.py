@@ -27,7 +27,7 @@ from cbdtune.config import TrainConfig
 from cbdtune.model import CBDClassifier, RidgeHead
 from cbdtune.runtime import Runtime, as_tensor, autocast, macro_f1
 
-ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-3.0, 6.5, 0.5))  # over standardised columns
+ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-3.0, 7.5, 0.5))  # over standardised columns
 
 
 def blends(head: RidgeHead) -> list[tuple[float, float]]:

@@ -84,7 +84,7 @@ def test_the_declared_split_of_fields() -> None:
     model = {k for k in valid_keys() if k.startswith("model.")}
     assert model - set(ec.pretraining_fields()) == {
         "model.head", "model.head_dropout", "model.level_features",  # the classifier's
-        "model.in_channels", "model.seq_len", "model.num_classes"}  # the data's
+        "model.readout_segments", "model.in_channels", "model.seq_len", "model.num_classes"}  # the data's
     assert {k for k in valid_keys() if k.startswith("loss.")} <= set(ec.pretraining_fields())
     assert not any(k.startswith("data.") for k in ec.pretraining_fields())
 

@@ -43,7 +43,8 @@ def test_encode_layers_ends_with_encode_and_the_head_pools_every_depth() -> None
     head = build_head(cfg, model.num_tokens, ridge=True)
     assert isinstance(head, RidgeHead) and head.n_stats == 6
     clf = CBDClassifier(model, head)
-    assert clf.head.features(*clf.features(x)).shape == (5, 3 * 3 * 16 + 6)
+    # 3 depths x 16 channels x (mean, max, std + mean, max of 3 segments) + 2 x 3 levels
+    assert clf.head.features(*clf.features(x)).shape == (5, 3 * 16 * (3 + 2 * 3) + 6)
     assert clf(x).shape == (5, 4)
 
 
@@ -58,10 +59,10 @@ def test_the_path_is_sklearns_ridge_at_every_alpha() -> None:
 
 
 def test_the_blends_follow_the_level_features_switch() -> None:
-    assert ridge.blends(RidgeHead(3, 16, 2)) == [(1.0, 0.0)]
-    both = ridge.blends(RidgeHead(3, 16, 2, n_stats=4))
+    assert ridge.blends(RidgeHead(3, 16, 2, num_tokens=5)) == [(1.0, 0.0)]
+    both = ridge.blends(RidgeHead(3, 16, 2, num_tokens=5, n_stats=4))
     assert both[0] == (1.0, 0.0) and both[-1] == (0.0, 1.0) and len(both) == 4
-    assert len(ridge.path(RidgeHead(3, 16, 2, n_stats=4))) == 4 * len(ridge.ALPHAS)
+    assert len(ridge.path(RidgeHead(3, 16, 2, num_tokens=5, n_stats=4))) == 4 * len(ridge.ALPHAS)
 
 
 def test_ridge_trial_finds_the_level_the_instance_norm_removes() -> None:

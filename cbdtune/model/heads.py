@@ -124,31 +124,38 @@ class RidgeHead(nn.Module):
     (``train.classifier = "ridge"``; :mod:`cbdtune.ridge` fits it, this module only applies it).
 
     Features: for each of the ``depths`` = encoder_layers + 1 feature maps (the tokens, then every
-    layer's output), the mean, max and standard deviation of each channel over the tokens, the
+    layer's output), the mean, max and standard deviation of each channel over all tokens, the
     pooling ROCKET's ridge readout uses on convolution maps (max; Dempster et al., "ROCKET",
-    DMKD 2020, https://arxiv.org/abs/1910.13051) with the mean and spread; then the series
-    statistics when ``n_stats`` > 0. Logits = ((features - center) * column_weight) @ weight.T +
-    bias: ``column_weight`` is 1/std of the training features times its block's weight.
+    DMKD 2020, https://arxiv.org/abs/1910.13051) with the mean and spread; then the mean and max
+    over each of ``segments`` equal runs of tokens (``model.readout_segments``), which keep
+    *when* a pattern occurs (a one-level temporal pyramid, as spatial pyramid pooling: He et
+    al., ECCV 2014, https://arxiv.org/abs/1406.4729); then the series statistics when
+    ``n_stats`` > 0. Logits = ((features - center) * column_weight) @ weight.T + bias:
+    ``column_weight`` is 1/std of the training features times its block's weight.
     """
 
-    def __init__(self, depths: int, d_model: int, num_classes: int, *, n_stats: int = 0):
+    def __init__(self, depths: int, d_model: int, num_classes: int, *, num_tokens: int,
+                 segments: int = 0, n_stats: int = 0):
         super().__init__()
-        assert depths >= 1 and d_model >= 1 and num_classes >= 1 and n_stats >= 0, (
-            f"depths={depths}, d_model={d_model}, num_classes={num_classes}, n_stats={n_stats}")
+        assert min(depths, d_model, num_classes, num_tokens) >= 1 and min(segments, n_stats) >= 0, (
+            f"depths={depths}, d_model={d_model}, num_classes={num_classes}, "
+            f"num_tokens={num_tokens}, segments={segments}, n_stats={n_stats}")
         self.n_stats = n_stats
-        self.n_pooled = depths * 3 * d_model
+        self.segments = min(segments, num_tokens)  # a segment holds at least one token
+        self.n_pooled = depths * d_model * (3 + 2 * self.segments)
         n = self.n_pooled + n_stats
         for name, shape in (("center", (n,)), ("column_weight", (n,)),
                             ("weight", (num_classes, n)), ("bias", (num_classes,))):
             self.register_buffer(name, torch.zeros(shape))  # set by cbdtune.ridge, then saved
 
-    @staticmethod
-    def pool(layers: Tensor) -> Tensor:
-        """(B, depths, T, D) -> (B, depths * 3 * D): mean, max and std over the tokens."""
+    def pool(self, layers: Tensor) -> Tensor:
+        """(B, depths, T, D) -> (B, n_pooled): mean, max and std over all tokens, then mean and
+        max over each segment."""
         layers = layers.float()
-        pooled = torch.cat([layers.mean(dim=2), layers.amax(dim=2),
-                            layers.std(dim=2, correction=0)], dim=-1)  # (B, depths, 3D)
-        return pooled.flatten(1)
+        parts = [layers.mean(dim=2), layers.amax(dim=2), layers.std(dim=2, correction=0)]
+        for seg in torch.tensor_split(layers, self.segments, dim=2) if self.segments else ():
+            parts += [seg.mean(dim=2), seg.amax(dim=2)]
+        return torch.cat(parts, dim=-1).flatten(1)  # (B, depths * (3 + 2 * segments) * D)
 
     def features(self, layers: Tensor, stats: Tensor | None = None) -> Tensor:
         """What the readout's columns are, before standardisation: (B, n_pooled [+ n_stats])."""
@@ -179,6 +186,7 @@ def build_head(cfg: ModelConfig, num_tokens: int, *,
                           f"the head, but got {getattr(cfg, name)}")
     n_stats = 2 * cfg.in_channels if cfg.level_features else 0
     if ridge:
-        return RidgeHead(cfg.encoder_layers + 1, cfg.d_model, cfg.num_classes, n_stats=n_stats)
+        return RidgeHead(cfg.encoder_layers + 1, cfg.d_model, cfg.num_classes,
+                         num_tokens=num_tokens, segments=cfg.readout_segments, n_stats=n_stats)
     return ClassifierHead(num_tokens, cfg.d_model, cfg.num_classes, n_stats=n_stats,
                           kind=cfg.head, dropout=cfg.head_dropout)
