@@ -190,7 +190,11 @@ class TrainConfig:
     augment_scale: float = 0.0
     augment_crop: float = 0.0
     probe_every: int = 10  # pretraining epochs between fidelity probes (the ASHA signal)
-    probe_epochs: int = 10  # epochs of each short fidelity probe
+    # What a fidelity probe fits on the frozen encoder: a short linear probe of probe_epochs
+    # epochs, or the ridge readout (closed form, no epochs or lr). A search compares the probes
+    # of all its trials, so it is one choice per search, whatever each trial's classifier.
+    probe: Literal["linear", "ridge"] = "linear"
+    probe_epochs: int = 10  # epochs of each short linear fidelity probe
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast where bf16 is native (Ampere+ GPUs, CPUs with AVX512-BF16
     #                   or AMX), fp32 elsewhere; False = fp32 everywhere (pipeline.native_bf16)
@@ -285,13 +289,14 @@ _SECTIONS: dict[str, type] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # The paper's model with this project's additions (see the ModelConfig comments): a SER
-    # whose A~ stays spread on trained features, token positions, and the [C] head with dropout.
-    # (On one gesture encoder, seed 0, the pooled heads probed 4-6 points below the flatten head;
-    # results/README.md.) Level features are searched, not preset: on FingerMovements they raised
-    # the CV estimate and cost 7 test points (results/selection_default*.md, results/README.md).
+    # whose A~ stays spread on trained features, token positions, and the ridge readout over
+    # every depth with the level features in its path, which probes the pretraining too. (Each
+    # change's row: results/README.md. For the trained heads: the [C] flatten head with dropout;
+    # on one gesture encoder the pooled heads probed 4-6 points below it.)
     "default": {
         "model.ser_norm": "tempered", "model.pos_encoding": "learned", "model.head": "flatten",
-        "model.head_dropout": 0.1,
+        "model.head_dropout": 0.1, "model.level_features": True,
+        "train.classifier": "ridge", "train.probe": "ridge",
     },
     "smoke": {
         "model.d_model": 32, "model.n_heads": 2, "model.encoder_layers": 2, "model.ff_dim": 64,

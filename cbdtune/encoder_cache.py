@@ -70,7 +70,7 @@ NOT_IN_KEY: dict[str, str] = {
         "classifier", "classifier_epochs", "classifier_lr", "plateau_patience", "plateau_factor",
         "early_stop_patience", "label_smoothing", "augment_jitter", "augment_scale",
         "augment_crop")},
-    "train.probe_every": "probe", "train.probe_epochs": "probe",
+    "train.probe_every": "probe", "train.probe_epochs": "probe", "train.probe": "probe",
     "train.device": "numerics", "train.compile": "numerics", "train.num_threads": "numerics",
 }
 

@@ -173,8 +173,8 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
 def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
                     rt: Runtime) -> dict[str, float]:
     """A short linear probe (``train.probe_epochs``) on the current encoder, on the same folds as
-    the classifier stages (the ridge readout itself when that is the trial's classifier: it
-    costs no more); the mean CV metrics at its best epoch.
+    the classifier stages (or the ridge readout: ``train.probe``); the mean CV metrics at its
+    best epoch (path point, for the ridge).
 
     It runs on a fork of torch's RNG: the head's dropout draws would otherwise shift the
     pretraining dropout after it, making the encoder depend on how often it is probed and on the
@@ -182,7 +182,7 @@ def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
     short = replace(cfg.train, classifier_epochs=max(1, cfg.train.probe_epochs),
                     early_stop_patience=0)
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        stage = "ridge" if cfg.train.classifier == "ridge" else "linear_probe"
+        stage = "ridge" if cfg.train.probe == "ridge" else "linear_probe"
         result = classify.fit_stage(model, selection_pool(data, cfg), replace(cfg, train=short),
                                     rt, stage, data.n_classes)
     return result.val

@@ -107,10 +107,12 @@ def test_config_model_switches_default_to_the_paper() -> None:
 def test_config_default_preset_sets_the_model_switches() -> None:
     m = preset("default").model
     assert (m.ser_norm, m.pos_encoding, m.head, m.head_dropout, m.level_features) == (
-        "tempered", "learned", "flatten", 0.1, False)
+        "tempered", "learned", "flatten", 0.1, True)
+    t = preset("default").train
+    assert (t.classifier, t.probe) == ("ridge", "ridge")
     assert all(k.startswith("train.") for k in PRESETS["default"]
                if k not in ("model.ser_norm", "model.pos_encoding", "model.head",
-                            "model.head_dropout"))
+                            "model.head_dropout", "model.level_features"))
 
 
 @pytest.mark.parametrize(("kw", "message"), [

@@ -132,6 +132,7 @@ def test_space_when_reads_earlier_and_fixed_keys(tmp_path: Path) -> None:
 _CBD_KNOBS = {"model.bernstein_order", "model.ser_norm", "loss.gamma", "loss.w_freq_rec",
               "loss.w_time_dual", "model.cim_activation"}
 _AUGMENT = {"train.augment_jitter", "train.augment_scale", "train.augment_crop"}
+_HEAD = {"train.classifier_lr", "model.head", "model.head_dropout", "train.label_smoothing"}
 
 
 def _sampled(space: SearchSpace, fixed: dict[str, Any], seed: int = 0) -> dict[str, Any]:
@@ -163,6 +164,14 @@ def test_define_by_run_linear_probe_skips_augmentation() -> None:
     assert _AUGMENT <= set(_sampled(space, {"train.classifier": "fine_tune"}))
 
 
+def test_define_by_run_ridge_samples_its_pooling_not_the_heads_knobs() -> None:
+    space = load_space("default")
+    readout = _sampled(space, {"train.classifier": "ridge", "model.use_cbd": True})
+    assert "model.readout_segments" in readout and not (_HEAD | _AUGMENT) & set(readout)
+    probe = _sampled(space, {"train.classifier": "linear_probe"})
+    assert _HEAD <= set(probe) and "model.readout_segments" not in probe
+
+
 def test_define_by_run_condition_on_a_fixed_key_follows_the_base(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("model.use_ser: false\n" + _USE_CBD
@@ -187,7 +196,7 @@ def test_define_by_run_every_sampled_config_is_valid() -> None:
         assert cfg.model.use_cbd == params["model.use_cbd"]
         seen.add(frozenset(params))
         study.tell(trial, 0.5)
-    assert len(seen) == 4, "30 random trials should cover all four branches"
+    assert len(seen) == 6, "30 random trials should cover all six branches (CBD x classifier)"
 
 
 def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
@@ -231,8 +240,9 @@ def test_baseline_point_has_exactly_the_keys_whose_conditions_hold(tmp_path: Pat
 
     default = load_space("default")
     point = search.baseline_point(default)
-    # paper: CBD on and fine-tuning, so every key is active
-    assert set(point) == {OPTUNA_PREFIX + k for k in default.keys}
+    # paper: CBD on and fine-tuning, so every key but the ridge readout's is active
+    assert set(point) == {OPTUNA_PREFIX + k for k in default.keys
+                          if k != "model.readout_segments"}
     assert point[OPTUNA_PREFIX + "model.use_cbd"] is True
     path = tmp_path / "s.yaml"
     # paper's fine_tune is not a choice: the baseline takes the smoke preset's linear_probe
