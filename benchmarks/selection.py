@@ -128,7 +128,8 @@ def cbd_seed(cfg: Any, seed: int, cv_folds: int, args: argparse.Namespace
     from cbdtune import classify, pipeline
     from cbdtune.data import load_dataset
 
-    rt = pipeline.Runtime(device=pipeline.resolve_device(cfg.train))
+    rt = pipeline.Runtime(device=pipeline.resolve_device(cfg.train),
+                          encoder_cache=args.encoder_cache)
     rows, proba = [], None
     split_cfg = cfg.replace({"data.cv_folds": 0})
     split_data = load_dataset(split_cfg.data, seed=seed)
@@ -267,7 +268,9 @@ def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
         f"{platform.python_version()}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- config: preset {args.preset}; {tc.pretrain_epochs} pretraining epochs, "
-        f"{tc.classifier_epochs} classifier epochs, classifier {tc.classifier} (epochs scale "
+        + ("classifier ridge (closed form, no epochs)" if tc.classifier == "ridge" else
+           f"{tc.classifier_epochs} classifier epochs, classifier {tc.classifier}")
+        + f" (epochs scale "
         f"{args.epochs_scale:g}{': REDUCED' if args.epochs_scale != 1 else ''}), "
         f"{args.threads} torch threads, device {tc.device}, precision {precision}"
         + (f", overrides {' '.join(args.set)}" if args.set else ""),
@@ -287,7 +290,9 @@ def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
         "time = fit + predict after one untimed warm-up per dataset and process",
         "- time: (a), (b) run_trial's wall time; (c) " + (
             "(b)'s plus its two extra refits" if args.ensemble == "refits"
-            else "the sum of its members' (b) times"),
+            else "the sum of its members' (b) times")
+        + ("; encoders were stored in and reused from a cache (`--encoder-cache`): a trial "
+           "that found its encoder there did not pretrain" if args.encoder_cache else ""),
     ]
 
 
@@ -317,6 +322,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     p.add_argument("--ensemble", choices=("refits", "seeds"), default="refits",
                    help="(c) from two fresh refits per seed (default) or from (b)'s refits of "
                         "neighbouring seeds (no extra training; needs --seeds >= 3)")
+    p.add_argument("--encoder-cache", default=None, metavar="DIR",
+                   help="store pretrained encoders in DIR and reuse those stored there (runs "
+                        "that differ only in the classifier then pretrain once; times drop)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.epochs_scale <= 0 or args.threads < 1:
         p.error("--seeds and --threads must be >= 1 and --epochs-scale > 0")
@@ -412,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                 "protocols": args.protocols, "ensemble": args.ensemble,
                 "threads": args.threads, "set": sorted(args.set), "cv_folds": cv_folds,
                 "ensemble_seed_offsets": list(ENSEMBLE_SEED_OFFSETS),
-                "minirocket": not args.no_minirocket}
+                "minirocket": not args.no_minirocket,
+                **({"encoder_cache": True} if args.encoder_cache else {})}
     # seed-major, so that a run stopped early still leaves every dataset with some seeds
     tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]
     run_tasks(tasks, base, cv_folds, runs_dir, settings, args)

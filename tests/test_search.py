@@ -136,6 +136,34 @@ def test_search_smoke_against_mlflow_server(tmp_path: Path, mlflow_server: str) 
 
 
 @pytest.mark.ray
+def test_search_with_the_ridge_readout_hands_over_a_model_predict_reproduces(
+        tmp_path: Path) -> None:
+    """The default preset's classifier through Ray: trials select on the ridge path (probed by
+    it), the refit is saved, and `cbdtune.predict` on the saved folder, in a fresh process,
+    reproduces the ensemble's test accuracy (the head's fitted buffers travel with it)."""
+    space = tmp_path / "ridge.yaml"
+    space.write_text(Path(SMOKE).read_text() + "train.classifier: ridge\ntrain.probe: ridge\n"
+                     "model.level_features: {type: categorical, choices: [true, false]}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _search_cmd(tmp_path, uri, "--refit-top", "1", "--refit-seeds", "1")
+    cmd[cmd.index(SMOKE)] = str(space)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = _check_outputs(tmp_path, uri, 2)
+    done = df[df["status"] == "completed"]
+    assert (done["selected_stage"] == "ridge").all() and (done["val_accuracy"] > 0.3).all()
+    [parent], _ = _runs(uri)
+    reported = parent.data.metrics["ensemble_test_accuracy"]
+    [model] = list((tmp_path / "results").glob("*/*/model"))
+    out = subprocess.run(
+        [sys.executable, "-m", "cbdtune.predict", "--model", str(model), "--input", "gesture",
+         "--output", str(tmp_path / "pred.csv")], capture_output=True, text=True, env=_env(),
+        timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.strip() == f"accuracy: {reported:.4f} ({round(reported * 320)}/320)"
+
+
+@pytest.mark.ray
 def test_search_two_objectives_smoke_lists_the_pareto_front(tmp_path: Path) -> None:
     """--metric val_accuracy,time_total_s: Optuna's multi-objective study; trials ranked by
     val_accuracy as before, and summary.md lists the Pareto front of both."""
