@@ -1,4 +1,5 @@
-"""Classifier heads for linear probe and fine-tune (``model.head``).
+"""Classifier heads for linear probe and fine-tune (``model.head``), and the ridge readout's
+(:class:`RidgeHead`, ``train.classifier = "ridge"``: applied here, fit by :mod:`cbdtune.ridge`).
 
 * ``flatten`` [C] (BaseModel.logits in github.com/Einstone-rose/CBD,
   models/base_model_mae_full.py): flatten all tokens, Linear(T*D -> T*D/2) -> ReLU ->
