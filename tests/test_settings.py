@@ -138,19 +138,23 @@ def test_reporter_restored_from_a_checkpoint_continues_the_iteration() -> None:
     assert again.state is None
 
 
-def test_report_budget_is_the_count_a_trial_reports(gesture_small) -> None:
-    """reports.report_budget (ASHA's max_t) is exactly what run_trial reports, read by name."""
+@pytest.mark.parametrize(("classifier", "budget"), [("both", 2 + 2 * 3 + 1),
+                                                    ("ridge", 2 + 2 + 1)])
+def test_report_budget_is_the_count_a_trial_reports(gesture_small, classifier: str,
+                                                   budget: int) -> None:
+    """reports.report_budget (ASHA's max_t) is exactly what run_trial reports, read by name:
+    2 probes, per stage one report per epoch (the ridge path: one) and its close, the final."""
     from cbdtune.pipeline import run_trial
 
     cfg = preset("smoke").replace({"train.pretrain_epochs": 3, "train.probe_every": 2,
-                                   "train.probe_epochs": 1, "train.classifier": "both",
+                                   "train.probe_epochs": 1, "train.classifier": classifier,
                                    "train.classifier_epochs": 2, "data.cv_folds": 2,
                                    "train.num_threads": 1})
     history: list[dict[str, Any]] = []
     run_trial(cfg, gesture_small, lambda m, _p: history.append(m))
-    assert len(history) == reports.report_budget(cfg) == 2 + 2 * 3 + 1
+    assert len(history) == reports.report_budget(cfg) == budget
     assert [h[reports.STAGE] for h in history if reports.is_stage_done(h)] == list(
-        reports.STAGES)
+        reports.stages(cfg.train))
     assert reports.is_final(history[-1]) and not reports.is_diverged(history[-1])
     assert not any(reports.is_final(h) for h in history[:-1])
     assert history[-1][reports.SELECTED_STAGE] in reports.STAGES
