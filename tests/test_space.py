@@ -149,7 +149,7 @@ def _sampled(space: SearchSpace, fixed: dict[str, Any], seed: int = 0) -> dict[s
 
 
 def test_define_by_run_without_cbd_skips_the_cbd_knobs() -> None:
-    space = load_space("default")
+    space = load_space("trained_heads")
     off = _sampled(space, {"model.use_cbd": False, "train.classifier": "fine_tune"})
     assert off["model.use_cbd"] is False and not _CBD_KNOBS & set(off)
     assert {"model.mask_ratio", "loss.freq_loss"} | _AUGMENT <= set(off)
@@ -158,18 +158,20 @@ def test_define_by_run_without_cbd_skips_the_cbd_knobs() -> None:
 
 
 def test_define_by_run_linear_probe_skips_augmentation() -> None:
-    space = load_space("default")
+    space = load_space("trained_heads")
     probe = _sampled(space, {"train.classifier": "linear_probe", "model.use_cbd": True})
     assert not _AUGMENT & set(probe) and _CBD_KNOBS <= set(probe)
     assert _AUGMENT <= set(_sampled(space, {"train.classifier": "fine_tune"}))
 
 
-def test_define_by_run_ridge_samples_its_pooling_not_the_heads_knobs() -> None:
-    space = load_space("default")
-    readout = _sampled(space, {"train.classifier": "ridge", "model.use_cbd": True})
-    assert "model.readout_segments" in readout and not (_HEAD | _AUGMENT) & set(readout)
-    probe = _sampled(space, {"train.classifier": "linear_probe"})
-    assert _HEAD <= set(probe) and "model.readout_segments" not in probe
+def test_default_space_is_the_ridge_readout_and_trained_heads_have_their_own() -> None:
+    """One probe and one classifier kind per space: ASHA compares like with like."""
+    default, heads = load_space("default"), load_space("trained_heads")
+    assert (default.base.train.classifier, default.base.train.probe) == ("ridge", "ridge")
+    assert "model.readout_segments" in _sampled(default, {"model.use_cbd": True})
+    assert not (_HEAD | _AUGMENT | {"train.classifier"}) & set(default.keys)
+    assert heads.base.train.probe == "linear" and _HEAD | _AUGMENT <= set(heads.keys)
+    assert "model.readout_segments" not in heads.keys
 
 
 def test_define_by_run_condition_on_a_fixed_key_follows_the_base(tmp_path: Path) -> None:
@@ -184,7 +186,7 @@ def test_define_by_run_every_sampled_config_is_valid() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space("default")
+    space = load_space("trained_heads")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen: set[frozenset[str]] = set()
     for _ in range(30):
@@ -196,7 +198,7 @@ def test_define_by_run_every_sampled_config_is_valid() -> None:
         assert cfg.model.use_cbd == params["model.use_cbd"]
         seen.add(frozenset(params))
         study.tell(trial, 0.5)
-    assert len(seen) == 6, "30 random trials should cover all six branches (CBD x classifier)"
+    assert len(seen) == 4, "30 random trials should cover all four branches"
 
 
 def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
@@ -240,9 +242,8 @@ def test_baseline_point_has_exactly_the_keys_whose_conditions_hold(tmp_path: Pat
 
     default = load_space("default")
     point = search.baseline_point(default)
-    # paper: CBD on and fine-tuning, so every key but the ridge readout's is active
-    assert set(point) == {OPTUNA_PREFIX + k for k in default.keys
-                          if k != "model.readout_segments"}
+    # paper: CBD on, so every key is active
+    assert set(point) == {OPTUNA_PREFIX + k for k in default.keys}
     assert point[OPTUNA_PREFIX + "model.use_cbd"] is True
     path = tmp_path / "s.yaml"
     # paper's fine_tune is not a choice: the baseline takes the smoke preset's linear_probe
