@@ -40,7 +40,7 @@ test); (c) is (b)'s plus the two extra refits; MiniRocket is fit + predict.
 
 Each (dataset, seed) lands in results/selection_runs/<dataset>_seed<k>.json when it finishes; a
 rerun skips those, processes started side by side take different tasks (PID ``.claim`` files,
-``reproduce._claim``), and every process ends by writing the table from all finished tasks with
+``reproduce.claimed``), and every process ends by writing the table from all finished tasks with
 the same settings. Writes results/selection.md (per dataset and protocol, mean ± sample std over
 seeds) and results/selection.csv (one row per dataset, seed and protocol).
 """

@@ -162,7 +162,12 @@ class FoldRun:
                             torch.arange(len(y)), y, n_classes)
 
     def state(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.clf.state_dict().items()}
+        return snapshot(self.clf)
+
+
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``module``'s state_dict that later training does not change."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # ---- a stage: k folds in lockstep, the mean CV curve -------------------------------------------
@@ -251,7 +256,7 @@ def _fit_ridge(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, 
     if pool.holdout:  # the paper's protocol tests the validation split's own classifier
         tr, _ = pool.folds[0]
         ridge.fit(clf.head, z[tr], pool.y[tr], best, n_classes)
-        weights = {k: v.detach().clone() for k, v in clf.state_dict().items()}
+        weights = snapshot(clf)
     (token_w, level_w), alpha = ridge.path(clf.head)[best]
     point = points[best]
     if report is not None:

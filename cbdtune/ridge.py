@@ -56,15 +56,18 @@ def encode(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig,
     return np.concatenate(out)
 
 
-def _columns(head: RidgeHead, z: np.ndarray, blend: tuple[float, float]
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``center`` and ``column_weight`` from training columns: 1/std (0 for a constant column)
-    times the block's weight."""
+def _standardiser(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``center`` and 1/std (0 for a constant column) of training columns (N, F)."""
     std = z.std(axis=0)
-    weight = np.divide(1.0, std, out=np.zeros_like(std), where=std > 1e-8)
+    return z.mean(axis=0), np.divide(1.0, std, out=np.zeros_like(std), where=std > 1e-8)
+
+
+def _blended(head: RidgeHead, inv_std: np.ndarray, blend: tuple[float, float]) -> np.ndarray:
+    """``column_weight``: 1/std times the weight of the column's block."""
+    weight = inv_std.copy()
     weight[:head.n_pooled] *= blend[0]
     weight[head.n_pooled:] *= blend[1]
-    return z.mean(axis=0), weight
+    return weight
 
 
 def _targets(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -83,9 +86,10 @@ def path_scores(head: RidgeHead, z: np.ndarray, y: np.ndarray, train_idx: np.nda
     """One fold: accuracy, macro-F1 and mean squared error of the +-1 targets on ``val_idx`` at
     every point of :func:`path`, each fit on ``train_idx`` alone."""
     t_tr, t_va = _targets(y[train_idx], n_classes), _targets(y[val_idx], n_classes)
+    center, inv_std = _standardiser(z[train_idx])
     scores = []
     for blend in blends(head):
-        center, weight = _columns(head, z[train_idx], blend)
+        weight = _blended(head, inv_std, blend)
         z_tr, z_va = (z[train_idx] - center) * weight, (z[val_idx] - center) * weight
         for w in _solutions(z_tr, t_tr, ALPHAS):
             out = z_va @ w + t_tr.mean(axis=0)
@@ -99,7 +103,8 @@ def path_scores(head: RidgeHead, z: np.ndarray, y: np.ndarray, train_idx: np.nda
 def fit(head: RidgeHead, z: np.ndarray, y: np.ndarray, point: int, n_classes: int) -> None:
     """Fit the head's buffers on columns ``z`` (N, F) at path point ``point`` (0-based)."""
     blend, alpha = path(head)[point]
-    center, weight = _columns(head, z, blend)
+    center, inv_std = _standardiser(z)
+    weight = _blended(head, inv_std, blend)
     targets = _targets(y, n_classes)
     (w,) = _solutions((z - center) * weight, targets, (alpha,))
     device = head.weight.device
