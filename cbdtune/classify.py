@@ -44,6 +44,7 @@ from cbdtune.runtime import (
     evaluate,
     for_epoch,
     fused,
+    in_batches,
     make_loader,
     progress_bar,
 )
@@ -301,11 +302,7 @@ def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, 
 def predict_proba(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> np.ndarray:
     """Class probabilities (N, K) of raw series, eval mode, batches of 256."""
     clf.eval()
-    raw = as_tensor(x)
-    with torch.no_grad(), autocast(rt, tc):
-        logits = torch.cat([clf(raw[i:i + 256].to(rt.device)).float()
-                            for i in range(0, len(raw), 256)])
-    return logits.softmax(-1).cpu().numpy()
+    return in_batches(clf, as_tensor(x), rt, tc).softmax(-1).cpu().numpy()
 
 
 # ---- input augmentation for fine-tuning ----------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from cbdtune.config import TrainConfig
 from cbdtune.model import CBDClassifier, RidgeHead
-from cbdtune.runtime import Runtime, as_tensor, autocast, macro_f1
+from cbdtune.runtime import Runtime, as_tensor, in_batches, macro_f1
 
 ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-3.0, 7.5, 0.5))  # over standardised columns
 
@@ -43,17 +43,11 @@ def path(head: RidgeHead) -> list[tuple[tuple[float, float], float]]:
     return [(b, a) for b in blends(head) for a in ALPHAS]
 
 
-@torch.no_grad()
-def encode(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig,
-           batch_size: int = 256) -> np.ndarray:
+def encode(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> np.ndarray:
     """The head's columns for raw series (N, C, L): (N, n_pooled [+ n_stats]), float64."""
     clf.eval()
-    raw, out = as_tensor(x), []
-    with autocast(rt, tc):
-        for i in range(0, len(raw), batch_size):
-            layers, stats = clf.features(raw[i:i + batch_size].to(rt.device))
-            out.append(clf.head.features(layers, stats).double().cpu().numpy())
-    return np.concatenate(out)
+    columns = in_batches(lambda b: clf.head.features(*clf.features(b)), as_tensor(x), rt, tc)
+    return columns.double().cpu().numpy()
 
 
 def _standardiser(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -223,14 +223,20 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
 
 
 @torch.no_grad()
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rt: Runtime,
+               train: TrainConfig, batch_size: int = 256) -> torch.Tensor:
+    """``fn`` over a whole split, ``batch_size`` series at a time on ``rt.device`` under
+    autocast, no gradients; the float32 outputs concatenated (on the device)."""
+    with autocast(rt, train):
+        return torch.cat([fn(x[i:i + batch_size].to(rt.device)).float()
+                          for i in range(0, len(x), batch_size)])
+
+
 def encode_split(model: CBDModel, x: torch.Tensor, rt: Runtime, train: TrainConfig,
                  batch_size: int = 256) -> torch.Tensor:
     """Frozen-encoder features [N, T, D] of a whole split (eval mode: no dropout, BN stats)."""
     was_training = model.training
     model.eval()
-    feats = []
-    with autocast(rt, train):
-        for i in range(0, len(x), batch_size):
-            feats.append(model.encode(x[i:i + batch_size].to(rt.device)).float())
+    feats = in_batches(model.encode, x, rt, train, batch_size)
     model.train(was_training)
-    return torch.cat(feats)
+    return feats
