@@ -30,7 +30,7 @@ from cbdtune.data import (
     resolve,
 )
 from cbdtune.data.__main__ import main
-from cbdtune.data._lengths import fix_length, pad_series, resample_series
+from cbdtune.data._lengths import fix_length, pad_series, resample_series, to_length
 from cbdtune.data._readers import read_ts
 from cbdtune.data._splits import stratified_folds, stratified_split
 
@@ -291,6 +291,30 @@ def test_pad_series_repeats_last_valid_value() -> None:
 def test_resample_series_interpolates_linearly() -> None:
     x = np.array([[0.0, 2.0], [1.0, np.nan]])
     np.testing.assert_allclose(resample_series(x, 5), [[0, 0.5, 1, 1.5, 2], [1, 1, 1, 1, 1]])
+
+
+def test_to_length_pad_cuts_longer_and_pads_shorter() -> None:
+    x = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, np.nan, np.nan]])
+    cut = to_length(x, 3, "pad")
+    assert cut.dtype == np.float64 and cut.shape == (2, 3)
+    np.testing.assert_array_equal(cut, [[1, 2, 3], [5, 6, 6]])  # first 3 steps, trailing NaN filled
+    np.testing.assert_array_equal(to_length(x, 6, "pad"), [[1, 2, 3, 4, 4, 4], [5, 6, 6, 6, 6, 6]])
+    same = np.array([[1.0, 2.0]], dtype=np.float32)
+    np.testing.assert_array_equal(to_length(same, 2, "pad"), same)
+
+
+def test_to_length_resample_interpolates_both_ways() -> None:
+    x = np.array([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    np.testing.assert_allclose(to_length(x, 3, "resample"), [[0, 2, 4]])
+    np.testing.assert_allclose(to_length(x[:, :3], 5, "resample"), [[0, 0.5, 1, 1.5, 2]])
+    np.testing.assert_array_equal(to_length(x, 5, "resample"), x)
+
+
+@pytest.mark.parametrize(("x", "length", "policy"), [
+    (np.zeros((1, 3)), 2, "evil"), (np.zeros((1, 3)), 0, "pad"), (np.zeros(3), 2, "pad")])
+def test_to_length_refuses_bad_arguments(x: np.ndarray, length: int, policy: str) -> None:
+    with pytest.raises(DataError):
+        to_length(x, length, policy)  # type: ignore[arg-type]
 
 
 VARIABLE_HEADER = (

@@ -53,6 +53,36 @@ def fix_length(parts: Sequence[RawSplit], policy: LengthPolicy) -> list[np.ndarr
     return [_fit(part, v, length, policy) for part, v in zip(parts, valid, strict=True)]
 
 
+def to_length(x: np.ndarray, length: int, policy: LengthPolicy) -> np.ndarray:
+    """Bring one series ``x`` [C, n] to ``length`` steps, the way the model's inputs were built.
+
+    Args:
+        x: one series, float, may hold NaN (trailing NaN counts as padding).
+        length: the model's length ``L`` (the longest training series).
+        policy: ``"pad"``: a shorter series is extended with each channel's last valid value
+            (:func:`pad_series`), a longer one is cut to its first ``length`` steps;
+            ``"resample"``: linear interpolation from ``n`` to ``length`` either way
+            (:func:`resample_series`).
+
+    Returns:
+        float64 [C, length]; NaN stays NaN where the policy leaves it (the caller sets NaN -> 0).
+
+    Raises:
+        DataError: an unknown policy, a length below 1, or ``x`` that is not 2-D.
+    """
+    if policy not in ("pad", "resample"):
+        raise DataError(f"length policy {policy!r} is unknown; use 'pad' or 'resample'")
+    if length < 1 or np.ndim(x) != 2:
+        raise DataError(f"cannot bring a series of shape {np.shape(x)} to length {length}: "
+                        f"need one series [channels, steps] and a length >= 1")
+    x = np.asarray(x, dtype=np.float64)
+    if policy == "resample":
+        if x.shape[1] == length and np.isfinite(x).all():
+            return x.copy()
+        return resample_series(x, length)
+    return pad_series(x[:, :length], length)  # cut first, then fill trailing NaN / short ones
+
+
 def pad_series(x: np.ndarray, length: int) -> np.ndarray:
     """Extend each channel of ``x`` [C, n] to ``length`` with its last non-NaN value.
 
