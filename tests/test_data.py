@@ -328,14 +328,59 @@ def test_fix_length_variable_length_pad_and_resample(tmp_path: Path) -> None:
                   test=VARIABLE_HEADER + "1,2,3,4,5:1,2,3,4,5:a\n")
     parts = [read_ts(folder / "Var_TRAIN.ts"), read_ts(folder / "Var_TEST.ts")]
     train, test = fix_length(parts, "pad")
-    assert train.shape == (3, 2, 5) and test.shape == (1, 2, 5)
-    np.testing.assert_array_equal(train[0], [[1, 2, 3, 3, 3], [1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(train[1], [[1, 0, 3, 4, 4], [3, 3, 3, 3, 3]])
-    np.testing.assert_array_equal(train[2], [[5, 6, 6, 6, 6], [0, 0, 0, 0, 0]])
-    train, _ = fix_length(parts, "resample")
-    np.testing.assert_allclose(train[0, 0], [1, 1.5, 2, 2.5, 3])
-    np.testing.assert_allclose(train[1, 0], [1, 1.75, 2.5, 3.25, 4])
+    assert train.shape == (3, 2, 4) and test.shape == (1, 2, 4)  # L: train's longest, not test's
+    np.testing.assert_array_equal(train[0], [[1, 2, 3, 3], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(train[1], [[1, 0, 3, 4], [3, 3, 3, 3]])
+    np.testing.assert_array_equal(train[2], [[5, 6, 6, 6], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(test[0], [[1, 2, 3, 4], [1, 2, 3, 4]])  # cut to the first 4
+    train, test = fix_length(parts, "resample")
+    np.testing.assert_allclose(train[0, 0], [1, 1 + 2 / 3, 2 + 1 / 3, 3])
+    np.testing.assert_allclose(train[1, 0], [1, 2, 3, 4])  # the inner NaN interpolated
     np.testing.assert_array_equal(train[2, 1], 0)
+    np.testing.assert_allclose(test[0, 0], [1, 1 + 4 / 3, 1 + 8 / 3, 5])  # 5 steps onto 4
+
+
+def test_fix_length_counts_val_as_training_only_when_asked(tmp_path: Path) -> None:
+    """n_train=2: a longer val split sets L (it joins train); n_train=1: it is cut to train's L."""
+    folder = _toy(tmp_path, name="Var", train=VARIABLE_HEADER + "1,2:1,1:a\n",
+                  test=VARIABLE_HEADER + "1,2,3:4,5,6:b\n")
+    parts = [read_ts(folder / "Var_TRAIN.ts"), read_ts(folder / "Var_TEST.ts")]
+    assert [a.shape[2] for a in fix_length(parts, "pad", n_train=2)] == [3, 3]
+    assert [a.shape[2] for a in fix_length(parts, "pad", n_train=1)] == [2, 2]
+
+
+def test_load_dataset_tfc_val_sets_length_only_under_cv(tmp_path: Path) -> None:
+    """A TF-C val.pt joins train under cross-validation, so its length counts there; with
+    cv_folds 0 it is a held-out split and is cut like test."""
+    folder = tmp_path / "tfc"
+    _save_pt(folder, "train", {"samples": torch.ones(4, 1, 5), "labels": torch.tensor([0, 0, 1, 1])})
+    val = torch.arange(16.0).reshape(2, 1, 8)
+    _save_pt(folder, "val", {"samples": val, "labels": torch.tensor([0, 1])})
+    _save_pt(folder, "test", {"samples": torch.ones(2, 1, 9), "labels": torch.tensor([0, 1])})
+    cv = load_dataset(DataConfig(dataset=str(folder), cv_folds=2))
+    assert cv.seq_len == 8 and cv.test.x.shape == (2, 1, 8)
+    held_out = load_dataset(DataConfig(dataset=str(folder), cv_folds=0))
+    assert held_out.seq_len == 5
+    np.testing.assert_array_equal(held_out.val.x, val[:, :, :5].numpy())
+
+
+@pytest.mark.parametrize("policy", ["pad", "resample"])
+def test_load_dataset_japanese_vowels_length_is_the_longest_training_series(
+        shared_data_dir: Path, policy: str) -> None:
+    """JapaneseVowels: train series are 7..26 steps, test 7..29; the model's length is 26 and
+    each longer test series is cut (pad) or resampled onto 26 steps, as serving does."""
+    folder = shared_data_dir / "UEA_JapaneseVowels"
+    raw_test = read_ts(folder / "JapaneseVowels_TEST.ts")
+    ds = load_dataset(DataConfig(dataset="JapaneseVowels", data_dir=str(shared_data_dir),
+                                 length_policy=policy, cv_folds=0), download=False)
+    assert ds.seq_len == 26 and ds.test.x.shape == (370, 12, 26)
+    longer = [i for i, case in enumerate(raw_test.cases) if case.shape[1] > 26]
+    assert longer, "the test split has series longer than train's longest"
+    for i in longer:
+        expected = to_length(raw_test.cases[i].astype(np.float64), 26, policy)
+        np.testing.assert_array_equal(ds.test.x[i], expected.astype(np.float32))
+    if policy == "pad":
+        np.testing.assert_array_equal(ds.test.x[longer[0]], raw_test.cases[longer[0]][:, :26])
 
 
 def test_load_dataset_nan_padded_series_end_to_end(tmp_path: Path) -> None:

@@ -10,8 +10,12 @@ while the model takes one fixed [C, L]. The policy is chosen by ``DataConfig.len
   (``numpy.interp`` over its valid points, so inner missing values are interpolated too).
 
 Then NaN -> 0, as the paper does (Han et al., AAAI 2025).
-The longest length is taken over train, val and test together, so all splits share it. A series
-whose every value is NaN is an error (it holds no data); a single all-NaN channel becomes zeros.
+The longest length ``L`` is taken over the TRAINING series alone (the train split, plus an
+archive's val split where it joins train under cross-validation): the model's shape must not
+depend on the series it is tested on. The other splits are brought to ``L`` by
+:func:`to_length`, the rule serving applies too: under ``"pad"`` a longer series is cut to its
+first ``L`` steps, under ``"resample"`` it is interpolated down. A series whose every value is NaN
+is an error (it holds no data); a single all-NaN channel becomes zeros.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from cbdtune.data._readers import RawSplit
 LengthPolicy = Literal["pad", "resample"]
 
 
-def fix_length(parts: Sequence[RawSplit], policy: LengthPolicy) -> list[np.ndarray]:
+def fix_length(parts: Sequence[RawSplit], policy: LengthPolicy, *,
+               n_train: int = 1) -> list[np.ndarray]:
     """Stack each split into float32 [N, C, L] with one L for all splits.
 
     Args:
         parts: the splits as read; the first one names the channel count the others must match.
         policy: ``"pad"`` or ``"resample"`` (see the module docstring).
+        n_train: how many leading ``parts`` are training series; ``L`` is their longest valid
+            length, and the rest (val, test) are fitted to it.
 
     Returns:
         One C-contiguous float32 array [N_i, C, L] per part, NaN-free.
@@ -48,8 +55,10 @@ def fix_length(parts: Sequence[RawSplit], policy: LengthPolicy) -> list[np.ndarr
             raise DataError(f"{part.path} has {part.n_channels} channels but {first.path} has "
                             f"{first.n_channels}; train and test must have the same channels "
                             f"(same @dimensions): use files of one dataset")
+    if not 1 <= n_train <= len(parts):
+        raise ValueError(f"n_train={n_train} must be 1..{len(parts)} (the number of parts)")
     valid = [_valid_lengths(part) for part in parts]
-    length = int(max(v.max() for v in valid))
+    length = int(max(v.max() for v in valid[:n_train]))
     return [_fit(part, v, length, policy) for part, v in zip(parts, valid, strict=True)]
 
 
@@ -131,13 +140,12 @@ def _fit(part: RawSplit, valid: np.ndarray, length: int, policy: LengthPolicy) -
     cases = part.cases
     if isinstance(cases, np.ndarray) and cases.shape[2] == length and not np.isnan(cases).any():
         return np.ascontiguousarray(cases, dtype=np.float32)  # common case: nothing to do
-    fit = pad_series if policy == "pad" else resample_series
     out = np.empty((len(part), part.n_channels, length), dtype=np.float32)
     for i, case in enumerate(cases):
         x = case[:, : valid[i]]
         if x.shape[1] == length and np.isfinite(x).all():
             out[i] = x
         else:
-            out[i] = fit(x.astype(np.float64), length)
+            out[i] = to_length(x, length, policy)  # a longer (non-training) one is cut/resampled
     np.nan_to_num(out, copy=False, nan=0.0)  # the paper's NaN -> 0, after the policy
     return out

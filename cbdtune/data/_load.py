@@ -19,8 +19,9 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
     """Load a dataset as float32 [N, C, L] splits with int64 labels 0..K-1.
 
     Files come from ``cfg.data_dir`` (else ``$CBDTUNE_DATA_DIR``), else the cache, else a download
-    (see :mod:`cbdtune.data._fetch`). Series are brought to one length by ``cfg.length_policy``
-    (see :mod:`cbdtune.data._lengths`). Labels follow the header's ``@classLabel`` order for
+    (see :mod:`cbdtune.data._fetch`). Series are brought to one length, the longest TRAINING
+    series, by ``cfg.length_policy``; a longer test (or held-out val) series is cut or resampled
+    to it (see :mod:`cbdtune.data._lengths`). Labels follow the header's ``@classLabel`` order for
     ``.ts`` and ascending value for ``.pt``; ``class_names`` keeps the originals.
 
     With ``cfg.cv_folds > 0`` (the default) there is no validation split: ``train`` holds every
@@ -58,7 +59,11 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
         parts, names, class_names = _read_pt_folder(folder)
     read = dict(zip(names, parts, strict=True))
     check_loaded(info, read, class_names, fetch_name=fetch_name)
-    arrays = dict(zip(names, fix_length(parts, cfg.length_policy), strict=True))
+    # The model's length comes from the training series alone: train, and an archive's val
+    # where cross-validation folds it into train (see _train_and_val); never the test split.
+    n_train = 2 if cfg.cv_folds and names[:2] == ("train", "val") else 1
+    arrays = dict(zip(names, fix_length(parts, cfg.length_policy, n_train=n_train),
+                      strict=True))
     splits = {name: Split(arrays[name], read[name].labels) for name in names}
     train, val, val_origin = _train_and_val(splits, cfg, seed, folder)
     return Dataset(name=info.name, train=train, val=val, test=splits.get("test"),
