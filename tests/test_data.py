@@ -484,6 +484,19 @@ def test_cli_corrupt_ts_line_gives_line_number(tmp_path: Path,
     _assert_one_error_line(code, err, "Toy_TRAIN.ts:8:", "channel 1, value 2", "'abc'")
 
 
+def test_cli_non_utf8_ts_names_the_line_of_the_bad_bytes(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad bytes on line 15 (a case; the header is lines 1-6) are reported at line 15, not 1."""
+    cases = [f"{i},2,3:4,5,6:{'ab'[i % 2]}\n".encode() for i in range(20)]
+    cases[8] = b"1,2,3:4,\xff\xfe5,6:a\n"  # line 7 + 8
+    folder = _toy(tmp_path)
+    (folder / "Toy_TRAIN.ts").write_bytes(TOY_HEADER.encode() + b"".join(cases))
+    code, _, err = _cli(capsys, "info", str(folder))
+    _assert_one_error_line(code, err, "Toy_TRAIN.ts:15:", "not UTF-8", "0xff at column 9")
+    with pytest.raises(DataError, match=r"Toy_TRAIN\.ts:15: not UTF-8"):
+        read_ts(folder / "Toy_TRAIN.ts")
+
+
 @pytest.mark.parametrize("given", ["folder", "data_dir", "cache"])
 def test_corrupt_ts_hint_fits_where_the_file_was(tmp_path: Path, given: str,
                                                  monkeypatch: pytest.MonkeyPatch,

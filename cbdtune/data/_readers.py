@@ -15,6 +15,7 @@ uses them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,24 +100,22 @@ def read_ts(path: Path, *, fetch_name: str | None = None) -> RawSplit:
     remedy = whole_copy_hint(path, fetch_name)
     fix = f"{remedy} or fix that line"
     try:
-        handle = open(path, encoding="utf-8")  # closed by the `with handle` below
+        # surrogateescape: a bad byte becomes one marker character on its own line, so the error
+        # names that line (strict decoding fails per read chunk, i.e. at "line 1").
+        handle = open(path, encoding="utf-8", errors="surrogateescape")
     except OSError as exc:
         raise DataError(f"{path}: cannot open ({exc.strerror}); check the path and its "
                         f"permissions") from None
-    lineno = 0
     with handle:
-        try:
-            for lineno, raw in enumerate(handle, 1):
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
-                if cases is not None:
-                    cases.add(line, f"{path}:{lineno}", lineno)
-                elif _header_line(header, line, path, lineno, fix):
-                    cases = _TsCases(header, fix)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{lineno + 1}: not UTF-8 text; the file is corrupt: "
-                            f"{remedy}") from None
+        for lineno, raw in enumerate(handle, 1):
+            _check_utf8(raw, f"{path}:{lineno}", remedy)
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if cases is not None:
+                cases.add(line, f"{path}:{lineno}", lineno)
+            elif _header_line(header, line, path, lineno, fix):
+                cases = _TsCases(header, fix)
     if cases is None:
         raise DataError(f"{path}: no @data line, so this is not a .ts file (or it is cut short); "
                         f"{remedy}")
@@ -124,6 +123,18 @@ def read_ts(path: Path, *, fetch_name: str | None = None) -> RawSplit:
         raise DataError(f"{path}: no cases after @data; the file is empty or cut short: {remedy}")
     return RawSplit(path=path, cases=cases.cases, labels=np.asarray(cases.labels, dtype=np.int64),
                     class_names=list(header.class_names or []), lines=cases.lines)
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes surrogateescape could not decode
+
+
+def _check_utf8(raw: str, where: str, remedy: str) -> None:
+    """Refuse a line that held bytes that are not UTF-8, naming the line and the first byte."""
+    bad = _UNDECODABLE.search(raw)
+    if bad is not None:
+        byte = ord(bad.group()) - 0xDC00
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{byte:02x} at column {bad.start() + 1}); "
+                        f"the file is corrupt: {remedy}")
 
 
 class _TsCases:
