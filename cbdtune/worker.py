@@ -15,11 +15,13 @@ Shaped like Ray's ``train_tune_interop.py``: ``train_fn_per_worker`` runs on eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,7 +319,8 @@ def connect(address: str | None = None) -> str:
     ``ray job submit`` sets ``RAY_ADDRESS`` for the job, so the same command runs unchanged on a
     laptop and on a cluster. Without either, a Ray that another process runs on this machine is
     not joined (``address="local"``; plain ``ray.init()`` would join the latest one started):
-    pass ``--address auto`` for that.
+    pass ``--address auto`` for that. A local Ray listens on 127.0.0.1 only
+    (:func:`_loopback_only`).
     """
     if ray.is_initialized():
         return "cluster"
@@ -334,9 +337,41 @@ def connect(address: str | None = None) -> str:
         kwargs["dashboard_port"] = free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
     # log_to_driver=False: workers' logs stay in Ray's session folder; progress is Tune's.
-    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None,
-             **kwargs)
-    return "local" if address == "local" else "cluster"
+    init = functools.partial(ray.init, address=address, log_to_driver=False,
+                             runtime_env={"env_vars": env} if env else None, **kwargs)
+    if address != "local":
+        init()
+        return "cluster"
+    with _loopback_only():
+        init(_node_ip_address=LOOPBACK)
+    return "local"
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start a local Ray whose every server listens on 127.0.0.1 only.
+
+    A local Ray of Ray 2.60 on Linux takes the machine's address as its node IP, and its
+    dashboard agent, metrics export port and monitor bind to 0.0.0.0 (``dashboard/agent.py``:
+    all interfaces unless the node IP is a localhost one). ``ray.init(_node_ip_address=
+    "127.0.0.1")`` alone is turned back into the machine's address
+    (``services.resolve_ip_for_localhost``), except where Ray runs without clusters, as it
+    does on macOS and Windows: ``ray_constants.ENABLE_RAY_CLUSTER`` off (env
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray's own processes read at import). A
+    search's local Ray is one node: nothing else needs to reach it.
+    """
+    from ray._private import ray_constants  # TODO: private; re-check on a Ray upgrade
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def free_port() -> int:

@@ -145,3 +145,42 @@ def test_worker_resumes_from_checkpoint_after_crash(ray_local, gesture, tmp_path
     # the retry's reports continue the trial's count (ASHA's time attribute), not restart at 1
     assert second["iterations"] == list(range(2, 2 + len(second["iterations"])))
     assert result.return_value["status"] == "completed" and result.return_value["resumed"]
+
+
+_LISTENERS = """
+import json, time
+import ray
+import psutil  # Ray ships it (ray/thirdparty_files), on sys.path once ray is imported
+from cbdtune.worker import connect
+connect(None)
+time.sleep(5)  # the dashboard agent and the metrics exporter come up after ray.init returns
+me = psutil.Process()
+found = []
+for proc in [me, *me.children(recursive=True)]:
+    try:
+        found += [[proc.name(), c.laddr.ip, c.laddr.port] for c in proc.net_connections("inet")
+                  if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        pass
+ray.shutdown()
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.ray
+def test_connect_local_ray_listens_on_loopback_only() -> None:
+    """A search's own Ray (no address): no server of it binds 0.0.0.0, :: or the machine's
+    address, the metrics export port and the dashboard agent included."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([sys.executable, "-c", _LISTENERS], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    listeners = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(listeners) >= 5, listeners  # gcs, raylet, dashboard, its agent, metrics
+    open_ = [entry for entry in listeners
+             if entry[1].removeprefix("::ffff:") not in ("127.0.0.1", "::1")]
+    assert not open_, f"listening beyond loopback: {open_}"
