@@ -23,12 +23,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
 from cbdtune import reports, ridge
@@ -154,13 +155,15 @@ class FoldRun:
             n += len(yb)
         return total / max(n, 1)
 
-    def score(self, n_classes: int) -> dict[str, float]:
+    def score(self, n_classes: int) -> tuple[dict[str, float], Tensor]:
+        """The held-out metrics and logits (N_val, K), float32 on the CPU."""
         assert self.val is not None
         self.trainable.eval()
         inputs, y = self.val
-        with autocast(self.rt, self.tc):
-            return evaluate(lambda i: self.forward(*(t[i] for t in inputs)),
-                            torch.arange(len(y)), y, n_classes)
+        with torch.no_grad(), autocast(self.rt, self.tc):
+            logits = torch.cat([self.forward(*(t[i:i + 256] for t in inputs)).float()
+                                for i in range(0, len(y), 256)]).cpu()
+        return evaluate(lambda i: logits[i], torch.arange(len(y)), y, n_classes), logits
 
     def state(self) -> dict[str, Tensor]:
         return snapshot(self.clf)
@@ -183,6 +186,12 @@ class StageResult:
     val: dict[str, float]  # mean over folds at that epoch: accuracy, loss, f1; accuracy_se
     folds: int
     weights: dict[str, Tensor] | None = None  # the holdout fold's classifier at ``epoch``
+    # Out-of-fold class probabilities (N_pool, K) at ``epoch``: each pool series' held-out
+    # prediction (the mean over repeats), NaN for a series no fold holds out. ``_raw`` before
+    # temperature scaling, the other after; ``temperature`` is fitted on them (fit_temperature).
+    oof_proba_raw: Tensor | None = None
+    oof_proba: Tensor | None = None
+    temperature: float = 1.0
 
     def key(self) -> tuple[float, float]:
         """Ordering: the higher mean accuracy, then the lower mean loss."""
@@ -215,10 +224,12 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
                     cfg, rt) for i, (tr, va) in enumerate(pool.folds)]
     aug = augmenter(tc) if stage == "fine_tune" else None
     best: StageResult | None = None
+    best_logits: list[Tensor] = []
     bar = progress_bar(tc.classifier_epochs, stage, rt) if report is not None else None
     for epoch in range(1, tc.classifier_epochs + 1):
         train_loss = float(np.mean([r.train_epoch(epoch, aug) for r in runs]))
-        scores = [r.score(n_classes) for r in runs]
+        scored = [r.score(n_classes) for r in runs]
+        scores = [sc for sc, _ in scored]
         point = _mean_point(scores)
         for r, s in zip(runs, scores, strict=True):
             # Under CV the schedule follows the training loss, which the refit has too.
@@ -226,6 +237,7 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
         if best is None or (point["accuracy"], -point["loss"]) > best.key():
             best = StageResult(stage, epoch, point, len(runs),
                                runs[0].state() if pool.holdout else None)
+            best_logits = [logits for _, logits in scored]
         if bar is not None:
             bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}", refresh=False)
             bar.update(1)
@@ -241,7 +253,7 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
     if bar is not None:
         bar.close()
     assert best is not None, "train.classifier_epochs must be >= 1"
-    return best
+    return _calibrated(best, pool, [lg.double().numpy() for lg in best_logits])
 
 
 def _fit_ridge(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, n_classes: int,
@@ -250,8 +262,18 @@ def _fit_ridge(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, 
     point of the best mean accuracy (ties: lower mean loss) is the estimate, reported once."""
     clf = new_classifier(model, cfg, "ridge", rt)
     z = ridge.encode(clf, pool.x, rt, cfg.train)
-    per_fold = [ridge.path_scores(clf.head, z, pool.y, tr, va, n_classes) for tr, va in pool.folds]
-    points = [_mean_point([fold[i] for fold in per_fold]) for i in range(len(per_fold[0]))]
+    bar = progress_bar(len(pool.folds), f"ridge readout ({len(pool.y)} series)", rt)
+    log = _progress_note(bar)
+    outputs = []  # per fold: scores (P, N_val, K) at every path point
+    for tr, va in pool.folds:
+        outputs.append(ridge.path_outputs(clf.head, z, pool.y, tr, va, n_classes, log))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    points = [_mean_point([ridge.point_scores(out[i], pool.y[va], n_classes)
+                           for out, (_, va) in zip(outputs, pool.folds, strict=True)])
+              for i in range(len(outputs[0]))]
     best = max(range(len(points)), key=lambda i: (points[i]["accuracy"], -points[i]["loss"]))
     weights = None
     if pool.holdout:  # the paper's protocol tests the validation split's own classifier
@@ -260,14 +282,66 @@ def _fit_ridge(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, 
         weights = snapshot(clf)
     (token_w, level_w), alpha = ridge.path(clf.head)[best]
     point = points[best]
+    result = _calibrated(StageResult("ridge", best + 1, point, len(pool.folds), weights), pool,
+                         [out[best] for out in outputs])
     if report is not None:
         report({reports.STAGE: "ridge", reports.EPOCH: best + 1,
                 reports.VAL_ACCURACY: point["accuracy"],
                 reports.VAL_ACCURACY_SE: point["accuracy_se"],
                 "val_accuracy_epoch": point["accuracy"], reports.VAL_LOSS: point["loss"],
                 reports.VAL_F1: point["f1"], "ridge_alpha": alpha,
-                "ridge_token_weight": token_w, "ridge_level_weight": level_w}, None)
-    return StageResult("ridge", best + 1, point, len(pool.folds), weights)
+                "ridge_token_weight": token_w, "ridge_level_weight": level_w,
+                "temperature": result.temperature}, None)
+    return result
+
+
+def _progress_note(bar: Any) -> Callable[[str], None] | None:
+    """A ``log(message)`` for the ridge's long steps: tqdm's ``write`` under a bar, a
+    ``cbdtune.progress`` log line under a :class:`~cbdtune.runtime.ProgressLog`, else None."""
+    if bar is None:
+        return None
+    if hasattr(bar, "write"):
+        return lambda msg: bar.write(f"ridge readout: {msg}")
+    return lambda msg: bar.log.info("ridge readout: %s", msg)
+
+
+# ---- calibration: one temperature on the out-of-fold scores ----------------------------------
+
+
+def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the log-loss of softmax(scores / T) (N, K) on labels
+    ``y`` (temperature scaling, Guo et al., ICML 2017): a bounded 1-D search over log T."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    t = torch.as_tensor(y, dtype=torch.long)
+
+    def loss(log_t: float) -> float:
+        return float(F.cross_entropy(s / math.exp(log_t), t))
+
+    found = minimize_scalar(loss, bounds=(math.log(1e-3), math.log(1e3)), method="bounded",
+                            options={"xatol": 1e-4})
+    return float(math.exp(found.x)) if loss(found.x) < loss(0.0) else 1.0
+
+
+def _calibrated(result: StageResult, pool: Pool, held_out: list[np.ndarray]) -> StageResult:
+    """``result`` with its temperature fitted on the folds' held-out scores ``held_out`` (one
+    (N_val, K) array per fold, at the selected point) and the out-of-fold probabilities before
+    and after it; the holdout classifier's weights carry the temperature."""
+    val_idx = np.concatenate([va for _, va in pool.folds])
+    scores = np.concatenate(held_out)
+    temperature = fit_temperature(scores, pool.y[val_idx])
+    probas = []
+    for t in (1.0, temperature):
+        p = torch.as_tensor(scores / t).softmax(-1).numpy()
+        total = np.zeros((len(pool.y), p.shape[1]))
+        np.add.at(total, val_idx, p)
+        count = np.bincount(val_idx, minlength=len(pool.y))[:, None]
+        with np.errstate(invalid="ignore"):  # a series no fold holds out: NaN
+            probas.append(torch.as_tensor(total / count, dtype=torch.float32))
+    weights = result.weights
+    if weights is not None:
+        weights = {**weights, "temperature": torch.tensor(temperature, dtype=torch.float32)}
+    return replace(result, weights=weights, oof_proba_raw=probas[0], oof_proba=probas[1],
+                   temperature=temperature)
 
 
 def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -280,13 +354,15 @@ def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
 
 
 def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, rt: Runtime,
-          stage: str, epochs: int) -> CBDClassifier:
+          stage: str, epochs: int, *, temperature: float = 1.0) -> CBDClassifier:
     """One classifier on every series given, for exactly ``epochs`` epochs (no validation); for
-    the ridge readout, fit at point ``epochs`` of its path."""
+    the ridge readout, fit at point ``epochs`` of its path. Its logits are divided by
+    ``temperature`` (the stage's :attr:`StageResult.temperature`)."""
     tc = cfg.train
     if stage == "ridge":
         clf = new_classifier(model, cfg, stage, rt)
         ridge.fit(clf.head, ridge.encode(clf, x, rt, tc), y, epochs - 1, cfg.model.num_classes)
+        clf.temperature.fill_(temperature)
         return clf.eval()
     inputs = stage_inputs(model, x, stage, rt, tc)
     clf = new_classifier(model, cfg, stage, rt)
@@ -295,12 +371,13 @@ def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, 
     for epoch in range(1, epochs + 1):
         train_loss = run.train_epoch(epoch, aug)
         run.sched.step(train_loss)
-    clf.eval()
-    return clf
+    clf.temperature.fill_(temperature)
+    return clf.eval()
 
 
 def predict_proba(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> np.ndarray:
-    """Class probabilities (N, K) of raw series, eval mode, batches of 256."""
+    """Class probabilities (N, K) of raw series, eval mode, batches of 256: the softmax of the
+    classifier's logits over its temperature (``forward`` divides by it)."""
     clf.eval()
     return in_batches(clf, as_tensor(x), rt, tc).softmax(-1).cpu().numpy()
 

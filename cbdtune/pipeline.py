@@ -300,6 +300,7 @@ def _final_metrics(model: CBDModel, clf: CBDClassifier, data: Dataset, cfg: Expe
              reports.CV_FOLDS: chosen.folds if not holdout else 0,
              **{f"val_{k}": v for k, v in chosen.val.items()},
              **{reports.stage_metric(s): r.val["accuracy"] for s, r in done.items()},
+             "temperature": chosen.temperature,
              **_test_once(clf, data, cfg, rt)[0]}
     final.update({reports.STAGE: reports.FINAL_STAGE, reports.FINAL: 1, reports.DIVERGED: 0,
                   reports.WALL_S: time.perf_counter() - t0,
@@ -387,7 +388,7 @@ def _final_classifier(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt:
     split, that split's classifier at its selected epoch (the paper's protocol)."""
     if not holdout:
         return classify.refit(model, data.train.x, data.train.y, cfg, rt, chosen.stage,
-                              chosen.epoch)
+                              chosen.epoch, temperature=chosen.temperature)
     clf = classify.new_classifier(model, cfg, chosen.stage, rt)
     assert chosen.weights is not None
     clf.load_state_dict(chosen.weights)
@@ -408,9 +409,11 @@ def _test_once(clf: CBDClassifier, data: Dataset, cfg: ExperimentConfig,
 
 
 def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int,
-                rt: Runtime | None = None) -> tuple[dict[str, Any], CBDClassifier, np.ndarray]:
+                rt: Runtime | None = None, temperature: float = 1.0,
+                ) -> tuple[dict[str, Any], CBDClassifier, np.ndarray]:
     """Pretrain (``cfg.train.seed``), train ``stage`` for ``epochs`` epochs on every training
-    series, read the test split once.
+    series, read the test split once. The classifier's logits are divided by ``temperature``
+    (a trial's final ``temperature``, fitted on its out-of-fold predictions).
 
     Returns:
         ``(metrics, classifier, test probabilities (N_test, K) or an empty array)``.
@@ -423,7 +426,8 @@ def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int
         model, rt) is not None
     if not reused:  # a refit reads the cache (the trial's seed is often a refit seed), never stores
         pretrain(model, data, cfg, rt, lambda _m, _s: None, probes=False)
-    clf = classify.refit(model, data.train.x, data.train.y, cfg, rt, stage, epochs)
+    clf = classify.refit(model, data.train.x, data.train.y, cfg, rt, stage, epochs,
+                         temperature=temperature)
     test, proba = _test_once(clf, data, cfg, rt)
     metrics: dict[str, Any] = {"stage": "refit", "seed": cfg.train.seed, "refit_stage": stage,
                                "refit_epochs": epochs, reports.ENCODER_REUSED: int(reused), **test,

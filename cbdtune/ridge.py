@@ -19,6 +19,9 @@ one with the best mean accuracy; its 1-based index is the stage's ``epoch``, so 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,9 +54,17 @@ def encode(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> n
 
 
 def _standardiser(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``center`` and 1/std (0 for a constant column) of training columns (N, F)."""
+    """``center`` and 1/std of training columns (N, F), 0 for a column that counts as constant.
+
+    Constant is :func:`cbdtune.model.heads.constant_columns`: a spread within 1e-5 of the
+    column's rms plus 1e-4 of the series' scale, the unit of every column. An absolute 1e-8
+    let through the levels of z-normalised archives (spread ~3e-6, rounding) at weight ~1/3e-6.
+    """
+    from cbdtune.model.heads import constant_columns  # one rule for both heads
+
     std = z.std(axis=0)
-    return z.mean(axis=0), np.divide(1.0, std, out=np.zeros_like(std), where=std > 1e-8)
+    keep = ~constant_columns(std, np.sqrt(np.mean(z * z, axis=0)))
+    return z.mean(axis=0), np.divide(1.0, std, out=np.zeros_like(std), where=keep)
 
 
 def _blended(head: RidgeHead, inv_std: np.ndarray, blend: tuple[float, float]) -> np.ndarray:
@@ -68,39 +79,150 @@ def _targets(y: np.ndarray, n_classes: int) -> np.ndarray:
     return 2.0 * np.eye(n_classes)[y] - 1.0  # (N, K) in {-1, +1}
 
 
+@dataclass
+class _Basis:
+    """One training set's token block A (n, F), standardised and centred, in the eigenbasis of
+    its kernel A A^T = u diag(s) u^T (rank r), and its level block B (n, p).
+
+    Every blend and every alpha is solved from it: a blend scales the kernel to
+    ``b0^2 A A^T + b1^2 B B^T``, a low-rank (p) update that the Woodbury identity absorbs, so the
+    costly part (one eigendecomposition of min(n, F) columns) is paid once per fold."""
+
+    u: np.ndarray  # (n, r)
+    s: np.ndarray  # (r,)
+    uy: np.ndarray  # (r, K) u^T Yc
+    y_perp: np.ndarray  # (n, K) Yc - u u^T Yc
+    b: np.ndarray  # (n, p)
+    ub: np.ndarray  # (r, p) u^T B
+    bp_y: np.ndarray  # (p, K) B_perp^T Y_perp
+    bp_b: np.ndarray  # (p, p) B_perp^T B_perp
+
+
+def _eigenbasis(a: np.ndarray, log: Callable[[str], None] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(u, s, v)``: the kernel's eigenbasis of ``a`` (n, F); ``v`` (F, r) when it came from the
+    F x F Gram matrix (n > F), else None. Eigenvalues below rounding are dropped (their
+    directions are solved as eigenvalue 0)."""
+    n, f = a.shape
+    t0 = time.perf_counter()
+    if n <= f:
+        s, u = np.linalg.eigh(a @ a.T)  # numpy runs a @ a.T as one symmetric rank-k update
+        v = None
+    else:
+        s, v = np.linalg.eigh(a.T @ a)
+    keep = s > max(float(s.max(initial=0.0)), 1e-300) * max(n, f) * np.finfo(float).eps
+    s = s[keep]
+    if v is not None:
+        v = v[:, keep]
+        u = (a @ v) / np.sqrt(s)
+    else:
+        u = u[:, keep]
+    if log is not None:
+        log(f"eigenbasis of {'kernel' if v is None else 'Gram'} {min(n, f)}x{min(n, f)} "
+            f"(rank {len(s)}) in {time.perf_counter() - t0:.1f} s")
+    return u, s, v
+
+
+def _basis(b: np.ndarray, yc: np.ndarray, u: np.ndarray, s: np.ndarray) -> _Basis:
+    uy, ub = u.T @ yc, u.T @ b
+    y_perp, b_perp = yc - u @ uy, b - u @ ub
+    return _Basis(u, s, uy, y_perp, b, ub, b_perp.T @ y_perp, b_perp.T @ b_perp)
+
+
+def _dual(basis: _Basis, blend: tuple[float, float], alpha: float,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dual solution ``a`` = (b0^2 A A^T + b1^2 B B^T + alpha I)^-1 Yc of one (blend, alpha),
+    as ``(u^T a (r, K), B^T a (p, K), x (p, K))``: x is the Woodbury correction's coefficients,
+    a = u (d uy - d ub x) + (y_perp - B_perp x) / alpha with d = 1 / (b0^2 s + alpha)."""
+    c0, c1 = blend[0] ** 2, blend[1] ** 2
+    d = 1.0 / (c0 * basis.s + alpha)
+    bt_mi_y = basis.ub.T @ (d[:, None] * basis.uy) + basis.bp_y / alpha
+    bt_mi_b = basis.ub.T @ (d[:, None] * basis.ub) + basis.bp_b / alpha
+    p = basis.b.shape[1]
+    if c1 > 0 and p:
+        x = np.linalg.solve(np.eye(p) / c1 + bt_mi_b, bt_mi_y)
+    else:
+        x = np.zeros_like(bt_mi_y)
+    return d[:, None] * (basis.uy - basis.ub @ x), bt_mi_y - bt_mi_b @ x, x
+
+
+def _split_blocks(head: RidgeHead | None, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n_pooled = z.shape[1] if head is None else head.n_pooled
+    return z[:, :n_pooled], z[:, n_pooled:]
+
+
 def _solutions(z: np.ndarray, targets: np.ndarray, alphas: tuple[float, ...]) -> list[np.ndarray]:
-    """Ridge weights (p, K) on centred columns for every alpha, from one thin SVD."""
-    u, s, vt = np.linalg.svd(z, full_matrices=False)
-    uty = u.T @ (targets - targets.mean(axis=0))
-    return [vt.T @ ((s / (s * s + a))[:, None] * uty) for a in alphas]
+    """Ridge weights (p, K) on centred columns ``z`` for every alpha (scikit-learn's ``Ridge``
+    with an intercept), from one eigendecomposition."""
+    yc = targets - targets.mean(axis=0)
+    empty = np.zeros((len(z), 0))
+    u, s, _ = _eigenbasis(z)
+    basis = _basis(empty, yc, u, s)
+    out = []
+    for alpha in alphas:
+        uta, _, _ = _dual(basis, (1.0, 0.0), alpha)
+        dual = basis.u @ uta + basis.y_perp / alpha
+        out.append(z.T @ dual)
+    return out
+
+
+def path_outputs(head: RidgeHead, z: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
+                 val_idx: np.ndarray, n_classes: int,
+                 log: Callable[[str], None] | None = None) -> np.ndarray:
+    """One fold: the readout's scores (P, len(val_idx), K) on ``val_idx`` at every point of
+    :func:`path`, each fit on ``train_idx`` alone (columns standardised on ``train_idx``).
+
+    One eigendecomposition of the fold's token block serves every blend and alpha."""
+    targets = _targets(y[train_idx], n_classes)
+    mean = targets.mean(axis=0)
+    z_tr = z[train_idx]
+    center, inv_std = _standardiser(z_tr)
+    z_tr -= center
+    z_tr *= inv_std  # standardised in place: the fold's (n, F) copy is the only large one
+    z_va = (z[val_idx] - center) * inv_std
+    a_tr, b_tr = _split_blocks(head, z_tr)
+    a_va, b_va = _split_blocks(head, z_va)
+    u, s, v = _eigenbasis(a_tr, log)
+    # q = A_val A^T u: the validation rows' kernel against the training rows, in the eigenbasis
+    q = (a_va @ v) * np.sqrt(s) if v is not None else (a_va @ a_tr.T) @ u
+    basis = _basis(b_tr, targets - mean, u, s)
+    del z_tr, a_tr, u
+    out = np.empty((len(path(head)), len(val_idx), n_classes))
+    for i, (blend, alpha) in enumerate(path(head)):
+        uta, bta, _ = _dual(basis, blend, alpha)
+        out[i] = blend[0] ** 2 * (q @ uta) + blend[1] ** 2 * (b_va @ bta) + mean
+    return out
+
+
+def point_scores(out: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean squared error of the +-1 targets of scores (N, K)."""
+    pred = out.argmax(axis=1)
+    return {"accuracy": float(np.mean(pred == y)),
+            "loss": float(np.mean((out - _targets(y, n_classes)) ** 2)),
+            "f1": macro_f1(pred, y, n_classes)}
 
 
 def path_scores(head: RidgeHead, z: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
                 val_idx: np.ndarray, n_classes: int) -> list[dict[str, float]]:
-    """One fold: accuracy, macro-F1 and mean squared error of the +-1 targets on ``val_idx`` at
-    every point of :func:`path`, each fit on ``train_idx`` alone."""
-    t_tr, t_va = _targets(y[train_idx], n_classes), _targets(y[val_idx], n_classes)
-    center, inv_std = _standardiser(z[train_idx])
-    scores = []
-    for blend in blends(head):
-        weight = _blended(head, inv_std, blend)
-        z_tr, z_va = (z[train_idx] - center) * weight, (z[val_idx] - center) * weight
-        for w in _solutions(z_tr, t_tr, ALPHAS):
-            out = z_va @ w + t_tr.mean(axis=0)
-            pred = out.argmax(axis=1)
-            scores.append({"accuracy": float(np.mean(pred == y[val_idx])),
-                           "loss": float(np.mean((out - t_va) ** 2)),
-                           "f1": macro_f1(pred, y[val_idx], n_classes)})
-    return scores
+    """One fold: :func:`point_scores` on ``val_idx`` at every point of :func:`path`."""
+    outputs = path_outputs(head, z, y, train_idx, val_idx, n_classes)
+    return [point_scores(out, y[val_idx], n_classes) for out in outputs]
 
 
-def fit(head: RidgeHead, z: np.ndarray, y: np.ndarray, point: int, n_classes: int) -> None:
+def fit(head: RidgeHead, z: np.ndarray, y: np.ndarray, point: int, n_classes: int,
+        log: Callable[[str], None] | None = None) -> None:
     """Fit the head's buffers on columns ``z`` (N, F) at path point ``point`` (0-based)."""
     blend, alpha = path(head)[point]
     center, inv_std = _standardiser(z)
-    weight = _blended(head, inv_std, blend)
     targets = _targets(y, n_classes)
-    (w,) = _solutions((z - center) * weight, targets, (alpha,))
+    zs = (z - center) * inv_std
+    a, b = _split_blocks(head, zs)
+    u, s, _ = _eigenbasis(a, log)
+    basis = _basis(b, targets - targets.mean(axis=0), u, s)
+    uta, _, x = _dual(basis, blend, alpha)
+    dual = u @ uta + (basis.y_perp - (b - u @ basis.ub) @ x) / alpha  # (N, K)
+    w = np.concatenate([blend[0] * (a.T @ dual), blend[1] * (b.T @ dual)])  # X^T a, X = [b0 A, b1 B]
+    weight = _blended(head, inv_std, blend)
     device = head.weight.device
     for name, value in (("center", center), ("column_weight", weight), ("weight", w.T),
                         ("bias", targets.mean(axis=0))):
