@@ -322,7 +322,8 @@ VARIABLE_HEADER = (
 
 
 def test_fix_length_variable_length_pad_and_resample(tmp_path: Path) -> None:
-    """Train and test reach the longest length of both; inner NaN -> 0 under pad."""
+    """Train and test reach train's longest length (a longer test series is cut under pad,
+    resampled under resample); inner NaN -> 0 under pad."""
     folder = _toy(tmp_path, name="Var",
                   train=VARIABLE_HEADER + "1,2,3:1,1,1:a\n1,NaN,3,4:3,3,3,3:b\n5,6:?,?:b\n",
                   test=VARIABLE_HEADER + "1,2,3,4,5:1,2,3,4,5:a\n")

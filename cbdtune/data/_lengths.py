@@ -3,15 +3,15 @@
 UEA/UCR hold variable-length problems (SpokenArabicDigits: 4..93 steps) and NaN-padded ones,
 while the model takes one fixed [C, L]. The policy is chosen by ``DataConfig.length_policy``:
 
-- ``"pad"``: each channel is extended to the longest length with its last valid (non-NaN) value;
+- ``"pad"``: each channel is extended to the length ``L`` with its last valid (non-NaN) value;
   trailing NaN padding counts as absent. Missing values inside a series stay NaN until the last
   step below.
-- ``"resample"``: each channel is linearly interpolated from its own length to the longest length
+- ``"resample"``: each channel is linearly interpolated from its own length to ``L``
   (``numpy.interp`` over its valid points, so inner missing values are interpolated too).
 
 Then NaN -> 0, as the paper does (Han et al., AAAI 2025).
-The longest length ``L`` is taken over the TRAINING series alone (the train split, plus an
-archive's val split where it joins train under cross-validation): the model's shape must not
+The length ``L`` is that of the longest TRAINING series (the train split, plus an archive's
+val split where it joins train under cross-validation): the model's shape must not
 depend on the series it is tested on. The other splits are brought to ``L`` by
 :func:`to_length`, the rule serving applies too: under ``"pad"`` a longer series is cut to its
 first ``L`` steps, under ``"resample"`` it is interpolated down. A series whose every value is NaN
