@@ -1,7 +1,7 @@
 """Early stopping that is fair under noise: ASHA's rungs, but a trial is stopped at a rung only
 when it is clearly worse than the rung's cut, its own spread taken into account.
 
-ASHA (Li et al., MLSys 2020, "A System for Massively Parallel Hyperparameter Tuning", Alg. 2)
+ASHA (Li et al., MLSys 2020, "A System for Massively Parallel Hyperparameter Tuning")
 stops a trial at a rung when its value is below the top ``1 / reduction_factor`` of the values
 recorded there. On small data the cross-validated value of one configuration moves by its fold
 noise (a standard error of 2-3 points on 120 series), more than most differences between
@@ -15,8 +15,9 @@ keeps whoever reaches it first. :class:`NoiseAwareASHA` changes two things:
 
    - *paired*, when the report carries the per-fold scores (``<metric>_folds``, see
      :data:`FOLDS_SUFFIX`) of both the trial and the trial at the cut: every trial is scored on the
-     same folds, so the per-fold differences ``d_i`` remove the folds' shared difficulty. Stopped
-     when ``mean(d) + k * se(d) < 0`` (a paired t statistic below ``-k``; ``se(d)`` is the
+     same folds (the pairing assumes fold ``i`` is the same split in every trial), so the
+     per-fold differences ``d_i`` remove the folds' shared difficulty. Stopped when
+     ``mean(d) + k * se(d) < 0`` (a paired t statistic below ``-k``; ``se(d)`` is the
      standard error of the mean difference). Optuna's ``WilcoxonPruner`` is the same idea with a
      signed-rank test; with the 5 folds of ``data.cv_folds``'s default a one-sided signed-rank
      test at 5 % can only stop a trial that is lower on every fold, and with 3 folds never, so a
@@ -25,11 +26,14 @@ keeps whoever reaches it first. :class:`NoiseAwareASHA` changes two things:
      ``se`` the trial's own ``<metric>_se`` (:func:`cbdtune.reports.se_of`).
    - *plain*, when the report has neither (one validation split): ASHA's comparison.
 
-``k`` (``se_margin``) defaults to 1: with equal true values, a paired t with 4 degrees of freedom
-is below -1 about 19 % of the time, and so is the difference of two independent estimates under
-the standard-error rule (about 24 %), against 50 % for ASHA's plain comparison; larger ``k``
-stops fewer trials. The trial at the cut is a real trial (so that its folds can be paired): of the
-``n`` other trials recorded at the rung, sorted best first (ties: the first recorded), the
+``k`` (``se_margin``) defaults to 1. When a trial is as good as the trial at the cut, the paired
+rule stops it about 19 % of the time (a t with 4 degrees of freedom below -1) and the
+standard-error rule about 24 % (two independent estimates with equal standard errors), against
+50 % for ASHA's plain comparison; the trial at the cut was picked for ranking high among noisy
+values, which raises all three. A larger ``k`` stops fewer trials.
+
+The trial at the cut is a real trial (so that its folds can be paired): of the ``n`` other trials
+recorded at the rung, sorted best first (ties: the first recorded), the
 ``ceil(n / reduction_factor)``-th, the worst of those ASHA would promote.
 
 Decisions depend only on the order of the results (no random bracket, one bracket), so a search
@@ -117,16 +121,22 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _number(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number (not a bool), else None."""
+    return float(x) if _finite(x) else None
+
+
 def read_entry(result: Mapping[str, Any], metric: str, sign: float) -> RungEntry | None:
     """A result's :class:`RungEntry`; None when the metric is missing or not finite."""
-    value = result.get(metric)
-    if not _finite(value):
+    value = _number(result.get(metric))
+    if value is None:
         return None
-    se = result.get(reports.se_of(metric))
-    folds = result.get(folds_of(metric))
-    ok_folds = isinstance(folds, Sequence) and len(folds) >= 2 and all(map(_finite, folds))
-    return RungEntry(value=sign * value, se=float(se) if _finite(se) and se >= 0 else None,
-                     folds=tuple(sign * float(f) for f in folds) if ok_folds else None)
+    se = _number(result.get(reports.se_of(metric)))
+    raw = result.get(folds_of(metric))
+    folds = [_number(f) for f in raw] if isinstance(raw, (list, tuple)) else []
+    paired = len(folds) >= 2 and None not in folds
+    return RungEntry(value=sign * value, se=se if se is not None and se >= 0 else None,
+                     folds=tuple(sign * f for f in folds if f is not None) if paired else None)
 
 
 def cut_entry(others: Sequence[RungEntry], reduction_factor: float) -> RungEntry | None:
@@ -251,7 +261,8 @@ class NoiseAwareASHA(FIFOScheduler):
         rung, entry = self._rung_and_entry(trial.trial_id, result)
         if rung is not None and entry is not None:
             self._rungs[rung][trial.trial_id] = entry
-        at_max = _finite(result.get(self._time_attr)) and result[self._time_attr] >= self._max_t
+        t = _number(result.get(self._time_attr))
+        at_max = t is not None and t >= self._max_t
         if (reports.is_final(result) or at_max) and trial.trial_id not in self._completed:
             self._completed.append(trial.trial_id)
 
@@ -308,8 +319,8 @@ class NoiseAwareASHA(FIFOScheduler):
     def _rung_and_entry(self, trial_id: str, result: Mapping[str, Any]
                         ) -> tuple[float | None, RungEntry | None]:
         """The highest rung ``result`` reached and the trial is not recorded at, and its entry."""
-        t = result.get(self._time_attr)
-        if not _finite(t) or self._metric is None:
+        t = _number(result.get(self._time_attr))
+        if t is None or self._metric is None:
             return None, None
         for milestone in sorted(self._rungs, reverse=True):
             if t >= milestone:
