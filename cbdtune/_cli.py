@@ -74,7 +74,7 @@ def add_config_flags(p: argparse.ArgumentParser, *, dataset_help: str | None = N
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def build_config(args: argparse.Namespace, *, preset_name: str = "paper",
+def build_config(args: argparse.Namespace, *, preset_name: str = "default",
                  config_file: str | None = None, overrides: list[str] | None = None
                  ) -> ExperimentConfig:
     """Preset -> YAML file -> ``--set`` overrides -> ``--dataset/--data-dir/--seed``."""

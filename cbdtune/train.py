@@ -19,13 +19,20 @@ from cbdtune import _cli, reports, tracking
 from cbdtune.config import PRESETS, CbdtuneError, ExperimentConfig, parse_overrides
 from cbdtune.data import load_dataset
 
+# The preset the default search space starts from (search_spaces/default.yaml, ``preset:``): a
+# single run and a search's trials start from one configuration.
+DEFAULT_PRESET = "default"
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=_cli.prog("cbdtune.train"), description=__doc__.split("\n")[0])
     _cli.add_version_flag(p)
     _cli.add_config_flags(p)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="starting configuration: paper (full, default) or smoke (tiny, < 1 min)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="starting configuration: default (the search's starting point: the "
+                        "paper's model with this project's additions and the ridge readout; "
+                        "the default), paper (the paper's configuration) or smoke (tiny, "
+                        "< 1 min)")
     p.add_argument("--config", help="YAML file with config overrides (nested or dotted keys)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set model.mask_ratio=0.5 (repeatable)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,16 @@ def test_train_cli_with_trainer_leaves_no_ray_results(tmp_path: Path) -> None:
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     assert "val_accuracy" in proc.stdout
     assert not list((tmp_path / "ray_results").glob("train-*"))
+
+
+def test_train_default_preset_is_the_default_search_spaces() -> None:
+    """One story: ``cbdtune.train`` without --preset starts where a default search starts."""
+    from cbdtune.config import load_yaml
+    from cbdtune.space import resolve_path
+
+    with resources.as_file(resolve_path("default")) as path:
+        space_preset = load_yaml(path)["preset"]
+    args = train.parser().parse_args(["--dataset", "gesture"])
+    assert args.preset == space_preset == "default"
+    text = " ".join(train.parser().format_help().split())
+    assert "the default), paper" in text
