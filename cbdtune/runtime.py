@@ -225,9 +225,17 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
 @torch.no_grad()
 def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rt: Runtime,
                train: TrainConfig, batch_size: int = 256) -> torch.Tensor:
-    """``fn`` over a whole split, ``batch_size`` series at a time on ``rt.device`` under
-    autocast, no gradients; the float32 outputs concatenated (on the device)."""
-    with autocast(rt, train):
+    """``fn`` over a whole split, ``batch_size`` series at a time on ``rt.device``, no
+    gradients; the float32 outputs concatenated (on the device).
+
+    Always float32, whatever ``train.amp`` says: ``train.amp`` is for training steps only. The
+    predictions and readout features computed here are the ones a saved model reproduces
+    (:mod:`cbdtune.serving` runs float32), so the test accuracy a search reports and what
+    ``cbdtune.predict`` gives agree bit for bit on one machine. Under bf16 autocast they did not
+    (1 of 320 gesture labels differed).
+    """
+    del train  # kept in the signature: callers pass their TrainConfig; it sets no precision here
+    with torch.autocast(rt.device.type, enabled=False):  # also inside a caller's autocast
         return torch.cat([fn(x[i:i + batch_size].to(rt.device)).float()
                           for i in range(0, len(x), batch_size)])
 

@@ -32,7 +32,9 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ import numpy as np
 
 from cbdtune import __version__
 from cbdtune.config import CbdtuneError, ExperimentConfig
-from cbdtune.data._lengths import pad_series, resample_series
+from cbdtune.data._lengths import to_length
 
 FORMAT_VERSION = 1
 CONTRACT_FILE = "contract.json"
@@ -51,6 +53,11 @@ BATCH_SIZE = 256
 NORMALISATION = ("inputs are raw series: per-series, per-channel instance normalisation (mean 0, "
                  "std 1 over time) is inside the model, so do not normalise them yourself")
 PYFUNC_CODE = Path(__file__).with_name("_pyfunc_model.py")  # MLflow's models-from-code file
+LENGTH_POLICIES = ("pad", "resample")  # DataConfig.length_policy; cbdtune.data._lengths.to_length
+MAX_CONTRACT_BYTES = 16 * 2**20  # a contract of 1,000 members is ~10 MB
+# Buffers a member's config derives rather than stores (DFT matrices, Bernstein coefficients):
+# a config whose derived buffers exceed this is refused before anything is allocated.
+MAX_DERIVED_BYTES = 2**30
 
 # One trained member: its config, its ``CBDClassifier.state_dict()``, free-form metadata.
 Member = tuple[ExperimentConfig, dict[str, Any], dict[str, Any]]
@@ -86,22 +93,31 @@ class ModelContract:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str) + "\n"
 
+    @property
+    def max_magnitude(self) -> float:
+        """The largest |value| an input may hold: the model computes in float32, and its
+        instance normalisation sums the squares of a channel's ``L`` centred values (up to
+        twice the largest magnitude), which must stay below float32's maximum."""
+        return float(np.sqrt(np.finfo(np.float32).max / self.seq_len) / 2)
+
     @classmethod
     def read(cls, model_dir: str | Path) -> ModelContract:
-        """Read ``<model_dir>/contract.json``.
+        """Read and check ``<model_dir>/contract.json`` (a regular file, not a link).
 
         Raises:
-            ModelError: no such file, not JSON, a newer format, or missing fields.
+            ModelError: no such file, not JSON, a newer format, missing fields, or fields of
+                the wrong type or value (shape, length policy, class names, members).
         """
         path = Path(model_dir) / CONTRACT_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ModelError(f"{model_dir}: not a cbdtune model directory (no {CONTRACT_FILE}); "
                              f"give the folder save_model wrote or an MLflow model URI")
         try:
-            raw = json.loads(path.read_text())
+            with open_regular(path, "the contract", MAX_CONTRACT_BYTES) as handle:
+                raw = json.loads(handle.read(MAX_CONTRACT_BYTES))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path}: cannot be read as JSON ({exc}); save the model again") \
-                from None
+            raise ModelError(f"{path}: cannot be read as JSON ({_first_line(exc)}); save the "
+                             f"model again") from None
         version = raw.get("format_version") if isinstance(raw, dict) else None
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ModelError(f"{path}: format_version {version!r} is not one this cbdtune "
@@ -110,7 +126,80 @@ class ModelContract:
         missing = sorted(names - set(raw))
         if missing:
             raise ModelError(f"{path}: missing {', '.join(missing)}; save the model again")
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        contract = cls(**{k: v for k, v in raw.items() if k in names})
+        problem = contract.problem()
+        if problem:
+            raise ModelError(f"{path}: {problem}; save the model again with cbdtune")
+        return contract
+
+    def problem(self) -> str:
+        """What is wrong with the fields' types or values ("" when nothing is)."""
+        for name in ("in_channels", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return f"{name} must be a positive integer, but is {value!r}"
+        if self.length_policy not in LENGTH_POLICIES:
+            return (f"length_policy {self.length_policy!r} is unknown (this cbdtune knows "
+                    f"{', '.join(LENGTH_POLICIES)})")
+        names = self.class_names
+        if not isinstance(names, list) or not names or \
+                not all(isinstance(c, str) for c in names):
+            return f"class_names must be a non-empty list of strings, but is {str(names)[:100]}"
+        repeated = sorted({c for c in names if names.count(c) > 1})
+        if repeated:
+            return (f"class_names repeats {', '.join(map(repr, repeated[:5]))}; each class "
+                    f"needs its own name")
+        if not isinstance(self.members, list) or not self.members:
+            return "members must be a non-empty list"
+        for i, entry in enumerate(self.members):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+                    or not isinstance(entry.get("config"), dict):
+                return f"member {i} must be an object with a \"file\" name and a \"config\""
+        return ""
+
+
+def open_regular(path: Path, what: str, max_bytes: int) -> Any:
+    """Open ``path`` for reading only if it is a regular file of at most ``max_bytes``.
+
+    A symbolic link, a FIFO, a device or a folder is refused from ``os.lstat`` before any
+    ``open`` (opening a FIFO would block); the descriptor is opened with ``O_NOFOLLOW`` and
+    ``O_NONBLOCK`` and checked again with ``fstat``, so a file swapped in between is refused too.
+
+    Raises:
+        ModelError: not there, not a regular file, or larger than ``max_bytes``.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise ModelError(f"{path}: {what} cannot be read ({_first_line(exc)}); save the model "
+                         f"again") from None
+    kind = _file_kind(info.st_mode)
+    if kind:
+        raise ModelError(f"{path}: {what} is {kind}, not a regular file; a model folder holds "
+                         f"its own plain files (copy the real file in its place)")
+    if info.st_size > max_bytes:
+        raise ModelError(f"{path}: {what} holds {info.st_size} bytes, more than the "
+                         f"{max_bytes} it can hold; save the model again")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ModelError(f"{path}: {what} cannot be opened ({_first_line(exc)})") from None
+    handle = os.fdopen(fd, "rb")
+    if _file_kind(os.fstat(fd).st_mode):
+        handle.close()
+        raise ModelError(f"{path}: {what} changed into something else than a regular file "
+                         f"while being opened; check who writes to the model folder")
+    return handle
+
+
+def _file_kind(mode: int) -> str:
+    """"" for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "a device or special file")
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -206,21 +295,168 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_classifier(cfg: ExperimentConfig, state: dict[str, Any], *, where: str) -> Any:
-    """A ``CBDClassifier`` for ``cfg`` with ``state`` loaded (strict), in eval mode."""
+# State entries a model built by an older cbdtune may lack; they keep the value the model is
+# built with (the classifier's temperature is 1.0 then: no calibration).
+OPTIONAL_STATE = ("temperature",)
+
+
+def _new_classifier(cfg: ExperimentConfig) -> Any:
     from cbdtune.model import CBDClassifier, build_head, build_model
 
     model = build_model(cfg.model)
-    clf = CBDClassifier(model, build_head(cfg.model, model.num_tokens,
-                                          ridge=cfg.train.classifier == "ridge"))
+    return CBDClassifier(model, build_head(cfg.model, model.num_tokens,
+                                           ridge=cfg.train.classifier == "ridge"))
+
+
+def _build_classifier(cfg: ExperimentConfig, state: dict[str, Any], *, where: str) -> Any:
+    """A ``CBDClassifier`` for ``cfg`` with ``state`` loaded, in eval mode.
+
+    Every key must match except :data:`OPTIONAL_STATE` entries, which may be absent.
+    """
+    clf = _new_classifier(cfg)
     try:
-        clf.load_state_dict(state, strict=True)
+        result = clf.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k.rsplit(".", 1)[-1] not in OPTIONAL_STATE]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys "
+                               f"{result.unexpected_keys[:3]}")
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ModelError(f"{where}: the weights do not fit the model its config builds "
                          f"({reason}); save the state_dict of the classifier that config "
                          f"trained") from None
     return clf.eval()
+
+
+# ---- reading a member, checked before anything is allocated ------------------------------------
+
+
+def load_member(model_dir: Path, contract: ModelContract, i: int) -> tuple[ExperimentConfig, Any]:
+    """Member ``i`` of a model directory: its config and its classifier (CPU, eval mode).
+
+    Nothing outside ``model_dir`` is read and nothing is built before the checks pass: the
+    config must agree with the contract (channels, length, classes, length policy); the file
+    must be a plain name in the folder and a regular file (not a link, FIFO, folder); the sizes
+    the config implies are computed on PyTorch's ``meta`` device (no memory) and the file's
+    size must fit them; the file must be ``torch.save``'s uncompressed zip, read with
+    ``weights_only=True``; its tensors must have the config's names and shapes and be finite.
+
+    Raises:
+        ModelError: any of the above, in one line naming the member and what to do.
+    """
+    import torch
+
+    entry = contract.members[i]
+    where = f"{model_dir / CONTRACT_FILE}: member {i}"
+    try:
+        cfg = ExperimentConfig.from_dict(entry["config"], where=where)
+    except CbdtuneError as exc:
+        raise ModelError(f"{exc}; the model was saved by cbdtune "
+                         f"{contract.cbdtune_version}, this is {__version__}") from None
+    _check_config(cfg, contract, where)
+    file = _member_file(model_dir, entry["file"], where)
+    expected, stored_bytes = _expected_state(cfg, where)
+    slack = 2**20 + 4096 * len(expected)  # pickled key names, zip headers, 64-byte alignment
+    with open_regular(file, f"member {i}'s weights", stored_bytes + slack) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < stored_bytes:
+            raise ModelError(f"{where}: {file.name} holds {size} bytes, but its config's model "
+                             f"stores {stored_bytes}; the contract and its weights disagree: "
+                             f"save the model again")
+        _check_zip(handle, file, where)
+        try:
+            state = torch.load(handle, weights_only=True, map_location="cpu")
+        except Exception as exc:  # torch raises pickle, zip, EOF and OS errors here
+            raise ModelError(f"{where}: {file.name} does not load as a tensor dict "
+                             f"({type(exc).__name__}: {_first_line(exc)[:200]}); save the model "
+                             f"again") from None
+    _check_state(state, expected, where, file.name)
+    return cfg, _build_classifier(cfg, state, where=where)
+
+
+def _check_config(cfg: ExperimentConfig, contract: ModelContract, where: str) -> None:
+    pairs = {"model.in_channels": (cfg.model.in_channels, contract.in_channels),
+             "model.seq_len": (cfg.model.seq_len, contract.seq_len),
+             "model.num_classes": (cfg.model.num_classes, len(contract.class_names)),
+             "data.length_policy": (cfg.data.length_policy, contract.length_policy)}
+    for key, (mine, theirs) in pairs.items():
+        if mine != theirs:
+            raise ModelError(f"{where}: its config has {key}={mine!r}, but the contract says "
+                             f"{theirs!r} (in_channels, seq_len, class_names, length_policy); "
+                             f"the contract and its members disagree: save the model again")
+
+
+def _member_file(model_dir: Path, name: str, where: str) -> Path:
+    """``model_dir / name`` for a plain file name; a path, ``..`` or an absolute name is refused."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name \
+            or Path(name).is_absolute() or Path(name).name != name:
+        raise ModelError(f"{where}: file {name!r} is not a plain file name; a member's weights "
+                         f"are a file in the model folder itself (e.g. member_0.pt)")
+    return model_dir / name
+
+
+def _expected_state(cfg: ExperimentConfig, where: str) -> tuple[dict[str, Any], int]:
+    """``({key: meta tensor}, bytes they store)`` of the classifier ``cfg`` builds, built on the
+    ``meta`` device (shapes only, no memory).
+
+    Raises:
+        ModelError: the config does not build, or its derived buffers would be absurdly large.
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            clf = _new_classifier(cfg)
+    except Exception as exc:  # a config from_dict accepts but the model code refuses
+        raise ModelError(f"{where}: its config does not build a model ({_first_line(exc)}); "
+                         f"save the model again") from None
+    state = clf.state_dict()
+    derived = sum(b.numel() * b.element_size() for name, b in clf.named_buffers()
+                  if name not in state)
+    if derived > MAX_DERIVED_BYTES:
+        raise ModelError(f"{where}: its config (model.seq_len={cfg.model.seq_len}, "
+                         f"d_model={cfg.model.d_model}) needs {derived / 2**30:.1f} GiB of "
+                         f"derived buffers, more than the {MAX_DERIVED_BYTES / 2**30:.0f} GiB "
+                         f"allowed; it cannot be a model cbdtune trained")
+    stored = sum(t.numel() * t.element_size() for k, t in state.items()
+                 if k.rsplit(".", 1)[-1] not in OPTIONAL_STATE)
+    return dict(state), stored
+
+
+def _check_zip(handle: Any, file: Path, where: str) -> None:
+    """``torch.save``'s format: a zip of stored (uncompressed) entries, so that what is read
+    into memory is never more than the file holds."""
+    try:
+        entries = zipfile.ZipFile(handle).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelError(f"{where}: {file.name} is not a torch.save file ({_first_line(exc)}); "
+                         f"save the model again") from None
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+        raise ModelError(f"{where}: {file.name} holds compressed entries, which torch.save "
+                         f"never writes; save the model again")
+    handle.seek(0)
+
+
+def _check_state(state: Any, expected: dict[str, Any], where: str, name: str) -> None:
+    """Names, shapes and finiteness of a loaded state_dict against the meta model's."""
+    import torch
+
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ModelError(f"{where}: {name} is not a dict of tensors; save the classifier's "
+                         f"state_dict()")
+    for key, value in state.items():
+        want = expected.get(key)
+        if want is None:
+            continue  # _build_classifier names unexpected keys
+        if tuple(value.shape) != tuple(want.shape):
+            raise ModelError(f"{where}: {name}: {key} has shape {list(value.shape)}, but the "
+                             f"config builds {list(want.shape)}; the contract and its weights "
+                             f"disagree: save the model again")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ModelError(f"{where}: {name}: {key} holds {bad} NaN or infinite weight(s); "
+                             f"the model diverged or the file is damaged: train it again")
 
 
 # ---- loading and predicting ---------------------------------------------------------------------
@@ -265,43 +501,32 @@ class CBDEnsemble:
         model_dir = find_model_dir(path)
         contract = ModelContract.read(model_dir)
         members, configs = [], []
-        for i, entry in enumerate(contract.members):
-            where = f"{model_dir / CONTRACT_FILE}: member {i}"
-            try:
-                cfg = ExperimentConfig.from_dict(entry["config"], where=where)
-            except CbdtuneError as exc:
-                raise ModelError(f"{exc}; the model was saved by cbdtune "
-                                 f"{contract.cbdtune_version}, this is {__version__}") from None
-            file = model_dir / str(entry.get("file", ""))
-            try:
-                state = torch.load(file, weights_only=True, map_location="cpu")
-            except Exception as exc:  # torch raises pickle, zip, EOF and OS errors here
-                reason = (str(exc).strip().splitlines() or [""])[0][:200]
-                raise ModelError(f"{where}: {file.name} does not load as a tensor dict "
-                                 f"({type(exc).__name__}: {reason}); save the model again") \
-                    from None
-            members.append(_build_classifier(cfg, state, where=where).to(device))
+        for i in range(len(contract.members)):
+            cfg, clf = load_member(model_dir, contract, i)
+            members.append(clf.to(device))
             configs.append(cfg)
         return cls(contract=contract, members=members, device=device, configs=configs)
 
     def check_input(self, x: Any, *, where: Callable[[int], str] | None = None) -> np.ndarray:
         """Validate raw series and fit them to the contract's ``[C, L]``.
 
-        Series of another length are fitted by the contract's policy: ``pad`` extends a shorter
-        series with each channel's last value (a longer one is an error); ``resample`` linearly
-        interpolates any length >= 2 to ``L``.
+        Series of another length are fitted by the contract's policy, as the training series
+        were (:func:`cbdtune.data._lengths.to_length`): ``pad`` extends a shorter series with
+        each channel's last value and cuts a longer one to its first ``L`` steps; ``resample``
+        linearly interpolates any length >= 2 to ``L``.
 
         Args:
-            x: float array [N, C, L_in], or a sequence of [C, L_i] arrays (lengths may differ).
+            x: real numbers [N, C, L_in], or a sequence of [C, L_i] arrays (lengths may differ).
             where: names series ``i`` in messages (default ``"series i"``), e.g. ``file:line``.
 
         Returns:
             float32 [N, C, L], C-contiguous.
 
         Raises:
-            InputError: not numbers, not [N, C, L], no series, another channel count, NaN or
-                infinite values (how many, and the first one's position), or a length the
-                policy cannot fit.
+            InputError: not real numbers (complex ones included), not [N, C, L], no series,
+                another channel count, NaN or infinite values (how many, and the first one's
+                position), values too large for the model's float32 arithmetic, or a series
+                too short for the policy.
         """
         where = where or (lambda i: f"series {i}")
         cases = _as_cases(x, self.contract)
@@ -313,6 +538,7 @@ class CBDEnsemble:
                                  f"(trained on {self.contract.dataset}, input "
                                  f"{self.contract.input_shape}); give series with {c} channels")
         _check_finite(cases, where)
+        _check_magnitude(cases, where, self.contract.max_magnitude)
         if isinstance(cases, np.ndarray) and cases.shape[2] == self.contract.seq_len:
             return np.ascontiguousarray(cases, dtype=np.float32)  # the common case
         return self._fit_lengths(cases, where)
@@ -323,19 +549,11 @@ class CBDEnsemble:
         shortest = 2 if policy == "resample" else 1
         out = np.empty((len(cases), self.contract.in_channels, length), dtype=np.float32)
         for i, case in enumerate(cases):
-            n = case.shape[1]
-            if n == length:
-                out[i] = case
-            elif n > length and policy == "pad":
-                raise InputError(f"{where(i)}: {n} time steps, but the model takes at most "
-                                 f"{length} (length_policy pad: shorter series are padded, "
-                                 f"longer ones are not cut); cut the series to {length} steps")
-            elif n < shortest:
-                raise InputError(f"{where(i)}: {n} time step(s), too few to {policy} to "
-                                 f"{length}; give series of at least {shortest} steps")
-            else:
-                fit = pad_series if policy == "pad" else resample_series
-                out[i] = fit(case, length)
+            if case.shape[1] < shortest:
+                raise InputError(f"{where(i)}: {case.shape[1]} time step(s), too few to "
+                                 f"{policy} to {length}; give series of at least {shortest} "
+                                 f"steps")
+            out[i] = to_length(case, length, policy)  # type: ignore[arg-type]
         return out
 
     def predict_proba(self, x: Any) -> np.ndarray:
@@ -395,14 +613,18 @@ def find_model_dir(path: str | Path) -> Path:
         raise ModelError(f"{path}: an MLflow model, but not one cbdtune logged (no "
                          f"'{ARTIFACT_KEY}' artifact); give a model logged by "
                          f"cbdtune.serving.log_model") from None
-    return path / rel
+    inside = (path / str(rel)).resolve()
+    if not inside.is_relative_to(path.resolve()):
+        raise ModelError(f"{path}: MLmodel names {rel!r} as the model's artifacts, outside the "
+                         f"MLflow model folder; give a model logged by cbdtune.serving.log_model")
+    return path / str(rel)
 
 
 def _as_cases(x: Any, contract: ModelContract) -> np.ndarray | list[np.ndarray]:
     """float64 [N, C, L] when all series share a length, else a list of [C, L_i]."""
     hint = f"the model takes {contract.input_shape} (a batch of series, channels, time steps)"
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = _real(x, "input", hint)
     except (TypeError, ValueError):
         if not isinstance(x, (list, tuple)):
             raise InputError(f"input of type {type(x).__name__} is not an array of numbers; "
@@ -418,7 +640,7 @@ def _as_cases(x: Any, contract: ModelContract) -> np.ndarray | list[np.ndarray]:
     cases = []
     for i, case in enumerate(x):
         try:
-            case = np.asarray(case, dtype=np.float64)
+            case = _real(case, f"series {i}", hint)
         except (TypeError, ValueError):
             raise InputError(f"series {i} is not an array of numbers; {hint}") from None
         if case.ndim != 2 or 0 in case.shape:
@@ -428,6 +650,37 @@ def _as_cases(x: Any, contract: ModelContract) -> np.ndarray | list[np.ndarray]:
     if not cases:
         raise InputError(f"input holds no series; {hint}")
     return cases
+
+
+def _real(x: Any, what: str, hint: str) -> np.ndarray:
+    """``x`` as float64; complex numbers are refused (a cast would drop the imaginary part).
+
+    Raises:
+        InputError: complex input. TypeError, ValueError: not numbers, or ragged.
+    """
+    arr = np.asarray(x)
+    if arr.dtype == object:  # e.g. numbers of mixed Python types: float() decides (or raises)
+        arr = np.asarray(x, dtype=np.float64)
+    if np.iscomplexobj(arr):
+        raise InputError(f"{what} holds complex numbers; the model takes real series ({hint}): "
+                         f"pass the real part, the magnitude, or both as separate channels")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
+def _check_magnitude(cases: np.ndarray | list[np.ndarray], where: Callable[[int], str],
+                     limit: float) -> None:
+    """Raise on a value too large for the model's float32 arithmetic, naming the first one."""
+    for i, case in enumerate(cases):
+        big = np.abs(case) > limit
+        if big.any():
+            c, t = (int(v[0]) for v in np.nonzero(big))
+            beyond = "float32's maximum" if abs(case[c, t]) > np.finfo(np.float32).max else \
+                "what the model's float32 arithmetic holds"
+            raise InputError(f"{where(i)}: channel {c}, step {t} (0-based) is {case[c, t]:.3g}, "
+                             f"too large for float32 (beyond {beyond}; this model takes "
+                             f"|x| <= {limit:.3g}); rescale the series, e.g. to other units")
 
 
 def _check_finite(cases: np.ndarray | list[np.ndarray], where: Callable[[int], str]) -> None:
@@ -455,12 +708,15 @@ def _check_finite(cases: np.ndarray | list[np.ndarray], where: Callable[[int], s
 
 
 def model_signature(contract: ModelContract) -> Any:
-    """float32 tensor input (-1, C, L) -> columns ``label`` and ``prob_<class>``."""
+    """float32 tensor input (-1, C, -1) -> columns ``label`` and ``prob_<class>``.
+
+    The length is free (-1): the served model fits other lengths by the contract's policy, as
+    ``cbdtune.predict`` does (:meth:`CBDEnsemble.check_input`).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, contract.in_channels,
-                                                       contract.seq_len))])
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, contract.in_channels, -1))])
     outputs = Schema([ColSpec("string", "label"),
                       *(ColSpec("double", f"prob_{c}") for c in contract.class_names)])
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -471,8 +727,8 @@ def log_model(tracking_uri: str, run_id: str, model_dir: str | Path, *, register
     """Log a model directory to an existing MLflow run and register it as a new version.
 
     The pyfunc model is logged *from code* (:data:`PYFUNC_CODE`), with the model directory as
-    its artifact ``cbd_model``, a signature (float32 tensor (-1, C, L) in; ``label`` and
-    ``prob_<class>`` out) and ``input_example``. The logged model is created in the run's
+    its artifact ``cbd_model``, a signature (float32 tensor (-1, C, any length) in; ``label``
+    and ``prob_<class>`` out) and ``input_example``. The logged model is created in the run's
     experiment and linked to the run; the run's status is not touched. MLflow's global tracking
     and registry URIs are set for the call and put back after it.
 
