@@ -7,7 +7,7 @@ Caruana's "sorted ensemble initialisation", Section 2.1) and each round adds, wi
 candidate whose addition gives the lowest log-loss of the equally weighted average of the members
 picked so far; a candidate picked twice counts twice (Section 2.1, "selection with replacement").
 The ensemble returned is the prefix of the rounds with the lowest log-loss (Section 2.1: the
-hillclimb set picks the ensemble size), so its weights are a member's picks over the prefix's length.
+hillclimb set picks the ensemble size), so a member's weight is its picks over the prefix's length.
 
 On small data the out-of-fold estimate is noisy; log-loss is a proper score that separates models
 accuracy ties (auto-sklearn and AutoGluon select on it for the same reason).
@@ -99,7 +99,7 @@ def restrict(candidates: Mapping[str, np.ndarray],
         EnsembleError: ``keep`` accepts none of them.
 
     Example:
-        >>> cbd_only = restrict(oof, lambda name: not name.startswith("minirocket"))  # doctest: +SKIP
+        >>> cbd = restrict(oof, lambda name: not name.startswith("minirocket"))  # doctest: +SKIP
     """
     kept = {name: p for name, p in candidates.items() if keep(name)}
     if not kept:
@@ -120,16 +120,18 @@ def blend(weights: Mapping[str, float], probas: Mapping[str, np.ndarray]) -> np.
         float64 (M, K).
 
     Raises:
-        EnsembleError: a weighted member has no probabilities, or the shapes differ.
+        EnsembleError: no weights, a weighted member has no probabilities, or the shapes differ.
     """
     missing = sorted(set(weights) - set(probas))
+    if not weights:
+        raise EnsembleError("ensemble blend: no members; blend a Selection's weights")
     if missing:
         raise EnsembleError(f"ensemble blend: no probabilities for member(s) {', '.join(missing)}; "
                             f"predict with every member of the selection")
     shapes = {np.shape(probas[name]) for name in weights}
     if len(shapes) != 1:
-        raise EnsembleError(f"ensemble blend: members' probabilities differ in shape {sorted(shapes)}; "
-                            f"predict every member on the same series")
+        raise EnsembleError(f"ensemble blend: members' probabilities differ in shape "
+                            f"{sorted(shapes)}; predict every member on the same series")
     out = np.zeros(shapes.pop(), dtype=np.float64)
     for name, w in weights.items():
         out += w * np.asarray(probas[name], dtype=np.float64)
