@@ -319,13 +319,21 @@ def test_head_fit_stats_are_saved_and_reloaded() -> None:
     assert not any(k.startswith("stats_") for k in head_for("mean", False).state_dict())
 
 
-def test_head_fit_stats_constant_statistic_is_finite() -> None:
-    """A z-normalised archive has the same mean (0) and log-std (0) for every series."""
+def test_head_fit_stats_constant_statistic_is_dropped() -> None:
+    """A z-normalised archive has the same mean (0) and log-std (0) for every series, up to
+    rounding (spread ~3e-6): such a column gets std 0 and the head reads 0 there, whatever the
+    value, so a 1e-3 shift of a test series' level cannot move the logits."""
     head = head_for("mean", True).eval()
-    train = torch.cat([torch.zeros(10, 3), torch.randn(10, 3)], dim=1)
+    train = torch.cat([3e-6 * torch.randn(10, 3, generator=gen(1)),
+                       torch.randn(10, 3, generator=gen(2))], dim=1)
     head.fit_stats(train)
-    assert head.stats_std[:3].min() > 0
-    assert torch.isfinite(head(torch.randn(2, 7, 16), train[:2] + 1e-7)).all()
+    assert torch.equal(head.stats_std[:3], torch.zeros(3))
+    assert head.stats_std[3:].min() > 0.1
+    features, moved = torch.randn(2, 7, 16), train[:2].clone()
+    moved[:, :3] += torch.tensor([1e-3, -5.0, 1e3])
+    assert torch.equal(head(features, moved), head(features, train[:2]))
+    moved[:, 3] += 1.0  # a column that varies over training is read
+    assert not torch.allclose(head(features, moved), head(features, train[:2]))
 
 
 def test_head_fit_stats_rejects_bad_input() -> None:
@@ -615,3 +623,42 @@ def test_diagnostics_erank_extremes() -> None:
     assert effective_rank(same).item() == pytest.approx(1.0, abs=1e-4)
     eye = torch.eye(8).expand(2, 8, 8)  # orthonormal tokens: full rank
     assert effective_rank(eye).item() == pytest.approx(8.0, abs=1e-4)
+
+
+# ---- scale and offset: the units of the input do not decide the label --------------------------
+
+
+def test_normalize_series_ignores_the_units_of_the_input() -> None:
+    """The eps is relative to the series' scale: x * 1e-3, x * 1e3 and x + 1e-3 normalise to x's
+    series (an absolute eps of 1e-5 flattened x * 1e-3, whose variance is 1e-6)."""
+    x = torch.randn(4, 3, 60, generator=gen(0)) * torch.tensor([1.0, 0.1, 3.0])[:, None] + 2.0
+    ref = normalize_series(x)[0]
+    for moved in (x * 1e-3, x * 1e3, x + 1e-3):
+        torch.testing.assert_close(normalize_series(moved)[0], ref, atol=1e-4, rtol=0)
+
+
+def test_normalize_series_constant_and_zero_series_give_zero() -> None:
+    """Every channel constant (0.1: a float32 sum of its copies is inexact), or all zeros: 0,
+    finite, whatever the relative eps sees."""
+    for value in (0.1, 4.0, 0.0, -3e5):
+        xc, mean, std = normalize_series(torch.full((2, 3, 37), value))
+        assert torch.equal(xc, torch.zeros(2, 3, 37)), value
+        assert torch.isfinite(std).all() and (std > 0).all()
+    x = torch.randn(1, 2, 37, generator=gen(1))
+    x[:, 1] = 0.1  # a constant channel beside a varying one
+    assert torch.equal(normalize_series(x)[0][:, 1], torch.zeros(1, 37))
+
+
+def test_series_stats_are_scale_invariant_and_a_shift_moves_only_the_means() -> None:
+    x = torch.randn(5, 3, 40, generator=gen(2)) * torch.tensor([2.0, 0.5, 1.0])[:, None] + 1.0
+    s = series_stats(x)
+    assert s.shape == (5, 6)
+    for k in (1e-3, 1e3):
+        torch.testing.assert_close(series_stats(x * k), s, atol=1e-5, rtol=1e-5)
+    shifted = series_stats(x + 1e-3)
+    torch.testing.assert_close(shifted[:, 3:], s[:, 3:], atol=1e-5, rtol=0)  # log-stds
+    scale = s.new_tensor([[4.0, 0.25, 1.0]]).mean().sqrt()  # sqrt(mean channel variance)
+    moved = shifted[:, :3] - s[:, :3]
+    assert moved.min() > 0 and moved.max() < 3e-3 / scale  # 1e-3 in units of the scale
+    zero = series_stats(torch.zeros(2, 3, 40))
+    assert torch.equal(zero, torch.zeros(2, 6))  # finite: level 0, every std equal to S

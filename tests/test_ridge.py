@@ -115,3 +115,80 @@ def test_ridge_stage_under_both_protocols(cv_folds: int) -> None:
     result = pipeline.run_trial(cfg, data, lambda _m, _s: None)
     assert result.metrics["cv_folds"] == cv_folds
     assert result.metrics["test_accuracy"] >= 0.9
+
+
+# ---- level columns that are rounding get weight 0; labels ignore the input's units -------------
+
+
+def test_standardiser_drops_columns_constant_up_to_rounding() -> None:
+    """Constant is relative: a spread of 3e-6 around 0 (a z-normalised archive's levels) and one
+    of 1e-3 around 1e3 (float32 rounding there) are dropped; a spread of 1e-2 is read."""
+    rng = np.random.default_rng(0)
+    z = np.stack([3e-6 * rng.standard_normal(50), 1e3 + 1e-3 * rng.standard_normal(50),
+                  1e-2 * rng.standard_normal(50), np.full(50, 7.0)], axis=1)
+    center, inv_std = ridge._standardiser(z)
+    assert np.array_equal(inv_std[[0, 1, 3]], np.zeros(3))
+    np.testing.assert_allclose(inv_std[2], 1.0 / z[:, 2].std())
+    np.testing.assert_allclose(center, z.mean(axis=0))
+
+
+@pytest.mark.parametrize(("name", "kept"), [("gesture", 0), ("FingerMovements", 56)])
+def test_standardiser_on_real_levels(shared_data_dir, name: str, kept: int) -> None:
+    """gesture is z-normalised per series and channel: its 6 level columns spread by ~3e-6 (the
+    archive's rounding) and get weight 0. FingerMovements' 56 are real levels and are read."""
+    from cbdtune.config import DataConfig
+    from cbdtune.data import load_dataset
+    from cbdtune.model import series_stats
+
+    ds = load_dataset(DataConfig(dataset=name, data_dir=str(shared_data_dir)), seed=0)
+    stats = series_stats(torch.from_numpy(ds.train.x)).double().numpy()
+    _, inv_std = ridge._standardiser(stats)
+    assert int(np.count_nonzero(inv_std)) == kept
+    if kept == 0:
+        assert 0 < stats.std(axis=0).min() < 1e-5  # there is a spread, and it is rounding
+
+
+def _gesture_subset(shared_data_dir) -> Dataset:
+    from cbdtune.config import DataConfig
+    from cbdtune.data import load_dataset
+
+    ds = load_dataset(DataConfig(dataset="gesture", data_dir=str(shared_data_dir)), seed=0)
+    return Dataset(name=ds.name, train=ds.train, val=ds.val,
+                   test=Split(ds.test.x[::8], ds.test.y[::8]), class_names=ds.class_names,
+                   source=ds.source, location=ds.location)
+
+
+@pytest.mark.parametrize("levels", [False, True])
+@pytest.mark.parametrize("stage", ["ridge", "linear_probe"])
+def test_saved_model_labels_ignore_the_inputs_units(shared_data_dir, tmp_path, stage: str,
+                                                    levels: bool) -> None:
+    """A saved smoke model on gesture (z-normalised: its levels are rounding) gives the same
+    labels when the inputs are shifted by 1e-3 or scaled by 1e-3 or 1e3. The ridge is fit at a
+    point that weighs the levels as much as the tokens (what CV picked on gesture before the
+    levels were dropped there). Before: a 1e-3 shift moved about half of gesture's labels, and
+    x 1e-3 under an absolute eps of 1e-5 about as many."""
+    from cbdtune.serving import CBDEnsemble, save_model
+
+    torch.set_num_threads(1)
+    data = _gesture_subset(shared_data_dir)
+    cfg = preset("smoke").replace({"model.level_features": levels, "train.classifier": stage,
+                                   "train.num_threads": 1, "train.pretrain_epochs": 0})
+    cfg, model = pipeline.build_for(data, cfg)
+    if stage == "ridge":
+        head = build_head(cfg.model, model.num_tokens, ridge=True)
+        points = ridge.path(head)
+        both = [i for i, (blend, _) in enumerate(points) if min(blend) > 0] or range(len(points))
+        epochs = list(both)[len(both) // 2] + 1
+    else:
+        epochs = 20  # the smoke preset's head, on an untrained encoder: ~0.7 on these 40
+    torch.manual_seed(0)
+    clf = classify.refit(model, data.train.x, data.train.y, cfg, pipeline.Runtime(), stage,
+                         epochs)
+    path = save_model(tmp_path / "model", [(cfg, clf.state_dict(), {"source": "test"})],
+                      class_names=data.class_names, dataset=data.name)
+    served = CBDEnsemble.load(path)
+    x = data.test.x
+    labels = served.predict(x)
+    assert len(set(labels)) > 1, "a model that predicts one class tests nothing"
+    for moved in (x + np.float32(1e-3), x * np.float32(1e-3), x * np.float32(1e3)):
+        assert served.predict(moved) == labels

@@ -12,7 +12,7 @@
 
 ``model.head_dropout`` drops the head's token features (after pooling and LayerNorm) before its
 first Linear. With ``model.level_features`` the head also reads the per-channel mean and log-std
-of the raw series (:func:`series_stats`), standardised with the training split's statistics
+of the raw series relative to its own scale (:func:`series_stats`), standardised with the training split's statistics
 (:meth:`ClassifierHead.fit_stats`) and concatenated after the dropout.
 """
 
@@ -26,21 +26,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbdtune.config import ConfigError, ModelConfig
+from cbdtune.model.tokenizer import series_moments
 
-STATS_STD_FLOOR = 1e-5  # a statistic constant over the training split (z-normalised archives)
-#                         is centred but not blown up
+# A column whose spread over the training split is at most COLUMN_REL_FLOOR of its own rms plus
+# COLUMN_ABS_FLOOR counts as constant and gets weight 0 (here and in cbdtune.ridge). Absolute is
+# relative: every column a head reads is in units of the series' own scale (the tokens come from
+# the normalised series, the levels are divided by the scale), so COLUMN_ABS_FLOOR is 1e-4 of
+# the scale. On z-normalised archives the levels spread by ~3e-6 from the archive's rounding;
+# weighed 1/std they turned a 1e-3 shift of the input into hundreds of standard deviations.
+COLUMN_REL_FLOOR = 1e-5  # float32 keeps ~7 digits; a sum over L steps loses a few more
+COLUMN_ABS_FLOOR = 1e-4
+
+
+def constant_columns(std: Tensor, rms: Tensor) -> Tensor:
+    """Which columns count as constant from their spread ``std`` and ``rms`` over the training
+    split (bool, same shape); works on numpy arrays too."""
+    return std <= COLUMN_REL_FLOOR * rms + COLUMN_ABS_FLOOR
 
 
 def series_stats(x: Tensor) -> Tensor:
-    """Per-channel level of raw series: mean and log-std, (B, C, L) -> (B, 2C).
+    """Per-channel level of raw series, in units of the series' own scale: (B, C, L) -> (B, 2C).
 
-    The instance normalisation before the tokenizer removes exactly these (RevIN-style); a head
-    that reads them gets the level back.
+    The instance normalisation before the tokenizer removes the level (RevIN-style); a head that
+    reads these gets it back. With ``mean_c`` and ``std_c`` the normaliser's
+    (:func:`cbdtune.model.tokenizer.series_moments`) and ``S = sqrt(mean_c(std_c^2))`` the
+    series' scale, the columns are ``mean_c / S`` then ``log(std_c / S)``.
+
+    Why relative to S: a user's units must not decide the label. Under ``x * k`` (k > 0) both
+    are unchanged; under ``x + b`` the log-stds are unchanged and the means move by ``b / S``,
+    which a model weighs only where the training means spread by more than
+    ``COLUMN_ABS_FLOOR`` (1e-4 of the scale; :func:`constant_columns`). The raw mean and
+    log-std read before did neither: x 1e-3 moved every log-std by -6.9. What is lost is the
+    series' overall scale ``log S``, by design.
     """
-    x = x.float()
-    mean = x.mean(dim=-1)
-    log_std = torch.log(x.std(dim=-1, correction=0) + 1e-5)
-    return torch.cat([mean, log_std], dim=-1)
+    mean, std = series_moments(x.float())
+    scale = std.square().mean(dim=1, keepdim=True).sqrt()  # (B, 1, 1), > 0: std > 0
+    return torch.cat([mean / scale, torch.log(std / scale)], dim=1).squeeze(-1)  # (B, 2C)
 
 
 class ClassifierHead(nn.Module):
@@ -80,7 +101,11 @@ class ClassifierHead(nn.Module):
 
     @torch.no_grad()
     def fit_stats(self, stats: Tensor) -> None:
-        """Set the standardisation of the statistics from the training split's (N, n_stats)."""
+        """Set the standardisation of the statistics from the training split's (N, n_stats).
+
+        A column constant over the split (:func:`constant_columns`) gets ``stats_std`` 0 and
+        the head reads 0 there: it carries no level, and 1/std would blow its rounding up.
+        """
         if self.n_stats == 0:
             raise ValueError("this head reads no series statistics (n_stats = 0)")
         if stats.ndim != 2 or stats.shape[1] != self.n_stats or stats.shape[0] < 1:
@@ -89,8 +114,10 @@ class ClassifierHead(nn.Module):
         stats = stats.float()
         if not torch.isfinite(stats).all():
             raise ValueError("series statistics contain NaN or inf; clean the training series")
+        std = stats.std(dim=0, correction=0)
+        constant = constant_columns(std, stats.square().mean(dim=0).sqrt())
         self.stats_mean.copy_(stats.mean(dim=0))
-        self.stats_std.copy_(stats.std(dim=0, correction=0).clamp_min(STATS_STD_FLOOR))
+        self.stats_std.copy_(torch.where(constant, 0.0, std))  # 0: the column is dropped
 
     def pool(self, features: Tensor) -> Tensor:
         """(B, T, D) -> (B, T*D) for ``flatten``, else the LayerNormed pooled (B, D)."""
@@ -113,7 +140,9 @@ class ClassifierHead(nn.Module):
         if self.dropout > 0:  # skipped at 0, so the paper head's forward is unchanged
             z = F.dropout(z, self.dropout, self.training)
         if stats is not None:
-            stats = (stats.float() - self.stats_mean) / self.stats_std  # (B, n_stats)
+            kept = self.stats_std > 0  # fit_stats sets 0 for a column constant over training
+            inv_std = torch.where(kept, 1.0 / self.stats_std.clamp_min(1e-30), 0.0)
+            stats = (stats.float() - self.stats_mean) * inv_std  # (B, n_stats)
             z = torch.cat([z, stats.to(z.dtype)], dim=-1)
         h = self.fc1(z)
         h = h.relu() if self.kind == "flatten" else F.gelu(h)

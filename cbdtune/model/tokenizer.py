@@ -25,24 +25,45 @@ from torch import Tensor, nn
 
 from cbdtune.config import ModelConfig
 
-NORM_EPS = 1e-5  # [C]; inside the sqrt, so a constant series gives 0 / sqrt(eps) = 0, not NaN
+NORM_EPS = 1e-5  # [C]'s eps, now RELATIVE: times the series' mean channel variance (see below)
 
 
-def normalize_series(x: Tensor, eps: float = NORM_EPS) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample, per-channel z-normalisation over time, no affine ([C]).
+def series_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and the normaliser's std of raw series: (B, C, L) -> two (B, C, 1).
+
+    ``std = sqrt(var + eps)`` with ``eps = NORM_EPS * mean_c(var_c) + tiny``: [C] adds an
+    absolute 1e-5 to the variance, which is right only for series of unit scale (the
+    z-normalised archives, where the two agree); on the same series in other units (x 1e-3,
+    variance 1e-6) it flattens every channel and the labels change. Relative to the series' own
+    scale, the eps scales with the input and the normalised series does not depend on the units.
+    ``tiny`` (the dtype's smallest normal number) keeps an all-zero series finite.
+
+    The mean is taken in float64 and rounded once, so a constant channel is centred to exactly
+    0 (a float32 sum of n copies of 0.1 is not n * 0.1) and normalises to 0 even when every
+    channel is constant, where the relative eps alone would not damp the rounding residue.
+    """
+    mean = x.double().mean(dim=-1, keepdim=True).to(x.dtype).detach()  # [C] detaches the mean
+    # the biased variance of the centred x; x.var() recomputes the mean in a ~20x slower kernel
+    var = (x - mean).square().mean(dim=-1, keepdim=True)
+    eps = NORM_EPS * var.mean(dim=1, keepdim=True) + torch.finfo(var.dtype).tiny  # (B, 1, 1)
+    return mean, torch.sqrt(var + eps)
+
+
+def normalize_series(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample, per-channel z-normalisation over time, no affine ([C]; RevIN-style).
+
+    The eps inside the std is relative to the series' own scale (:func:`series_moments`), so
+    ``x * k + b`` for a global k > 0 normalises to the same series as ``x`` (up to float
+    rounding); a constant channel gives 0.
 
     Args:
         x: (B, C, L) raw series.
-        eps: added to the variance; keeps constant series finite.
 
     Returns:
         ``(x_norm, mean, std)`` with mean and std of shape (B, C, 1), kept to de-normalise.
     """
-    mean = x.mean(dim=-1, keepdim=True).detach()  # [C] detaches the mean (not the std)
-    x = x - mean
-    # the biased variance of the centred x; x.var() recomputes the mean in a ~20x slower kernel
-    std = torch.sqrt(x.square().mean(dim=-1, keepdim=True) + eps)
-    return x / std, mean, std
+    mean, std = series_moments(x)
+    return (x - mean) / std, mean, std
 
 
 # ---- conv tokenizer [C] ----------------------------------------------------------------------
