@@ -21,6 +21,7 @@ from ray.tune import Callback
 
 from cbdtune import reports
 from cbdtune.config import ExperimentConfig
+from cbdtune.encoder_cache import NOTE_KEY
 from cbdtune.tracking import (
     PARENT_TAG,
     TRIAL_TAG,
@@ -106,6 +107,15 @@ class ProgressCallback(Callback):
         if _finite(seconds):
             parts.append(f"{seconds:.0f} s")
         return " ".join(parts)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        """The encoder cache's warnings a trial sent with this result (a broken entry found
+        and rebuilt, ``cbdtune.worker.cache_notes``): its own log lines stay in Ray's
+        session folder."""
+        note = result.get(NOTE_KEY)
+        if note:
+            print(f"trial {trial.trial_id}: {note}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:

@@ -52,6 +52,10 @@ from torch import nn
 from cbdtune.config import ExperimentConfig, TrainConfig, valid_keys
 
 FORMAT_VERSION = 1
+# A trial's report key for the cache's warnings in that trial (an entry found broken and
+# rebuilt): the worker adds them to its next report and the search prints them (callbacks.py),
+# since a trial's own log lines stay in Ray's session folder.
+NOTE_KEY = "encoder_cache_note"
 ENCODERS = "encoders"  # the cache's folder under its root
 ENCODER_FILE = "encoder.pt"
 META_FILE = "meta.json"
@@ -175,7 +179,7 @@ class EncoderCache:
     def discard(self, key: str, reason: str) -> None:
         """Remove a broken entry, in one log line."""
         log.warning("encoder cache %s: entry %s %s; removed, it will be rebuilt",
-                    self.root, key[:12], reason)
+                    self.root, key[:12], reason, extra={NOTE_KEY: True})
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_dir(self._path(key))
 

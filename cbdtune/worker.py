@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import socket
 import tempfile
@@ -31,9 +32,10 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from cbdtune import reports
+from cbdtune import encoder_cache, reports
 from cbdtune.config import ConfigError, ExperimentConfig
 from cbdtune.data import Dataset, load_dataset
+from cbdtune.encoder_cache import NOTE_KEY
 from cbdtune.pipeline import Runtime, refit_trial, run_trial
 
 CHECKPOINT_FILE = "state.pt"
@@ -100,14 +102,19 @@ class Reporter:
     """
 
     def __init__(self, history: list[dict[str, Any]], extra: dict[str, Any], rank: int,
-                 send: Callable[..., None] | None = None) -> None:
+                 send: Callable[..., None] | None = None,
+                 notes: list[str] | None = None) -> None:
         self.history = list(history)
         self.extra = extra
         self.rank = rank
         self.send = send
+        self.notes = notes if notes is not None else []
 
     def __call__(self, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
         metrics = {**metrics, **self.extra}
+        if self.notes:  # the encoder cache's warnings since the last report, sent once
+            metrics[NOTE_KEY] = "; ".join(self.notes)
+            self.notes.clear()
         self.history.append(dict(metrics))
         out = {**metrics, reports.ITERATION: len(self.history)}
         send = self.send or ray.train.report
@@ -119,8 +126,35 @@ class Reporter:
             send(out, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+@contextlib.contextmanager
+def cache_notes() -> Iterator[list[str]]:
+    """The encoder cache's warnings made inside the block (an entry found broken and
+    rebuilt), as lines: :class:`Reporter` sends them with the trial's next report, and the
+    search's driver prints them (``callbacks.ProgressCallback``); a worker's own log stays in
+    Ray's session folder (``log_to_driver=False``)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, NOTE_KEY, False):
+                lines.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    encoder_cache.log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        encoder_cache.log.removeHandler(handler)
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """One worker of a trial. ``loop_config``: ``{"config": flat dict, "data_ref": [ObjectRef]}``."""
+    with cache_notes() as notes:
+        return _train_fn(loop_config, notes)
+
+
+def _train_fn(loop_config: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """:func:`train_fn_per_worker`, its cache warnings going to ``notes``."""
     cfg = ExperimentConfig.from_dict(loop_config["config"], where="trial config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -149,7 +183,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     where = {"worker_node": ray.get_runtime_context().get_node_id()[:12],
              "resumed_from_stage": state[reports.STAGE] if state else "",
              "resumed_from_epoch": int(state[reports.EPOCH]) if state else -1}
-    report = Reporter(state.get("history", []) if state else [], where, rank)  # [4]
+    report = Reporter(state.get("history", []) if state else [], where, rank,  # [4]
+                      notes=notes)
 
     # [3] DDP only when data-parallel; the model is already on `device`.
     rt = Runtime(device=device, rank=rank, world_size=world,

@@ -184,3 +184,31 @@ def test_connect_local_ray_listens_on_loopback_only() -> None:
     open_ = [entry for entry in listeners
              if entry[1].removeprefix("::ffff:") not in ("127.0.0.1", "::1")]
     assert not open_, f"listening beyond loopback: {open_}"
+
+
+def test_cache_notes_send_a_rebuilt_entry_with_the_next_report_once(tmp_path: Path) -> None:
+    """The rebuild warning reaches the trial's result (the search prints it), not only the
+    worker's log in Ray's session folder."""
+    import hashlib
+
+    import torch
+
+    from cbdtune import encoder_cache as ec
+
+    cache = ec.EncoderCache(str(tmp_path))
+    inputs = {"format": ec.FORMAT_VERSION, "stands_for": "a pretraining key's inputs"}
+    key = hashlib.sha256(ec._canonical(inputs)).hexdigest()
+    cache.put(key, {"model": {"w": torch.zeros(3)}}, {"inputs": inputs, "reports": [],
+                                                      "source": "s/t0"})
+    (tmp_path / ec.ENCODERS / key / ec.ENCODER_FILE).write_bytes(b"cut short")
+    sent: list[dict[str, Any]] = []
+    with worker.cache_notes() as notes:
+        report = worker.Reporter([], {}, rank=1, send=lambda m, **kw: sent.append(m),
+                                 notes=notes)
+        assert cache.get(key) is None  # found broken, removed
+        report({"epoch": 1}, None)
+        report({"epoch": 2}, None)
+    note = sent[0][ec.NOTE_KEY]
+    assert key[:12] in note and "rebuilt" in note and "\n" not in note
+    assert ec.NOTE_KEY not in sent[1]
+    assert cache.get(key) is None and notes == []  # outside the block: nothing collected
