@@ -161,13 +161,13 @@ def read_input(spec: str, kind: str, ensemble: CBDEnsemble, *, data_dir: str | N
     ``where(i)`` names series ``i`` in error messages (``file:line`` for ``.ts``).
 
     Raises:
-        InputError: a ``.npy`` that is not a plain numeric array.
+        InputError: a ``.npy`` that is not a plain numeric array (empty, cut, pickled).
         DataError: a ``.ts`` file or dataset that does not read (with file and line).
     """
     if kind == "npy":
         try:
             x = np.load(spec, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut file
             raise InputError(f"--input {spec}: not a plain .npy array ({_one_line(exc)}); save "
                              f"it with numpy.save(path, x) for a float array x [N, C, L]") \
                 from None

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,5 +132,28 @@ def summarise(top: pd.DataFrame, refits: list[Refit], y_test: np.ndarray | None,
 
 
 def ensemble_accuracy(probas: list[np.ndarray], y: np.ndarray) -> float:
-    """Accuracy of the softmax average."""
-    return float(np.mean(np.mean(probas, axis=0).argmax(1) == y))
+    """Accuracy of the softmax average (in float64, as :class:`cbdtune.serving.CBDEnsemble`
+    averages its members)."""
+    return float(np.mean(np.mean(np.asarray(probas, dtype=np.float64), axis=0).argmax(1) == y))
+
+
+def score_saved_model(model_dir: str | Path, x: np.ndarray, y: np.ndarray) -> float:
+    """Test accuracy of a saved model folder, through the code ``cbdtune.predict`` runs.
+
+    The search reports this number for the model it hands over, so that it is what a user gets
+    from ``python -m cbdtune.predict --model <the registered version> --input <dataset>``:
+    :meth:`cbdtune.serving.CBDEnsemble.load` and ``predict_proba`` (float32, the contract's
+    length policy), the argmax compared with ``y``.
+
+    Args:
+        model_dir: a folder :func:`cbdtune.serving.save_model` wrote.
+        x: the test series, float [N, C, L_i] (any length; fitted as the model does).
+        y: their class indices [N], in the model's class order.
+
+    Returns:
+        The fraction of series whose most probable class is ``y``.
+    """
+    from cbdtune.serving import CBDEnsemble
+
+    pred = CBDEnsemble.load(model_dir).predict_proba(x).argmax(axis=1)
+    return float(np.mean(pred == np.asarray(y)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import subprocess
@@ -163,24 +164,45 @@ def _bad_npy(tmp: Path, name: str, x: np.ndarray) -> str:
 @pytest.mark.parametrize("case, message", [
     ("channels", "2 channels, but the model takes 3"),
     ("nan", "channel 1, step 5 (0-based) is NaN or infinite"),
-    ("too_long", "400 time steps, but the model takes at most 315"),
     ("missing", "missing.npy: file not found"),
     ("extension", "unsupported file type '.csv'"),
     ("no_model", "no such folder, and not a models:/ or runs:/ URI"),
+    ("empty", "e.npy: not a plain .npy array"),
+    ("times_1e20", "series 1: channel 0, step 0 (0-based) is 1e+20, too large for float32"),
+    ("value_1e39", "series 2: channel 1, step 7 (0-based) is 1e+39, too large for float32 "
+                   "(beyond float32's maximum"),
+    ("complex", "holds complex numbers; the model takes real series"),
+    ("ts_1e39", "channel 2, value 3: 1e+39 is too large for float32"),
 ])
 def test_predict_bad_input_one_line_exit_2(case: str, message: str, store: dict[str, Any],
-                                           tmp_path: Path,
+                                           subset_ts: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     x = np.zeros((3, 3, 315), dtype=np.float32)
     x_nan = x.copy()
     x_nan[2, 1, 5] = np.nan
+    ones = np.ones((3, 3, 315))
+    scaled, huge = ones.copy(), ones.copy()
+    scaled[1] *= 1e20  # finite in float32 too, but its squares are not (instance norm)
+    huge[2, 1, 7] = 1e39  # finite in float64 only
+    (tmp_path / "e.npy").write_bytes(b"")
+    lines = subset_ts.read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.startswith("@data")) + 1
+    channels = lines[first].split(":")
+    values = channels[1].split(",")
+    values[2] = "1e39"
+    lines[first] = ":".join([channels[0], ",".join(values), *channels[2:]])
+    (tmp_path / "big.ts").write_text("".join(lines))
     inputs = {
         "channels": _bad_npy(tmp_path, "c.npy", x[:, :2]),
         "nan": _bad_npy(tmp_path, "n.npy", x_nan),
-        "too_long": _bad_npy(tmp_path, "l.npy", np.zeros((3, 3, 400), dtype=np.float32)),
         "missing": str(tmp_path / "missing.npy"),
         "extension": str(tmp_path / "x.csv"),
         "no_model": _bad_npy(tmp_path, "ok.npy", x),
+        "empty": str(tmp_path / "e.npy"),
+        "times_1e20": _bad_npy(tmp_path, "s.npy", scaled),
+        "value_1e39": _bad_npy(tmp_path, "h.npy", huge),
+        "complex": _bad_npy(tmp_path, "j.npy", ones + 1j),
+        "ts_1e39": str(tmp_path / "big.ts"),
     }
     (tmp_path / "x.csv").write_text("1,2,3\n")
     model = str(tmp_path / "nowhere") if case == "no_model" else str(store["dir"])
@@ -201,3 +223,90 @@ def test_predict_unknown_registered_model_one_line(store: dict[str, Any],
     assert code == 2 and len(err) == 1 and captured.out == "", captured
     assert err[0].startswith("error: --model models:/cbdtune-nope/latest: not found in ")
     assert "registered models there: cbdtune-test" in err[0]
+
+
+@pytest.fixture(scope="module")
+def resample_store(store: dict[str, Any], gesture: Dataset) -> dict[str, Any]:
+    """A one-member model with ``length_policy: resample``, registered as ``cbdtune-resample``
+    in ``store``'s tracking store."""
+    from mlflow import MlflowClient
+
+    cfg = preset("smoke").replace({"model.in_channels": 3, "model.seq_len": 315,
+                                   "model.num_classes": 8, "data.length_policy": "resample"})
+    torch.manual_seed(2)
+    model = build_model(cfg.model)
+    clf = CBDClassifier(model, build_head(cfg.model, model.num_tokens))
+    model_dir = save_model(store["tmp"] / "resample", [(cfg, clf.state_dict(), {})],
+                           class_names=gesture.class_names, dataset=gesture.name)
+    client = MlflowClient(store["uri"])
+    run_id = client.create_run(client.get_experiment_by_name("predict").experiment_id) \
+        .info.run_id
+    log_model(store["uri"], run_id, model_dir, registered_name="cbdtune-resample",
+              input_example=gesture.test.x[:2])
+    return {"dir": model_dir, "name": "cbdtune-resample"}
+
+
+@pytest.mark.parametrize("policy", ["pad", "resample"])
+def test_served_model_fits_lengths_as_the_cli_does(policy: str, store: dict[str, Any],
+                                                   resample_store: dict[str, Any],
+                                                   gesture: Dataset, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A shorter and a longer series through the MLflow pyfunc model and ``cbdtune.predict``:
+    the same labels and probabilities, and what the contract's policy says (pad: a longer
+    series is cut to its first L steps)."""
+    import mlflow
+
+    from cbdtune.data._lengths import to_length
+
+    name, folder = (("cbdtune-test", store["dir"]) if policy == "pad"
+                    else (resample_store["name"], resample_store["dir"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    served = mlflow.pyfunc.load_model(f"models:/{name}/latest")
+    ensemble = CBDEnsemble.load(folder)
+    long = np.concatenate([gesture.test.x[:4], gesture.test.x[4:8, :, :100]], axis=2)  # 415
+    for x in (gesture.test.x[:4, :, :200], long):
+        np.save(tmp_path / "x.npy", x)
+        assert predict.cli(["--model", str(folder), "--input", str(tmp_path / "x.npy")]) == 0
+        rows = read_csv(capsys.readouterr().out)
+        frame = served.predict(x)
+        assert [r["label"] for r in rows] == list(frame["label"])
+        cli_proba = np.array([[float(r[f"prob_{c}"]) for c in ensemble.class_names]
+                              for r in rows])
+        np.testing.assert_allclose(cli_proba, frame.drop(columns="label").to_numpy(),
+                                   rtol=1e-6, atol=1e-8)
+        fitted = np.stack([to_length(case, 315, policy) for case in x])  # type: ignore[arg-type]
+        np.testing.assert_array_equal(frame.drop(columns="label").to_numpy(),
+                                      ensemble.predict_proba(fitted))
+    if policy == "pad":
+        np.testing.assert_array_equal(ensemble.predict_proba(long),
+                                      ensemble.predict_proba(gesture.test.x[:4]))
+
+
+def test_refit_test_accuracy_equals_predict_on_the_saved_model(gesture: Dataset,
+                                                               shared_data_dir: Path,
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    """One precision: a refit scores test as the saved model does, bit for bit, even where bf16
+    autocast is available for training (forced on here, as on a bf16 machine)."""
+    from cbdtune import pipeline, refit, runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    cfg = preset("smoke").replace({"data.dataset": "gesture", "data.data_dir":
+                                   str(shared_data_dir), "train.pretrain_epochs": 1,
+                                   "train.amp": True, "train.device": "cpu"})
+    metrics, clf, proba = pipeline.refit_trial(cfg, gesture, stage="linear_probe", epochs=2)
+    resolved = dataclasses.replace(cfg, model=clf.model.cfg)  # as the worker hands it over
+    folder = save_model(tmp_path / "model", [(resolved, clf.state_dict(), {})],
+                        class_names=gesture.class_names, dataset=gesture.name)
+    np.testing.assert_array_equal(proba.astype(np.float64),
+                                  CBDEnsemble.load(folder).predict_proba(gesture.test.x))
+    scored = refit.score_saved_model(folder, gesture.test.x, gesture.test.y)
+    assert scored == metrics["test_accuracy"]
+    assert predict.cli(["--model", str(folder), "--input", "gesture", "--data-dir",
+                        str(shared_data_dir)]) == 0
+    correct = round(metrics["test_accuracy"] * 320)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"accuracy: {correct / 320:.4f} ({correct}/320)"

@@ -260,6 +260,11 @@ def _parse_values(text: str, where: str, channel: int, fix: str) -> np.ndarray:
         j = int(np.flatnonzero(np.isinf(values))[0])
         raise DataError(f"{where}: channel {channel + 1}, value {j + 1}: infinite value; "
                         f"{fix}")
+    big = np.abs(values) > np.finfo(np.float32).max  # stored float32: it would become inf
+    if big.any():
+        j = int(np.flatnonzero(big)[0])
+        raise DataError(f"{where}: channel {channel + 1}, value {j + 1}: {values[j]:.3g} is too "
+                        f"large for float32 (at most 3.4e+38); rescale the series")
     return values
 
 
