@@ -192,3 +192,23 @@ def test_saved_model_labels_ignore_the_inputs_units(shared_data_dir, tmp_path, s
     assert len(set(labels)) > 1, "a model that predicts one class tests nothing"
     for moved in (x + np.float32(1e-3), x * np.float32(1e-3), x * np.float32(1e3)):
         assert served.predict(moved) == labels
+
+
+@pytest.mark.parametrize("n", [40, 400])  # kernel (n <= F = 84) and Gram (n > F) routes
+def test_every_blend_of_the_path_is_sklearns_ridge_on_the_blended_columns(n: int) -> None:
+    """One eigendecomposition per fold serves all blends: each point's held-out scores are
+    scikit-learn's Ridge on the fold's standardised columns, each block times its weight."""
+    head = RidgeHead(2, 8, 3, num_tokens=4, segments=1, n_stats=4)
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((n, head.n_pooled + 4))
+    z[:, -4:] = 3.0 * z[:, -4:] + 5.0
+    y = rng.integers(0, 3, n)
+    tr, va = np.arange(n * 3 // 4), np.arange(n * 3 // 4, n)
+    out = ridge.path_outputs(head, z, y, tr, va, 3)
+    center, inv_std = ridge._standardiser(z[tr])
+    for i, (blend, alpha) in list(enumerate(ridge.path(head)))[::9]:
+        weight = ridge._blended(head, inv_std, blend)
+        ref = Ridge(alpha=alpha, solver="svd").fit((z[tr] - center) * weight,
+                                                    2.0 * np.eye(3)[y[tr]] - 1.0)
+        np.testing.assert_allclose(out[i], ref.predict((z[va] - center) * weight),
+                                   rtol=1e-6, atol=1e-8)
