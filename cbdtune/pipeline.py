@@ -74,6 +74,9 @@ class TrialResult:
     metrics: dict[str, Any]  # the final report
     reason: str = ""
     classifier: CBDClassifier | None = None  # what read the test split (None if diverged)
+    # the selected stage at its selected point: its CV estimate, temperature and out-of-fold
+    # probabilities (None if diverged)
+    selected: StageResult | None = None
 
 
 def _diagnostic_batch(data: Dataset, rt: Runtime) -> Tensor:
@@ -274,7 +277,7 @@ def run_trial(cfg: ExperimentConfig, data: Dataset, report: Report, *,
     final = _final_metrics(model, clf, data, cfg, rt, chosen, done, holdout=pool.holdout,
                            t0=t0, encoder=encoder)
     report(final, None)
-    return TrialResult(status="completed", metrics=final, classifier=clf)
+    return TrialResult(status="completed", metrics=final, classifier=clf, selected=chosen)
 
 
 def _fit_stages(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, n_classes: int,
