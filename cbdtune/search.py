@@ -16,9 +16,9 @@ In Python: ``run_search(SearchSettings(dataset="gesture", space="smoke"))`` retu
 :class:`SearchResult`; the command line is a thin mapping of its flags onto
 :class:`~cbdtune.settings.SearchSettings`.
 
-Every way out of a started search ends its MLflow runs: FINISHED; KILLED after Ctrl-C (exit 130,
-with the ``--resume`` command printed); FAILED after an exception (its first line is the parent's
-``cbdtune.reason``).
+Every way out of a started search ends its MLflow runs: FINISHED; KILLED after Ctrl-C in any
+phase (exit 130, with the ``--resume`` command printed, no model version registered); FAILED
+after an exception (its first line is the parent's ``cbdtune.reason``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -110,7 +112,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                         "storage (ignored with --resume)")
     p.add_argument("--cv-folds", type=int,
                    help="k of the stratified k-fold cross-validation each trial is scored by "
-                        "(default: the space's, 5); 0 = one validation split (large datasets)")
+                        "(default: the space's, 5; at most the training series of a "
+                        "dataset's largest class); 0 = one validation split (large datasets)")
     p.add_argument("--cv-repeats", type=int,
                    help="repeat the k folds with fresh shuffles (tiny datasets; default 1)")
     p.add_argument("--refit-top", type=int,
@@ -158,6 +161,56 @@ def check_storage(storage: str | None, *, option: str = "--storage") -> None:
         raise CbdtuneError(f"{flag}: {existing} is a file, not a folder; pass a folder path")
     if not tracking.is_writable(existing):
         raise CbdtuneError(f"{flag}: {existing} is read-only; pass a writable folder")
+
+
+def check_encoder_cache(settings: SearchSettings) -> None:
+    """Fail before Ray starts when the trials could not store encoders: a local cache folder
+    (``<root>/encoders``, :func:`encoder_root`) that exists read-only, or is a file.
+
+    Raises:
+        CbdtuneError: one line naming the folder and the ways out.
+    """
+    root = encoder_root(settings)
+    if root is None or "://" in root:
+        return
+    from cbdtune.encoder_cache import ENCODERS
+
+    folder = Path(root) / ENCODERS
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if existing.is_dir() and tracking.is_writable(existing):
+        return
+    what = "is a file, not a folder" if not existing.is_dir() else "is read-only"
+    raise CbdtuneError(f"encoder cache {shown_path(str(folder))}: {shown_path(str(existing))} "
+                       f"{what}; make it a writable folder, pass --encoder-cache with another "
+                       "folder, or --no-reuse")
+
+
+def check_cv_folds(base: ExperimentConfig, datasets: dict[str, Any], *, given: bool,
+                   space: str) -> None:
+    """Fail before Ray starts when ``data.cv_folds`` asks for more folds than a dataset can
+    give: stratified k-fold (``data.stratified_folds``) would run only as many folds as its
+    largest class has training series, while the summary and MLflow record the k asked.
+
+    Args:
+        base: the search's base config (``data.cv_folds`` from ``--cv-folds`` or the space).
+        datasets: the loaded datasets, by slug.
+        given: whether ``--cv-folds`` set it (else the space did).
+        space: the space, for the message.
+
+    Raises:
+        CbdtuneError: one line naming the dataset, the most folds it allows and the fix.
+    """
+    k = base.data.cv_folds
+    if not k:
+        return
+    for data in datasets.values():
+        most = int(np.bincount(np.asarray(data.train.y, dtype=np.int64)).max())
+        if k > most:
+            where = f"--cv-folds {k}" if given else f"data.cv_folds {k} (space {space})"
+            raise CbdtuneError(
+                f"{where}: {data.name} has at most {most} training series in a class, so "
+                f"stratified cross-validation runs at most {most} folds; pass --cv-folds "
+                f"{most} or fewer (0 = one validation split)")
 
 
 def shown_path(given: str, resolved: str | Path | None = None) -> str:
@@ -406,7 +459,9 @@ def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, di
     check_storage(settings.storage)
     if settings.reuse and settings.encoder_cache:
         check_storage(settings.encoder_cache, option="--encoder-cache")
+    check_encoder_cache(settings)
     datasets = _load_datasets(settings, base)
+    check_cv_folds(base, datasets, given=settings.cv_folds is not None, space=settings.space)
     uri = tracking.resolve_tracking_uri(settings.mlflow_uri)
     tracking.check_tracking_uri(uri, writable=True)
     return space, base, datasets, uri
@@ -473,6 +528,7 @@ class _Search:
     best: Any = None  # the best completed trial's row
     study_url: str | None = None
     model_dir: Path | None = None
+    registering: tuple[str, int] | None = None  # registered model name, ms since the epoch
 
     @property
     def command(self) -> str:
@@ -542,7 +598,9 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
     Once the parent MLflow run exists, every way out ends it: FINISHED, KILLED (Ctrl-C; the
     trials that had not finished end KILLED too) or FAILED (an exception, its first line in the
     tag ``cbdtune.reason``, and the exception propagates), and the ``--resume`` command is
-    printed whenever Tune can continue.
+    printed whenever Tune can continue. Ctrl-C works in every phase (trials, refits,
+    registration: :func:`_fit`), and a search that does not finish leaves no registered model
+    version (:func:`_withdraw_model`).
 
     Args:
         settings: the search (validated when it was built).
@@ -558,7 +616,9 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
     s = _Search(settings, space, base, datasets, uri,
                 list(settings.to_argv() if argv is None else argv),
                 metric=settings.objectives[0], mode=settings.modes[0])
-    # [2] Ray: join a cluster or start one; check that one trial fits; name the search.
+    # [2] Name the search (a --resume with nothing to resume fails here), then Ray: join a
+    # cluster or start one; check that one trial fits.
+    _name(s)
     _connect(s)
     status, reason, code = "FAILED", "the search driver stopped", EXIT_INTERRUPTED
     try:
@@ -572,8 +632,35 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
         reason = _first_line(exc)
         raise
     finally:
+        if status != "FINISHED":
+            _withdraw_model(s)
         _close(s, status, reason)
     return _result(s, code)
+
+
+def _withdraw_model(s: _Search) -> None:
+    """Delete the model versions this invocation registered (a search that did not finish
+    registers nothing, whole or half: ``--resume`` registers its model when it finishes), and
+    the registered model itself when this invocation created it and no version is left."""
+    if s.registering is None or not s.parent:
+        return
+    name, since = s.registering
+    try:
+        from mlflow.tracking import MlflowClient
+
+        mlc = MlflowClient(tracking_uri=s.uri, registry_uri=s.uri)
+        for v in mlc.search_model_versions(f"name = '{name}'"):
+            if v.creation_timestamp >= since and v.run_id in (s.parent, None, ""):
+                mlc.delete_model_version(name, v.version)
+                log.warning("model %s version %s withdrawn: the search did not finish", name,
+                            v.version)
+        model = mlc.get_registered_model(name)
+        if model.creation_timestamp >= since and not mlc.search_model_versions(
+                f"name = '{name}'"):
+            mlc.delete_registered_model(name)
+    except Exception as exc:  # noqa: BLE001 (MLflow failing must not hide why the search ended)
+        log.warning("registered model %s not checked for versions of this search: %s", name,
+                    _first_line(exc))
 
 
 def _result(s: _Search, code: int) -> SearchResult:
@@ -597,8 +684,17 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     return run_search(settings, argv=list(sys.argv[1:] if argv is None else argv)).exit_code
 
 
+def _name(s: _Search) -> None:
+    """The storage root and the search's name, before Ray starts (Tune reads an experiment's
+    files without a running Ray)."""
+    st = s.settings
+    s.root = _storage_root(st)
+    s.name = _search_name(st, s.root, Path(s.space.path).stem,
+                          results_dir=Path(st.results_dir) / s.label)
+
+
 def _connect(s: _Search) -> None:
-    """Start or join Ray, check that one trial fits, and name the search."""
+    """Start or join Ray and check that one trial fits."""
     import ray
 
     from cbdtune.worker import connect
@@ -607,9 +703,6 @@ def _connect(s: _Search) -> None:
     s.where = connect(st.address)
     fits = check_resources(st)  # trainers at once; a multi-dataset trial runs one per dataset
     s.max_concurrent = st.max_concurrent or min(max(1, fits // len(s.datasets)), st.num_samples)
-    s.root = _storage_root(st)
-    s.name = _search_name(st, s.root, Path(s.space.path).stem,
-                          results_dir=Path(st.results_dir) / s.label)
     log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s", s.name,
              st.num_samples, s.max_concurrent, s.where, ray.cluster_resources(),
              s.experiment_path)
@@ -648,7 +741,7 @@ def _search(s: _Search) -> int:
     # [4] Tune: each dataset goes to the object store once, for every trial, refit and worker.
     refs = {slug: ray.put(data) for slug, data in s.datasets.items()}
     t0 = time.perf_counter()
-    grid = _tuner(s, refs).fit()
+    grid = _fit(_tuner(s, refs))
     wall = time.perf_counter() - t0
     # [5] Results. Which trials ended is read from what Tune persisted: after Ctrl-C, Ray 2.60
     # marks every trial TERMINATED in memory, but its experiment state on disk keeps them
@@ -684,6 +777,30 @@ def _search(s: _Search) -> int:
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, with the signal handlers it found put back when it returns.
+
+    Ray 2.60's Tune installs its own SIGINT (and SIGUSR1) handler for the run
+    (``tune.py: _setup_signal_catching``) and restores the previous one only when that handler
+    fires: after a run that ended by itself, a Ctrl-C during the refits or the registration only
+    set an event nobody reads, and the search went on to finish. Put back, Ctrl-C raises
+    ``KeyboardInterrupt`` there again (Python's ``default_int_handler`` where none was set from
+    Python).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()  # Tune installs no handler off the main thread
+    saved = {sig: signal.getsignal(sig) for sig in _TUNE_SIGNALS}
+    try:
+        return tuner.fit()
+    finally:
+        for sig, handler in saved.items():
+            fallback = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, handler if handler is not None else fallback)
+
+
+_TUNE_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n))
 
 
 def _interrupted(settings: SearchSettings, df: Any, wall: float) -> bool:
@@ -851,8 +968,11 @@ def _refit_and_register(s: _Search, top: Any, data_ref: Any) -> dict[str, Any]:
     members = [(ExperimentConfig.from_dict(r.config, where="refit"), r.weights,
                 {"rank": r.rank, "source_trial": r.trial_id, "seed": r.seed})
                for r in refits]
+    # A model folder already there is this search's own, from a run that was interrupted
+    # before it finished (--resume) or from the search --overwrite replaces.
     model_dir = serving.save_model(s.out_dir / "model", members, class_names=data.class_names,
-                                   dataset=data.name)
+                                   dataset=data.name,
+                                   overwrite=s.settings.resume or s.settings.overwrite)
     ensemble = serving.CBDEnsemble.load(model_dir)
     outcome: dict[str, Any] = {"configs": [c.row() for c in configs], "members": len(refits),
                                "model_dir": model_dir}
@@ -860,6 +980,7 @@ def _refit_and_register(s: _Search, top: Any, data_ref: Any) -> dict[str, Any]:
         pred = ensemble.predict_proba(data.test.x).argmax(1)
         outcome["ensemble_test_accuracy"] = float(np.mean(pred == data.test.y))
     registered = f"cbdtune-{_dataset_slug(s.settings.dataset, data.name)}"
+    s.registering = (registered, int(time.time() * 1000))  # withdrawn unless the search ends
     outcome["registered"] = (registered, serving.log_model(
         uri, parent, model_dir, registered_name=registered, input_example=data.train.x[:2]))
     _log_refits(uri, parent, outcome)

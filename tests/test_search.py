@@ -3,6 +3,7 @@ resume after SIGINT, and bad input refused before Ray starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -621,6 +622,18 @@ def test_progress_line_counts_ended_trials_and_names_the_best() -> None:
     assert line == "trial 1/16 ee stopped val_accuracy 0.9000 after 3 reports (none completed yet)"
 
 
+def test_progress_prints_the_encoder_cache_note_a_trial_reports(capsys) -> None:
+    from cbdtune.callbacks import ProgressCallback
+    from cbdtune.encoder_cache import NOTE_KEY
+
+    cb = ProgressCallback(4, "val_accuracy", "max")
+    trial = _trial("ab12cd34", "RUNNING")
+    cb.on_trial_result(1, [trial], trial, {"epoch": 1})
+    note = "encoder cache r: entry 0123456789ab unreadable; removed, it will be rebuilt"
+    cb.on_trial_result(2, [trial], trial, {"epoch": 2, NOTE_KEY: note})
+    assert capsys.readouterr().out == f"trial ab12cd34: {note}\n"
+
+
 def test_mlflow_callback_logs_best_so_far_and_reopens_a_resumed_run(tmp_path: Path) -> None:
     from cbdtune import tracking
     from cbdtune.callbacks import MLflowTrialCallback
@@ -791,3 +804,122 @@ def test_a_time_budget_that_ran_out_is_not_an_interruption() -> None:
     assert search._interrupted(search.SearchSettings(dataset="gesture", num_samples=4), df, 1e6)
     unfinished = results.trials_frame([results.trial_row("b", {}, {}, "unfinished", "x")])
     assert search._interrupted(budget, unfinished, wall=61.0)
+
+
+# ---- Ctrl-C after the trials: refits and registration -----------------------------------------
+
+
+@pytest.mark.ray
+def test_search_ctrl_c_in_refit_or_registration_is_killed_and_resume_finishes(
+        tmp_path: Path, monkeypatch) -> None:
+    """A real SIGINT during the refits (Tune's handler used to swallow it), then Ctrl-C right
+    after MLflow registered the version: each time exit 130, the parent KILLED, no registered
+    version; a third --resume finishes with exactly one version."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from cbdtune import refit, serving
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = search.SearchSettings(
+        dataset="gesture", space=SMOKE, num_samples=1, refit_top=1, refit_seeds=1,
+        scheduler="none", storage=str(tmp_path / "ray"), results_dir="results",
+        mlflow_uri=uri, experiment=EXPERIMENT, name="cc", data_dir=os.environ["CBDTUNE_DATA_DIR"])
+    real_refit, real_log_model = refit.run, serving.log_model
+
+    def sigint_in_refit(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(20)  # KeyboardInterrupt lands here; before the fix, the refit went on
+        return real_refit(*args, **kwargs)
+
+    def ctrl_c_after_registering(*args, **kwargs):
+        real_log_model(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def versions() -> list:
+        return client.search_model_versions("name = 'cbdtune-gesture'")
+
+    try:
+        for i, fake in enumerate([("run", sigint_in_refit),
+                                  ("log_model", ctrl_c_after_registering)]):
+            with monkeypatch.context() as m:
+                m.setattr(refit if fake[0] == "run" else serving, fake[0], fake[1])
+                run = dataclasses.replace(settings, resume=i > 0)
+                result = search.run_search(run, argv=run.to_argv())
+            assert (result.status, result.exit_code) == ("interrupted", 130), fake[0]
+            [parent], _ = _runs(uri)
+            assert parent.info.status == "KILLED", fake[0]
+            assert versions() == [], fake[0]
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        done = search.run_search(dataclasses.replace(settings, resume=True))
+    finally:
+        ray.shutdown()
+    assert (done.status, done.exit_code) == ("finished", 0)
+    [parent], _ = _runs(uri)
+    assert parent.info.status == "FINISHED"
+    assert len(versions()) == 1
+
+
+# ---- more refusals before Ray starts ----------------------------------------------------------
+
+
+def _no_ray(monkeypatch) -> None:
+    """Starting or joining Ray fails the test."""
+    from cbdtune import worker
+
+    def connect(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(worker, "connect", connect)
+
+
+def _small_cmd(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--dataset", "gesture", "--space", "smoke", "--storage", str(tmp_path / "ray"),
+            "--results-dir", str(tmp_path / "r"), "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+
+
+def test_cli_cv_folds_beyond_the_largest_class_exits_2_before_ray(tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    """--cv-folds 200 on gesture used to run 15 folds while summary.md said 200."""
+    _no_ray(monkeypatch)
+    assert search.cli(_small_cmd(tmp_path, "--cv-folds", "200")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: --cv-folds 200: UWaveGestureLibrary has at most 15 ")
+    assert "pass --cv-folds 15 or fewer" in err
+
+
+def test_cli_resume_of_an_unknown_search_exits_2_before_ray(tmp_path: Path, capsys,
+                                                            monkeypatch) -> None:
+    _no_ray(monkeypatch)
+    assert search.cli(_small_cmd(tmp_path, "--name", "nope", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: --resume: no search named nope in ")
+
+
+def test_cli_read_only_encoder_cache_exits_2_before_ray(tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    """<storage>/encoders read-only: one line, not a PermissionError in every trial."""
+    _no_ray(monkeypatch)
+    encoders = tmp_path / "ray" / "encoders"
+    encoders.mkdir(parents=True)
+    encoders.chmod(0o555)
+    try:
+        code = search.cli(_small_cmd(tmp_path))
+    finally:
+        encoders.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "encoders is read-only" in err and "--no-reuse" in err
+    _no_ray(monkeypatch)
+    encoders.chmod(0o555)
+    try:  # --no-reuse needs no cache: it passes the checks and reaches Ray
+        with pytest.raises(AssertionError, match="Ray was started"):
+            search.cli(_small_cmd(tmp_path, "--no-reuse"))
+    finally:
+        encoders.chmod(0o755)
