@@ -226,7 +226,8 @@ def save_model(path: str | Path, members: Sequence[Member], *, class_names: Sequ
 
     Raises:
         ModelError: no members, members that disagree on shape, class names that do not match,
-            a state_dict that does not fit its config, or ``path`` exists without ``overwrite``.
+            a state_dict that does not fit its config or holds NaN or inf, or ``path`` exists
+            without ``overwrite``.
     """
     import torch
 
@@ -243,6 +244,7 @@ def save_model(path: str | Path, members: Sequence[Member], *, class_names: Sequ
         for i, (cfg, state, meta) in enumerate(members):
             # "_orig_mod." is what torch.compile puts in front of every key.
             state = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in state.items()}
+            check_finite_weights(state, f"save_model: member {i}")
             _build_classifier(cfg, state, where=f"member {i}")  # fails now, not at load time
             torch.save(state, tmp / f"member_{i}.pt")
             entries.append({"file": f"member_{i}.pt", "seed": cfg.train.seed,
@@ -453,10 +455,22 @@ def _check_state(state: Any, expected: dict[str, Any], where: str, name: str) ->
             raise ModelError(f"{where}: {name}: {key} has shape {list(value.shape)}, but the "
                              f"config builds {list(want.shape)}; the contract and its weights "
                              f"disagree: save the model again")
+    check_finite_weights(state, f"{where}: {name}")
+
+
+def check_finite_weights(state: dict[str, Any], where: str) -> None:
+    """Raise on the first floating tensor of ``state`` that holds NaN or inf.
+
+    Raises:
+        ModelError: naming the tensor and how many such values it holds.
+    """
+    import torch
+
+    for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise ModelError(f"{where}: {name}: {key} holds {bad} NaN or infinite weight(s); "
-                             f"the model diverged or the file is damaged: train it again")
+            raise ModelError(f"{where}: {key} holds {bad} NaN or infinite weight(s); the model "
+                             f"diverged or the file is damaged: train it again")
 
 
 # ---- loading and predicting ---------------------------------------------------------------------

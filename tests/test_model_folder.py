@@ -208,3 +208,15 @@ def test_mlmodel_artifact_path_outside_refused(good: Path, tmp_path: Path) -> No
     shutil.copytree(good.parent, tmp_path / good.parent.name)
     with pytest.raises(ModelError, match="outside the MLflow model folder"):
         CBDEnsemble.load(folder)
+
+
+def test_save_model_refuses_non_finite_weights(tmp_path: Path) -> None:
+    cfg = preset("smoke").replace({"model.in_channels": 2, "model.seq_len": 64,
+                                   "model.num_classes": 3})
+    model = build_model(cfg.model)
+    state = CBDClassifier(model, build_head(cfg.model, model.num_tokens)).state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key].view(-1)[0] = float("inf")
+    with pytest.raises(ModelError, match=f"member 0: {key} holds 1 NaN or infinite"):
+        save_model(tmp_path / "m", [(cfg, state, {})], class_names=CLASSES, dataset="toy")
+    assert not (tmp_path / "m").exists()
