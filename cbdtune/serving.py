@@ -55,6 +55,9 @@ NORMALISATION = ("inputs are raw series: per-series, per-channel instance normal
 PYFUNC_CODE = Path(__file__).with_name("_pyfunc_model.py")  # MLflow's models-from-code file
 LENGTH_POLICIES = ("pad", "resample")  # DataConfig.length_policy; cbdtune.data._lengths.to_length
 MAX_CONTRACT_BYTES = 16 * 2**20  # a contract of 1,000 members is ~10 MB
+# C * L of one series: 2**26 float32 values (256 MiB). UEA/UCR's largest is ~108k (EigenWorms,
+# 6 x 17,984); a contract above it would make every input series that large (pad, resample).
+MAX_SERIES_VALUES = 2**26
 # Buffers a member's config derives rather than stores (DFT matrices, Bernstein coefficients):
 # a config whose derived buffers exceed this is refused before anything is allocated.
 MAX_DERIVED_BYTES = 2**30
@@ -138,6 +141,9 @@ class ModelContract:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 return f"{name} must be a positive integer, but is {value!r}"
+        if self.in_channels * self.seq_len > MAX_SERIES_VALUES:
+            return (f"in_channels x seq_len = {self.in_channels} x {self.seq_len} is more than "
+                    f"the {MAX_SERIES_VALUES} values a series may have")
         if self.length_policy not in LENGTH_POLICIES:
             return (f"length_policy {self.length_policy!r} is unknown (this cbdtune knows "
                     f"{', '.join(LENGTH_POLICIES)})")

@@ -138,6 +138,7 @@ def test_member_file_fifo_refused_without_opening_it(good: Path, series: Path, t
     ("class_names", ["a", "b", "a"], "class_names repeats 'a'"),
     ("length_policy", "evil", "length_policy 'evil' is unknown"),
     ("seq_len", -3, "seq_len must be a positive integer"),
+    ("seq_len", 10**9, "in_channels x seq_len = 2 x 1000000000 is more than"),
     ("members", [], "members must be a non-empty list"),
 ])
 def test_contract_that_disagrees_refused(key: str, value: Any, message: str, good: Path,
