@@ -19,6 +19,12 @@ A series shorter than 9 steps is edge-padded to 9 (MiniRocket's kernel length; a
 fewer). A fitted member is saved as arrays in ``minirocket.npz`` plus ``minirocket.json``, never
 pickled: loading sets aeon's fitted state (``parameters``: channels per combination, channel
 indices, dilations, features per dilation, biases) on a fresh transform.
+
+Cost: the ridge path takes one eigendecomposition of the smaller Gram matrix per fold,
+O(min(N, F)^2 max(N, F)) for N series and F features. Measured on a shared 2-core CPU with the
+default 10,000 kernels: 9-15 s for 5 folds + refit on 120-316 series; one refit on 7,494
+series (PenDigits) 335 s. ``n_kernels`` is the budget knob: 84 * 24 kernels on PenDigits, 5
+folds + refit, 71 s. TODO: a default that scales with N is for the search that uses it to set.
 """
 
 from __future__ import annotations

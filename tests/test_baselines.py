@@ -118,3 +118,16 @@ def test_minirocket_gesture_refit_test_accuracy(shared_data_dir: Path) -> None:
     test_acc = float(np.mean(member.predict_proba(ds.test.x).argmax(axis=1) == ds.test.y))
     assert test_acc > 0.85
     assert np.mean(oof.proba.argmax(axis=1) == y) > 0.8
+
+
+@pytest.mark.parametrize("n", [15, 60])  # fewer rows than columns (N x N Gram) and more (F x F)
+def test_ridge_path_matches_sklearn_ridge(n: int) -> None:
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(n)
+    z, t = rng.normal(size=(n, 30)), rng.normal(size=(n, 3))
+    for alpha, (w, b) in zip((0.01, 1.0, 100.0),
+                             baselines._ridge_path(z, t, (0.01, 1.0, 100.0)), strict=True):
+        ref = Ridge(alpha=alpha, solver="svd").fit(z, t)
+        np.testing.assert_allclose(w, ref.coef_.T, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(b, ref.intercept_, rtol=1e-6, atol=1e-9)
