@@ -131,3 +131,12 @@ def test_ridge_path_matches_sklearn_ridge(n: int) -> None:
         ref = Ridge(alpha=alpha, solver="svd").fit(z, t)
         np.testing.assert_allclose(w, ref.coef_.T, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(b, ref.intercept_, rtol=1e-6, atol=1e-9)
+
+
+def test_minirocket_univariate_round_trip(tmp_path: Path) -> None:
+    x, y = _toy(6, 30, seed=3)
+    x = x[:, :1]  # aeon transforms one channel by its own kernel loop
+    member = baselines.refit(x, y, 3, alpha=1.0, temperature=0.5, n_kernels=84)
+    p = baselines.load(member.save(tmp_path)).predict_proba(x)
+    np.testing.assert_array_equal(p, member.predict_proba(x))
+    assert np.mean(p.argmax(axis=1) == y) > 0.9  # training series, low regularisation
