@@ -74,6 +74,27 @@ def add_config_flags(p: argparse.ArgumentParser, *, dataset_help: str | None = N
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def add_worker_flags(p: argparse.ArgumentParser, *, gpus_default: str) -> None:
+    """``--cpus-per-worker`` and ``--gpus-per-worker`` of the Ray Train workers, and
+    ``--address`` of the cluster: the same flags in ``cbdtune.train`` and ``cbdtune.search``.
+
+    Args:
+        gpus_default: what ``--gpus-per-worker`` defaults to, for its help.
+    """
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default %(default)s)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help=f"GPUs per worker; fractions (0.25) let trials share a GPU (default: "
+                        f"{gpus_default})")
+    p.add_argument("--address",
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
+
+
+def add_mlflow_flags(p: argparse.ArgumentParser) -> None:
+    """``--mlflow-uri`` and ``--experiment``: where a run or a search is logged."""
+    p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default: cbdtune-<dataset>)")
+
+
 def build_config(args: argparse.Namespace, *, preset_name: str = "default",
                  config_file: str | None = None, overrides: list[str] | None = None
                  ) -> ExperimentConfig:
@@ -91,5 +112,5 @@ def build_config(args: argparse.Namespace, *, preset_name: str = "default",
     return cfg.replace(late, where="command line")
 
 
-__all__ = ["CbdtuneError", "EXIT_USAGE", "add_config_flags", "add_version_flag", "build_config",
-           "prog", "run", "version"]
+__all__ = ["CbdtuneError", "EXIT_USAGE", "add_config_flags", "add_mlflow_flags",
+           "add_version_flag", "add_worker_flags", "build_config", "prog", "run", "version"]

@@ -23,7 +23,14 @@ from cbdtune import reports
 from cbdtune.config import ExperimentConfig
 from cbdtune.encoder_cache import NOTE_KEY
 from cbdtune.tracking import (
+    ARTIFACT_ERROR_TAG,
+    ENCODER_KEY_TAG,
+    ENCODER_SOURCE_RUN_TAG,
+    ENCODER_SOURCE_TAG,
     PARENT_TAG,
+    REASON_TAG,
+    SEARCHED_TAG,
+    STATUS_TAG,
     TRIAL_TAG,
     client,
     log_metrics,
@@ -238,11 +245,11 @@ class MLflowTrialCallback(Callback):
             run = self.client.create_run(
                 self.experiment_id, run_name=f"trial_{trial_id}",
                 tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id,
-                      "cbdtune.status": "running"})
+                      STATUS_TAG: "running"})
             run_id = run.info.run_id
             log_params(self.client, run_id, self.trial_config(trial).to_dict())
             searched = sorted(trial.config.get("train_loop_config", {}))
-            set_tags(self.client, run_id, {"cbdtune.searched": ",".join(searched)})
+            set_tags(self.client, run_id, {SEARCHED_TAG: ",".join(searched)})
         self._runs[trial_id] = run_id
         return run_id, existed
 
@@ -252,7 +259,7 @@ class MLflowTrialCallback(Callback):
         run_id, existed = self._run_for(trial)
         if existed:  # --resume: the run was ended KILLED when the search was interrupted
             reopen_run(self.client, run_id)
-            set_tags(self.client, run_id, {"cbdtune.status": "running"})
+            set_tags(self.client, run_id, {STATUS_TAG: "running"})
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
@@ -266,15 +273,15 @@ class MLflowTrialCallback(Callback):
 
     def _finish(self, trials: list[Any], trial: Any, status: str, reason: str) -> None:
         run_id, _ = self._run_for(trial)
-        tags = {"cbdtune.status": status, **self._encoder_tags(trial.last_result or {})}
+        tags = {STATUS_TAG: status, **self._encoder_tags(trial.last_result or {})}
         if reason:
-            tags["cbdtune.reason"] = reason
+            tags[REASON_TAG] = reason
         set_tags(self.client, run_id, tags)
         try:
             log_trial_artifacts(self.client, run_id, self.trial_config(trial),
                                 self._history.get(trial.trial_id, []))
         except Exception as exc:  # a figure must never lose the run's status
-            set_tags(self.client, run_id, {"cbdtune.artifact_error": repr(exc)[:500]})
+            set_tags(self.client, run_id, {ARTIFACT_ERROR_TAG: repr(exc)[:500]})
         self.client.set_terminated(run_id, status="FAILED" if status == "error" else "FINISHED")
         metric, mode = getattr(self, "metric", reports.VAL_ACCURACY), getattr(self, "mode", "max")
         now = standing(trials, trial, metric, mode)
@@ -290,7 +297,7 @@ class MLflowTrialCallback(Callback):
         if not key:
             return {}
         source = str(result.get(reports.ENCODER_SOURCE, ""))
-        tags = {"cbdtune.encoder_key": key, "cbdtune.encoder_source": source}
+        tags = {ENCODER_KEY_TAG: key, ENCODER_SOURCE_TAG: source}
         source_trial = source.rpartition("/")[2]
         run_id = self._runs.get(source_trial)
         if run_id is None and source_trial.replace("_", "").replace("-", "").isalnum():
@@ -299,7 +306,7 @@ class MLflowTrialCallback(Callback):
                 max_results=1)
             run_id = found[0].info.run_id if found else None
         if run_id:
-            tags["cbdtune.encoder_source_run"] = run_id
+            tags[ENCODER_SOURCE_RUN_TAG] = run_id
         return tags
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,

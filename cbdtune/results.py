@@ -347,11 +347,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` for text, encoded as UTF-8."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def check_results_dir(path: Path) -> None:
     """Fail before Ray starts when results could not be written under ``path``.
 

@@ -74,9 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int,
                    help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
     p.add_argument("--workers-per-trial", type=int, help="data-parallel workers")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float,
-                   help="GPUs per worker; fractions (0.25) let trials share a GPU")
+    _cli.add_worker_flags(p, gpus_default="%(default)s")
     p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler, seeded (default %(default)s)")
     p.add_argument("--scheduler", choices=SCHEDULERS,
                    help="asha stops weak trials on their intermediate reports (default: asha "
@@ -87,8 +85,7 @@ def parser() -> argparse.ArgumentParser:
                                     "multi-objective sampler and rank trials by the first")
     p.add_argument("--mode", help="max or min, one per metric (default: min for losses and "
                                   "time_total_s, else max)")
-    p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:///./mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment (default cbdtune-<dataset>)")
+    _cli.add_mlflow_flags(p)
     p.add_argument("--name", help="search name: Tune run and results folder "
                                   "(default <dataset>-<space>, suffixed -2, -3... when taken)")
     _add_run_flags(p)
@@ -100,8 +97,6 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Where the search runs and stores, what it does after, and encoder reuse."""
     p.add_argument("--storage",
                    help="Ray storage: a folder or s3:// / gs:// URI (default ~/ray_results)")
-    p.add_argument("--address",
-                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--results-dir", help="where <results-dir>/<dataset>/<name> goes (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest search of this name from its storage (an "
@@ -411,14 +406,16 @@ def _parent_run(mlc: Any, exp_id: str, name: str, resume: bool, tags: dict[str, 
     """The search's parent run (the latest of this name with ``--resume``), and whether it is
     new."""
     if resume:
-        found = mlc.search_runs([exp_id], filter_string=f"tags.`cbdtune.search` = '{name}' and "
-                                                        "tags.`cbdtune.role` = 'search'",
+        found = mlc.search_runs([exp_id], filter_string=f"tags.`{tracking.SEARCH_TAG}` = '{name}' and "
+                                              f"tags.`{tracking.ROLE_TAG}` = "
+                                              f"'{tracking.ROLE_SEARCH}'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             tracking.reopen_run(mlc, found[0].info.run_id)
             return found[0].info.run_id, False
     run = mlc.create_run(exp_id, run_name=name,
-                         tags={"cbdtune.search": name, "cbdtune.role": "search", **tags})
+                         tags={tracking.SEARCH_TAG: name,
+                               tracking.ROLE_TAG: tracking.ROLE_SEARCH, **tags})
     tracking.log_params(mlc, run.info.run_id, params)
     return run.info.run_id, True
 
@@ -431,11 +428,11 @@ def _describe_parent(s: _Search) -> None:
             s.mlc.log_artifact(s.parent, str(path), artifact_path="space")
         for slug, data in s.datasets.items():
             digest = tracking.log_dataset(s.mlc, s.parent, data)
-            tag = "cbdtune.dataset_sha256" + (f".{slug}" if s.multi else "")
+            tag = tracking.DATASET_SHA256_TAG + (f".{slug}" if s.multi else "")
             tracking.set_tags(s.mlc, s.parent, {tag: digest})
     except Exception as exc:
         log.warning("space file or dataset not logged on the parent run: %s", _first_line(exc))
-        tracking.set_tags(s.mlc, s.parent, {"cbdtune.describe_error": _first_line(exc)})
+        tracking.set_tags(s.mlc, s.parent, {tracking.DESCRIBE_ERROR_TAG: _first_line(exc)})
 
 
 def _inputs(settings: SearchSettings) -> tuple[SearchSpace, ExperimentConfig, dict[str, Any],
@@ -501,7 +498,6 @@ def _scheduler(settings: SearchSettings, base: ExperimentConfig, space: SearchSp
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-TRIAL_INTERRUPTED = "interrupted; --resume continues it"
 
 
 @dataclass
@@ -728,7 +724,7 @@ def _open_parent(s: _Search) -> None:
     for run_id in tracking.end_orphaned_searches(s.mlc, s.exp_id):
         log.warning("MLflow run %s: its search driver died; ended FAILED", run_id)
     s.parent, created = _parent_run(s.mlc, s.exp_id, s.name, a.resume,
-                                    {"cbdtune.command": s.command}, s.header)
+                                    {tracking.COMMAND_TAG: s.command}, s.header)
     tracking.set_tags(s.mlc, s.parent, {tracking.DRIVER_TAG: tracking.driver_id()})
     if created:
         _describe_parent(s)
@@ -821,7 +817,7 @@ def _log_best(s: _Search, df: Any, best: Any) -> None:
               for k in (reports.VAL_ACCURACY, reports.TEST_ACCURACY)))
     tracking.log_metrics(s.mlc, s.parent, {f"best_{k}": best.get(k) for k in keys if k in best},
                          step=len(df))
-    tracking.set_tags(s.mlc, s.parent, {"cbdtune.best_trial": best["trial_id"]})
+    tracking.set_tags(s.mlc, s.parent, {tracking.BEST_TRIAL_TAG: best["trial_id"]})
 
 
 def _log_views(s: _Search, df: Any, curves: dict[str, dict[int, float]]) -> str | None:
@@ -836,10 +832,10 @@ def _log_views(s: _Search, df: Any, curves: dict[str, dict[int, float]]) -> str 
         views.log_views(s.mlc, s.parent, study)
     except Exception as exc:
         log.warning("optuna study and views not written: %s", _first_line(exc))
-        tracking.set_tags(s.mlc, s.parent, {"cbdtune.views_error": _first_line(exc)})
+        tracking.set_tags(s.mlc, s.parent, {tracking.VIEWS_ERROR_TAG: _first_line(exc)})
         return None
-    tracking.set_tags(s.mlc, s.parent, {"cbdtune.optuna_storage": _shown_url(url),
-                                        "cbdtune.optuna_study": s.name})
+    tracking.set_tags(s.mlc, s.parent, {tracking.OPTUNA_STORAGE_TAG: _shown_url(url),
+                                        tracking.OPTUNA_STUDY_TAG: s.name})
     return url
 
 
@@ -856,9 +852,9 @@ def _close(s: _Search, status: str, reason: str) -> None:
         return
     try:
         tracking.end_open_runs(s.mlc, s.exp_id, s.parent, status="KILLED",
-                               reason=TRIAL_INTERRUPTED)
+                               reason=tracking.TRIAL_INTERRUPTED)
         if reason:
-            tracking.set_tags(s.mlc, s.parent, {"cbdtune.reason": reason})
+            tracking.set_tags(s.mlc, s.parent, {tracking.REASON_TAG: reason})
         s.mlc.set_terminated(s.parent, status=status)
     except Exception as exc:  # MLflow itself failing must not hide why the search ended
         log.warning("MLflow runs of search %s not ended: %s", s.name, _first_line(exc))
@@ -995,7 +991,7 @@ def _log_refits(uri: str, parent: str, outcome: dict[str, Any]) -> None:
             metrics[f"refit.{c['rank']}.{key}"] = c[key]
     tracking.log_metrics(mlc, parent, {k: v for k, v in metrics.items() if v is not None}, step=0)
     name, version = outcome["registered"]
-    tracking.set_tags(mlc, parent, {"cbdtune.model": f"models:/{name}/{version}"})
+    tracking.set_tags(mlc, parent, {tracking.MODEL_TAG: f"models:/{name}/{version}"})
 
 
 def _dataset_slug(arg: str, name: str) -> str:
@@ -1059,7 +1055,7 @@ def _rows(grid: Any, states: dict[str, str], metric: str, datasets: tuple[str, .
         status, reason = tracking.trial_status(last, errored=res.error is not None,
                                                error=str(res.error or ""))
         if states.get(trial_id) not in ("TERMINATED", "ERROR"):
-            status, reason = "unfinished", TRIAL_INTERRUPTED
+            status, reason = "unfinished", tracking.TRIAL_INTERRUPTED
         params = (res.config or {}).get("train_loop_config", {})
         rows.append(results.trial_row(trial_id, params, last, status, reason, datasets))
         curves[trial_id] = _curve(res.metrics_dataframe, metric)

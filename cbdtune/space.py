@@ -129,21 +129,6 @@ class SearchSpace:
                 sampled[p.key] = _suggest(trial, p)
         return None
 
-    def to_tune(self) -> dict[str, Any]:
-        """``{dotted key: tune distribution}`` for every searched parameter (``when`` ignored)."""
-        from ray import tune
-
-        out: dict[str, Any] = {}
-        for p in self.params:
-            if p.kind == "categorical":
-                out[p.key] = tune.choice(list(p.choices))
-            elif p.kind == "float":
-                out[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
-            else:  # int: Tune's upper bound is exclusive
-                low, high = int(p.low), int(p.high) + 1  # type: ignore[arg-type]
-                out[p.key] = tune.lograndint(low, high) if p.log else tune.randint(low, high)
-        return out
-
     def to_optuna(self) -> dict[str, Any]:
         """Optuna distributions (for importance analysis of finished trials)."""
         import optuna.distributions as od

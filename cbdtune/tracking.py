@@ -25,9 +25,32 @@ from cbdtune import reports
 from cbdtune.config import CbdtuneError, ExperimentConfig
 
 DEFAULT_STORE = "mlflow.db"  # sqlite in the working directory (MLflow 3.17's file store raises)
-TRIAL_TAG = "cbdtune.trial_id"
+# MLflow tags: every name cbdtune writes or queries is one of these (this module owns them).
 PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests runs by
+TRIAL_TAG = "cbdtune.trial_id"  # a trial's run: its Tune trial id
 DRIVER_TAG = "cbdtune.driver"  # <host>:<pid> of the process running a search (orphan detection)
+ROLE_TAG = "cbdtune.role"  # ROLE_SEARCH on a search's parent run
+ROLE_SEARCH = "search"
+SEARCH_TAG = "cbdtune.search"  # the parent run: the search's name
+COMMAND_TAG = "cbdtune.command"  # the parent run: the command that ran the search
+STATUS_TAG = "cbdtune.status"  # a trial's or a single run's status (completed, stopped, ...)
+REASON_TAG = "cbdtune.reason"  # why a run ended as it did (stopped, failed, interrupted)
+GIT_COMMIT_TAG = "cbdtune.git_commit"
+ENTRY_TAG = "cbdtune.entry"  # a single run: the command that logged it (train)
+IN_PROCESS_TAG = "cbdtune.in_process"  # a single run: run without Ray
+SEARCHED_TAG = "cbdtune.searched"  # a trial's run: the keys its search sampled
+ARTIFACT_ERROR_TAG = "cbdtune.artifact_error"  # a trial's figures failed (its status stands)
+ENCODER_KEY_TAG = "cbdtune.encoder_key"  # the encoder a trial used (cbdtune.encoder_cache)
+ENCODER_SOURCE_TAG = "cbdtune.encoder_source"  # <search>/<trial> that pretrained it
+ENCODER_SOURCE_RUN_TAG = "cbdtune.encoder_source_run"  # that trial's run id, when known
+DATASET_SHA256_TAG = "cbdtune.dataset_sha256"  # the parent: .<slug> appended for several
+DESCRIBE_ERROR_TAG = "cbdtune.describe_error"  # the parent: space file or dataset not logged
+BEST_TRIAL_TAG = "cbdtune.best_trial"  # the parent: the best completed trial's id
+VIEWS_ERROR_TAG = "cbdtune.views_error"  # the parent: Optuna's study or figures not written
+OPTUNA_STORAGE_TAG = "cbdtune.optuna_storage"  # the parent: the exported study's storage URL
+OPTUNA_STUDY_TAG = "cbdtune.optuna_study"  # the parent: the study's name
+MODEL_TAG = "cbdtune.model"  # the parent: models:/<name>/<version> of the registered ensemble
+TRIAL_INTERRUPTED = "interrupted; --resume continues it"  # the reason of a trial cut short
 # Backends MLflow 3.17 serves tracking *and* the model registry from (the search registers a
 # model); the registry's error lists the same schemes, minus the file store, which 3.17 refuses.
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -230,14 +253,14 @@ def log_single_run(uri: str, experiment: str, cfg: ExperimentConfig, history: li
     """Log one finished trial as one run (``python -m cbdtune.train``). Returns the run id."""
     c = client(uri)
     run = c.create_run(experiment_id(c, experiment),
-                       tags={"cbdtune.status": status, "cbdtune.git_commit": git_commit(),
+                       tags={STATUS_TAG: status, GIT_COMMIT_TAG: git_commit(),
                              **(tags or {})})
     run_id = run.info.run_id
     log_params(c, run_id, cfg.to_dict())
     for step, metrics in enumerate(history, start=1):
         log_metrics(c, run_id, metrics, step)
     if reason:
-        set_tags(c, run_id, {"cbdtune.reason": reason})
+        set_tags(c, run_id, {REASON_TAG: reason})
     log_trial_artifacts(c, run_id, cfg, history)
     c.set_terminated(run_id, status="FINISHED" if status == "completed" else "FAILED")
     return run_id
@@ -267,14 +290,14 @@ def end_open_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str, *,
 
     Args:
         status: MLflow's end status, ``KILLED`` or ``FAILED``.
-        reason: the ``cbdtune.reason`` tag each gets (``cbdtune.status`` becomes ``unfinished``).
+        reason: the :data:`REASON_TAG` each gets (:data:`STATUS_TAG` becomes ``unfinished``).
     """
     runs = mlflow_client.search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
                                        "attributes.status = 'RUNNING'", max_results=10000)
     for run in runs:
         set_tags(mlflow_client, run.info.run_id,
-                 {"cbdtune.status": "unfinished", "cbdtune.reason": reason})
+                 {STATUS_TAG: "unfinished", REASON_TAG: reason})
         mlflow_client.set_terminated(run.info.run_id, status=status)
     return [r.info.run_id for r in runs]
 
@@ -293,7 +316,7 @@ def end_orphaned_searches(mlflow_client: Any, experiment_id: str) -> list[str]:
     Runs of other hosts, or of a live pid, are left alone (they may be searching right now).
     """
     runs = mlflow_client.search_runs(
-        [experiment_id], filter_string="tags.`cbdtune.role` = 'search' and "
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SEARCH}' and "
                                        "attributes.status = 'RUNNING'", max_results=1000)
     ended = []
     for run in runs:
@@ -301,9 +324,9 @@ def end_orphaned_searches(mlflow_client: Any, experiment_id: str) -> list[str]:
         if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
             continue
         end_open_runs(mlflow_client, experiment_id, run.info.run_id, status="KILLED",
-                      reason="interrupted; --resume continues it")
-        set_tags(mlflow_client, run.info.run_id, {"cbdtune.reason": f"the search driver "
-                                                  f"(pid {pid}) died without ending its runs"})
+                      reason=TRIAL_INTERRUPTED)
+        set_tags(mlflow_client, run.info.run_id, {REASON_TAG: f"the search driver (pid {pid}) "
+                                                  "died without ending its runs"})
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
         ended.append(run.info.run_id)
     return ended
@@ -322,8 +345,8 @@ def _alive(pid: int) -> bool:
 def reopen_run(mlflow_client: Any, run_id: str) -> None:
     """Mark a run RUNNING again (``--resume``) and drop the reason it was ended with."""
     mlflow_client.update_run(run_id, status="RUNNING")
-    if "cbdtune.reason" in mlflow_client.get_run(run_id).data.tags:
-        mlflow_client.delete_tag(run_id, "cbdtune.reason")
+    if REASON_TAG in mlflow_client.get_run(run_id).data.tags:
+        mlflow_client.delete_tag(run_id, REASON_TAG)
 
 
 def dataset_digest(data: Any) -> str:
@@ -357,12 +380,3 @@ def log_dataset(mlflow_client: Any, run_id: str, data: Any, *, context: str = "t
     mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
     return digest
 
-
-def __getattr__(name: str) -> Any:
-    # Searches pickled before the callback moved (their tuner.pkl names
-    # cbdtune.tracking.MLflowTrialCallback) still restore with --resume.
-    if name == "MLflowTrialCallback":
-        from cbdtune.callbacks import MLflowTrialCallback
-
-        return MLflowTrialCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

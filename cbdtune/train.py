@@ -37,15 +37,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set model.mask_ratio=0.5 (repeatable)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per worker (default: 1 when this machine has CUDA, else 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    _cli.add_worker_flags(p, gpus_default="1 when this machine has CUDA, else 0")
     p.add_argument("--in-process", action="store_true", help="no Ray: run in this process")
-    p.add_argument("--address", help="the Ray cluster to join (default: $RAY_ADDRESS, else a new "
-                                     "local Ray)")
-    p.add_argument("--mlflow-uri", help="tracking URI (default: sqlite:///./mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment (default: cbdtune-<dataset>)")
+    _cli.add_mlflow_flags(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(cpus_per_worker=1.0, gpus_per_worker=None)
     return p
 
 
@@ -163,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
             uri, args.experiment or tracking.default_experiment(data.name), cfg,
             out.get("history", []), out.get("final", {}), status=out.get("status", "?"),
             reason=out.get("reason", ""),
-            tags={"cbdtune.entry": "train", "cbdtune.in_process": args.in_process})
+            tags={tracking.ENTRY_TAG: "train", tracking.IN_PROCESS_TAG: args.in_process})
         print(f"mlflow run {run_id} in {uri}")
     return 0 if out.get("status") == "completed" else 1
 

@@ -120,10 +120,10 @@ def test_write_without_a_best_trial_removes_a_stale_best_config(tmp_path: Path) 
     assert "best_config" not in paths and not (tmp_path / "best_config.yaml").exists()
 
 
-def test_atomic_write_text_replaces_and_keeps_umask_permissions(tmp_path: Path) -> None:
+def test_atomic_write_bytes_replaces_and_keeps_umask_permissions(tmp_path: Path) -> None:
     path = tmp_path / "a.md"
-    results.atomic_write_text(path, "old")
-    results.atomic_write_text(path, "new ü")
+    results.atomic_write_bytes(path, b"old")
+    results.atomic_write_bytes(path, "new ü".encode())
     assert path.read_text(encoding="utf-8") == "new ü"
     assert [p.name for p in tmp_path.iterdir()] == ["a.md"]
     umask = os.umask(0)

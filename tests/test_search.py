@@ -344,7 +344,8 @@ def test_search_same_seed_same_trials() -> None:
     def suggestions(sampler: str, seed: int) -> list[dict]:
         s = search.make_searcher(space, sampler=sampler, seed=seed, metric="val_accuracy",
                                  mode="max", max_concurrent=8)
-        s.set_search_properties("val_accuracy", "max", {"train_loop_config": space.to_tune()})
+        s.set_search_properties("val_accuracy", "max",
+                                search.param_space(search.SearchSettings(dataset="gesture"), None))
         return [s.suggest(f"t{i}")["train_loop_config"] for i in range(4)]
 
     for sampler in set(search.SAMPLERS) - {"grid"}:  # smoke has float ranges: no grid

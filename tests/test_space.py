@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 import pytest
 
@@ -25,8 +26,12 @@ def test_every_search_space_yaml_ships() -> None:
 def test_every_search_space_yaml_validates(name: str) -> None:
     space = load_space(name)
     assert len(space.sha256) == 64
-    tune_space = space.to_tune()
-    assert set(tune_space) == set(space.keys)
+    # what the search samples (define_by_run, every parameter whose `when` holds): searched keys
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    assert space.define_by_run(trial) is None
+    sampled = {k.removeprefix(OPTUNA_PREFIX) for k in trial.params}
+    assert sampled <= set(space.keys) and bool(sampled) == bool(space.params)
 
 
 def test_space_repo_folder_is_a_link_to_the_shipped_spaces(

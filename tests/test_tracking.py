@@ -145,12 +145,29 @@ def test_import_train_does_not_import_ray_tune() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_old_callback_name_still_unpickles_from_tracking() -> None:
-    """A search started before the callback moved names ``cbdtune.tracking.MLflowTrialCallback``
-    in its tuner.pkl; --resume must still find it."""
-    from cbdtune.callbacks import MLflowTrialCallback
+def test_tracking_imports_no_callback_and_no_ray() -> None:
+    """callbacks.py imports tracking.py, never the other way round (no import cycle)."""
+    code = ("import sys, cbdtune.tracking; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m == 'cbdtune.callbacks'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
+    assert not hasattr(tracking, "MLflowTrialCallback")
 
-    assert tracking.MLflowTrialCallback is MLflowTrialCallback
+
+def test_every_mlflow_tag_name_is_written_only_in_tracking() -> None:
+    """A tag name is a constant of tracking.py; a quoted copy elsewhere is a rename waiting to
+    break a query (the parent run's role is written by the search, queried here)."""
+    names = {v for k, v in vars(tracking).items() if k.endswith("_TAG") and isinstance(v, str)}
+    assert {"cbdtune.role", "cbdtune.reason", "cbdtune.command", "cbdtune.status"} <= names
+    package = Path(tracking.__file__).parent
+    names -= {f"cbdtune.{m.stem}" for m in package.glob("*.py")}  # cbdtune.search: also a module
+    for module in sorted(package.glob("*.py")):
+        if module.name == "tracking.py":
+            continue
+        text = module.read_text()
+        quoted = [n for n in names if f'"{n}"' in text or f"'{n}'" in text or f"`{n}`" in text]
+        assert not quoted, f"{module.name} spells out {quoted}; use the tracking constants"
 
 
 def test_end_orphaned_searches_ends_only_runs_of_dead_drivers_on_this_host(tmp_path: Path) -> None:
