@@ -18,7 +18,7 @@ In Python: ``run_search(SearchSettings(dataset="gesture", space="smoke"))`` retu
 
 Every way out of a started search ends its MLflow runs: FINISHED; KILLED after Ctrl-C in any
 phase (exit 130, with the ``--resume`` command printed, no model version registered); FAILED
-after an exception (its first line is the parent's ``cbdtune.reason``).
+after an exception (its first line is the parent's reason tag, :data:`cbdtune.tracking.REASON_TAG`).
 """
 
 from __future__ import annotations
@@ -593,7 +593,7 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
 
     Once the parent MLflow run exists, every way out ends it: FINISHED, KILLED (Ctrl-C; the
     trials that had not finished end KILLED too) or FAILED (an exception, its first line in the
-    tag ``cbdtune.reason``, and the exception propagates), and the ``--resume`` command is
+    tag :data:`~cbdtune.tracking.REASON_TAG`, and the exception propagates), and the ``--resume`` command is
     printed whenever Tune can continue. Ctrl-C works in every phase (trials, refits,
     registration: :func:`_fit`), and a search that does not finish leaves no registered model
     version (:func:`_withdraw_model`).
