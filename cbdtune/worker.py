@@ -63,6 +63,20 @@ class TrialSettings:
     def trainer_args(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def in_trial(self) -> bool:
+        """Whether a Tune trial runs its work in its own process (:func:`train_driver_fn`)
+        instead of through a ``TorchTrainer``: one CPU worker needs neither DDP nor a placement
+        group, and a ``TorchTrainer`` costs 7 more Python processes per trial (its worker and
+        :data:`TRAINER_PROCESSES` helpers)."""
+        return self.workers == 1 and self.gpus_per_worker == 0
+
+    def trial_resources(self) -> dict[str, float]:
+        """What the Tune trial actor reserves (``tune.with_resources``): the worker's CPUs when
+        it does the work itself (:attr:`in_trial`), else none (its ``TorchTrainer``'s workers
+        reserve them; a trial that held CPUs would starve its own workers)."""
+        return {"cpu": self.cpus_per_worker if self.in_trial else 0.0}
+
     def param_space(self) -> dict[str, Any]:
         """Tune's ``param_space``: these settings, and an empty ``train_loop_config`` for the
         searcher to fill."""
@@ -99,16 +113,20 @@ class Reporter:
         extra: added to every report (where this attempt runs, what it resumed from).
         rank: the worker's rank; rank 0 alone saves the checkpoint ``payload``.
         send: where reports go; default ``ray.train.report``, looked up at each call.
+        notes: the encoder cache's warnings to send with the next report (:func:`cache_notes`).
+        checkpoint_cls: the checkpoint class ``send`` takes; default ``ray.train.Checkpoint``.
     """
 
     def __init__(self, history: list[dict[str, Any]], extra: dict[str, Any], rank: int,
                  send: Callable[..., None] | None = None,
-                 notes: list[str] | None = None) -> None:
+                 notes: list[str] | None = None, checkpoint_cls: Any | None = None) -> None:
         self.history = list(history)
         self.extra = extra
         self.rank = rank
         self.send = send
         self.notes = notes if notes is not None else []
+        # Tune's Checkpoint is a class of its own: Tune refuses ray.train's in tune.report.
+        self.checkpoint_cls = checkpoint_cls
 
     def __call__(self, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
         metrics = {**metrics, **self.extra}
@@ -123,7 +141,8 @@ class Reporter:
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save({**payload, "history": self.history}, Path(d) / CHECKPOINT_FILE)
-            send(out, checkpoint=ray.train.Checkpoint.from_directory(d))
+            checkpoint_cls = self.checkpoint_cls or ray.train.Checkpoint
+            send(out, checkpoint=checkpoint_cls.from_directory(d))
 
 
 @contextlib.contextmanager
@@ -147,31 +166,69 @@ def cache_notes() -> Iterator[list[str]]:
         encoder_cache.log.removeHandler(handler)
 
 
-def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """One worker of a trial. ``loop_config``: ``{"config": flat dict, "data_ref": [ObjectRef]}``."""
-    with cache_notes() as notes:
-        return _train_fn(loop_config, notes)
+@dataclass(frozen=True)
+class Session:
+    """Where a trial's work runs: a Ray Train worker (:func:`train_session`) or the Tune trial's
+    own process (:func:`tune_session`), and how it reports from there.
+
+    ``send`` None: ``ray.train.report``, looked up at each call (:class:`Reporter`).
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+    threads: int  # torch's CPU threads (0: leave torch's own count)
+    checkpoint: Any | None  # the latest checkpoint to resume from (``.as_directory()``)
+    send: Callable[..., None] | None
+    checkpoint_cls: Any | None
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module]
 
 
-def _train_fn(loop_config: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
-    """:func:`train_fn_per_worker`, its cache warnings going to ``notes``."""
-    cfg = ExperimentConfig.from_dict(loop_config["config"], where="trial config")
+def train_session() -> Session:
+    """The :class:`Session` of a Ray Train worker (inside ``train_fn_per_worker``)."""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
+    # Ray sets OMP_NUM_THREADS from the worker's CPUs; torch is made to agree.
+    return Session(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+                   threads=int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
+                   checkpoint=ray.train.get_checkpoint(), send=None, checkpoint_cls=None,
+                   wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+
+
+def tune_session(cpus: float) -> Session:
+    """The :class:`Session` of a Tune trial that does its work itself
+    (:attr:`TrialSettings.in_trial`): one rank on the CPU, ``int(cpus)`` threads (what Ray sets
+    OMP_NUM_THREADS to for a worker with those CPUs), reports and checkpoints through Tune.
+    A retry (Tune's ``FailureConfig``) or ``--resume`` continues from ``tune.get_checkpoint()``."""
+    from ray import tune
+
+    return Session(rank=0, world=1, device=torch.device("cpu"), threads=max(1, int(cpus)),
+                   checkpoint=tune.get_checkpoint(), send=tune.report,
+                   checkpoint_cls=tune.Checkpoint, wrap_model=lambda m: m)
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """One worker of a trial. ``loop_config``: ``{"config": flat dict, "data_ref": [ObjectRef]}``."""
+    with cache_notes() as notes:
+        return _train_fn(loop_config, notes, train_session())
+
+
+def _train_fn(loop_config: dict[str, Any], notes: list[str],
+              session: Session) -> dict[str, Any] | None:
+    """:func:`train_fn_per_worker` in ``session``, its cache warnings going to ``notes``."""
+    cfg = ExperimentConfig.from_dict(loop_config["config"], where="trial config")
+    rank, device = session.rank, session.device
     if device.type == "cpu":
-        # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree (or use the config).
-        threads = cfg.train.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        threads = cfg.train.num_threads or session.threads
         if threads:
             torch.set_num_threads(threads)
 
     # [1] resume first
     state: dict[str, Any] | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+    if session.checkpoint is not None:
+        with session.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
     # [2] data: through the object store when the driver put it there
@@ -184,12 +241,12 @@ def _train_fn(loop_config: dict[str, Any], notes: list[str]) -> dict[str, Any] |
              "resumed_from_stage": state[reports.STAGE] if state else "",
              "resumed_from_epoch": int(state[reports.EPOCH]) if state else -1}
     report = Reporter(state.get("history", []) if state else [], where, rank,  # [4]
-                      notes=notes)
+                      send=session.send, notes=notes, checkpoint_cls=session.checkpoint_cls)
 
     # [3] DDP only when data-parallel; the model is already on `device`.
-    rt = Runtime(device=device, rank=rank, world_size=world,
+    rt = Runtime(device=device, rank=rank, world_size=session.world,
                  encoder_cache=loop_config.get("encoder_cache"), trial=loop_config.get("trial", ""),
-                 wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+                 wrap_model=session.wrap_model)
     if loop_config.get("refit"):
         return _refit(cfg, data, rt, **loop_config["refit"])
     result = run_trial(cfg, data, report, rt=rt, state=state)
@@ -250,10 +307,18 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
-    loop_config = {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None,
-                   "refit": refit, "encoder_cache": encoder_cache, "trial": trial}
+    loop_config = _loop_config(cfg, data_ref, encoder_cache=encoder_cache, trial=trial,
+                               refit=refit)
     return TorchTrainer(train_fn or train_fn_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling, run_config=run_config)
+
+
+def _loop_config(cfg: ExperimentConfig, data_ref: Any | None, *, encoder_cache: str | None,
+                 trial: str, refit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What :func:`train_fn_per_worker` reads (the data ref in a list: Ray hands it over
+    unresolved)."""
+    return {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None,
+            "refit": refit, "encoder_cache": encoder_cache, "trial": trial}
 
 
 def _trial_inputs(config: dict[str, Any], base: dict[str, Any] | None
@@ -271,7 +336,15 @@ def _trial_inputs(config: dict[str, Any], base: dict[str, Any] | None
 
 def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
                     base: dict[str, Any] | None = None, search: str = "") -> dict[str, Any] | None:
-    """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``.
+    """A Tune function trainable (or a plain call): run one trial through a ``TorchTrainer``,
+    or, inside Tune with one CPU worker (:attr:`TrialSettings.in_trial`), in this process.
+
+    Why in this process: inside a Tune trial a ``TorchTrainer.fit()`` of one worker starts 7
+    actors, each a Python process of its own that imports Ray (the worker and
+    :data:`TRAINER_PROCESSES` helpers), so a search started 8 processes per trial, 4x-17x the raylet's expected count on 2 CPUs (its "N PYTHON worker processes have
+    been started" warning) and seconds of imports per trial on a small machine.
+    The trial then reports and checkpoints through Tune (:func:`tune_session`); Tune's
+    ``FailureConfig`` retries it from its latest checkpoint as Train's would.
 
     ``config`` holds the run-level :class:`TrialSettings` at the top and the trial's
     hyperparameters as dotted keys under ``train_loop_config``, as in Ray's interop example.
@@ -282,9 +355,15 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     run, cfg, trial_id, in_tune = _trial_inputs(config, base)
+    ref = data_ref[0] if data_ref else None
+    trial = f"{search}/{trial_id}" if search else trial_id
+    if in_tune and run.in_trial:
+        with cache_notes() as notes:
+            _train_fn(_loop_config(cfg, ref, encoder_cache=run.encoder_cache, trial=trial),
+                      notes, tune_session(run.cpus_per_worker))
+        return None
     trainer = make_trainer(
-        cfg, data_ref=data_ref[0] if data_ref else None, name=f"trial_id={trial_id}",
-        trial=f"{search}/{trial_id}" if search else trial_id,
+        cfg, data_ref=ref, name=f"trial_id={trial_id}", trial=trial,
         callbacks=[TuneReportCallback()] if in_tune else None, **run.trainer_args())
     result = trainer.fit()
     # Inside Tune the worker's reports already reached Tune; a returned dict would be one more
@@ -340,6 +419,12 @@ def _final_of(future: Any) -> dict[str, Any]:
         line = text.splitlines()[-1] if text else type(exc).__name__
         return {reports.FINAL: 1, reports.DIVERGED: 1, reports.REASON: f"failed: {line[:300]}"}
 
+
+# The actors (each one Python process) a TorchTrainer.fit() of Ray 2.60 starts besides its
+# workers, counted in a search (benchmarks/workers.py): Train V2's controller, its
+# PlacementGroupCleaner, SynchronizationActor, DatasetManager (made even with no datasets) and
+# PreemptionWatcher, and inside Tune the _QueueActor of TuneReportCallback.
+TRAINER_PROCESSES = 6
 
 # Ray Train V2's controller polls its workers every 2 s and a worker's ``ray.train.report``
 # waits for that poll: about 1.9 s per report on a small trial (measured here), 400 s of idle
