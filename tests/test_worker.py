@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -212,3 +213,70 @@ def test_cache_notes_send_a_rebuilt_entry_with_the_next_report_once(tmp_path: Pa
     assert key[:12] in note and "rebuilt" in note and "\n" not in note
     assert ec.NOTE_KEY not in sent[1]
     assert cache.get(key) is None and notes == []  # outside the block: nothing collected
+
+
+def test_trial_settings_in_trial_only_for_one_cpu_worker() -> None:
+    """One CPU worker runs in the Tune trial and reserves its CPUs there; DDP or a GPU goes
+    through a TorchTrainer, whose workers reserve them (the trial reserves none)."""
+    one = worker.TrialSettings(workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0,
+                               max_failures=0, storage_path=None, encoder_cache=None)
+    assert one.in_trial and one.trial_resources() == {"cpu": 2.0}
+    for other in ({"workers": 2}, {"gpus_per_worker": 0.25}):
+        run = dataclasses.replace(one, **other)
+        assert not run.in_trial and run.trial_resources() == {"cpu": 0.0}, other
+
+
+def _ray_workers(root: int) -> set[int]:
+    """The Python worker processes (``default_worker.py``, retitled ``ray::...``) under
+    ``root`` now, from /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for pid in kids.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if (cmd.startswith("ray::") and "Agent" not in cmd) or "default_worker.py" in cmd:
+                found.add(pid)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes in /proc")
+def test_search_starts_one_process_per_trial_and_no_pool_warning(tmp_path: Path) -> None:
+    """A 2-trial search: no raylet "N PYTHON worker processes have been started" warning, and
+    at most one Python worker process per trial beyond Ray's prestarted ones. Through a
+    TorchTrainer each trial started 8 (benchmarks/workers.py), and the warning came at 8."""
+    import os
+    import subprocess
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "cbdtune.search", "--dataset", "gesture", "--space", "smoke",
+           "--num-samples", "2", "--refit-top", "0", "--storage", str(tmp_path / "ray"),
+           "--results-dir", str(tmp_path / "results"),
+           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    log = tmp_path / "search.log"
+    seen: set[int] = set()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= _ray_workers(proc.pid)
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "worker processes have been started" not in text, text[-3000:]
+    # 2 trials + Ray's prestarted idle workers (num_cpus=2) + its autoscaling coordinator
+    assert 2 <= len(seen) <= 2 + 2 + 1, len(seen)
