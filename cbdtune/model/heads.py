@@ -12,8 +12,8 @@
 
 ``model.head_dropout`` drops the head's token features (after pooling and LayerNorm) before its
 first Linear. With ``model.level_features`` the head also reads the per-channel mean and log-std
-of the raw series relative to its own scale (:func:`series_stats`), standardised with the training split's statistics
-(:meth:`ClassifierHead.fit_stats`) and concatenated after the dropout.
+of the raw series relative to its own scale (:func:`series_stats`), standardised with the training
+split's statistics (:meth:`ClassifierHead.fit_stats`) and concatenated after the dropout.
 """
 
 from __future__ import annotations
