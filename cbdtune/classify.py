@@ -135,6 +135,7 @@ class FoldRun:
         self.loader = make_loader(train, per_rank, shuffle=True, seed=tc.seed, rt=rt)
         self.val = None if val_idx is None else (
             tuple(t[val_idx].to(rt.device) for t in inputs), y[val_idx])
+        self.logits = torch.empty(0)  # the last score's held-out logits
 
     def train_epoch(self, epoch: int, augment: Callable[[Tensor], Tensor] | None) -> float:
         self.trainable.train()
@@ -155,15 +156,16 @@ class FoldRun:
             n += len(yb)
         return total / max(n, 1)
 
-    def score(self, n_classes: int) -> tuple[dict[str, float], Tensor]:
-        """The held-out metrics and logits (N_val, K), float32 on the CPU."""
+    def score(self, n_classes: int) -> dict[str, float]:
+        """The held-out metrics; their logits (N_val, K, float32, CPU) stay in ``logits``."""
         assert self.val is not None
         self.trainable.eval()
         inputs, y = self.val
         with torch.no_grad(), autocast(self.rt, self.tc):
-            logits = torch.cat([self.forward(*(t[i:i + 256] for t in inputs)).float()
-                                for i in range(0, len(y), 256)]).cpu()
-        return evaluate(lambda i: logits[i], torch.arange(len(y)), y, n_classes), logits
+            self.logits = torch.cat([self.forward(*(t[i:i + 256] for t in inputs)).float()
+                                     for i in range(0, len(y), 256)]).cpu()
+        logits = self.logits
+        return evaluate(lambda i: logits[i], torch.arange(len(y)), y, n_classes)
 
     def state(self) -> dict[str, Tensor]:
         return snapshot(self.clf)
@@ -228,8 +230,7 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
     bar = progress_bar(tc.classifier_epochs, stage, rt) if report is not None else None
     for epoch in range(1, tc.classifier_epochs + 1):
         train_loss = float(np.mean([r.train_epoch(epoch, aug) for r in runs]))
-        scored = [r.score(n_classes) for r in runs]
-        scores = [sc for sc, _ in scored]
+        scores = [r.score(n_classes) for r in runs]
         point = _mean_point(scores)
         for r, s in zip(runs, scores, strict=True):
             # Under CV the schedule follows the training loss, which the refit has too.
@@ -237,7 +238,7 @@ def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, s
         if best is None or (point["accuracy"], -point["loss"]) > best.key():
             best = StageResult(stage, epoch, point, len(runs),
                                runs[0].state() if pool.holdout else None)
-            best_logits = [logits for _, logits in scored]
+            best_logits = [r.logits for r in runs]
         if bar is not None:
             bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}", refresh=False)
             bar.update(1)
