@@ -4,9 +4,11 @@
 :func:`cbdtune.search.run_search`; Python code builds one directly::
 
     from cbdtune.search import SearchSettings, run_search
-    result = run_search(SearchSettings(dataset="gesture", space="smoke", num_samples=4))
+    result = run_search(SearchSettings(datasets=("gesture",), space="smoke", num_samples=4))
     result.best_trial, result.best_value, result.trials
 
+Every field is keyword-only; lists are tuples (``datasets``, ``metrics``, ``modes``): only the
+command line splits ``gesture,awr`` into ``("gesture", "awr")`` (:meth:`SearchSettings.from_args`).
 Every value is checked in ``__post_init__``, before anything is loaded or started; a bad one raises
 :class:`~cbdtune.config.ConfigError` with one line naming the field and its flag. The dataset,
 space, MLflow store and storage are checked by the search itself (they need files or servers).
@@ -30,6 +32,8 @@ SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 COSTS: tuple[str, ...] = ("time_total_s",)  # Tune fills it in every result; a 2nd objective only
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# The tuple fields and the flag each is given by on the command line, comma-separated.
+LIST_FLAGS = {"datasets": "dataset", "metrics": "metric", "modes": "mode"}
 
 
 def parse_duration(text: str, *, flag: str = "--time-budget") -> float:
@@ -47,17 +51,17 @@ def parse_duration(text: str, *, flag: str = "--time-budget") -> float:
 
 
 def flag(name: str) -> str:
-    """``num_samples`` -> ``--num-samples``."""
-    return "--" + name.replace("_", "-")
+    """``num_samples`` -> ``--num-samples``; ``datasets`` -> ``--dataset`` (:data:`LIST_FLAGS`)."""
+    return "--" + LIST_FLAGS.get(name, name).replace("_", "-")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchSettings:
     """One search. Defaults are the CLI's; ``None`` means "decided by the search" as noted."""
 
-    # A registry name (gesture, awr, ...), UEA/UCR archive name or folder, or several of them
-    # separated by commas: one configuration searched on every one (``datasets``).
-    dataset: str
+    # Registry names (gesture, awr, ...), UEA/UCR archive names or folders: one configuration
+    # searched on every one. A single str is one name.
+    datasets: tuple[str, ...]
     space: str = "default"  # a YAML path or a shipped space name (default, paper, smoke)
     data_dir: str | None = None  # None: $CBDTUNE_DATA_DIR, then the cache
     seed: int | None = None  # train.seed; None: the space's (0)
@@ -68,11 +72,12 @@ class SearchSettings:
     gpus_per_worker: float = 0.0  # fractions (0.25) let trials share a GPU
     sampler: Sampler = "tpe"
     scheduler: Scheduler | None = None  # None: asha for one dataset, none for several
-    # One selection metric, or two separated by a comma (Optuna's multi-objective search): the
-    # second may also be a cost Tune records for every trial (COSTS). Trials are ranked, stopped
-    # by ASHA and refitted on the first; the summary lists the Pareto front of both.
-    metric: str = METRIC
-    mode: str | None = None  # max or min per metric (max,min); None: min for losses/costs, else max
+    # One selection metric, or two (Optuna's multi-objective search): the second may also be a
+    # cost Tune records for every trial (COSTS). Trials are ranked, stopped by ASHA and refitted
+    # on the first; the summary lists the Pareto front of both.
+    metrics: tuple[str, ...] = (METRIC,)
+    # max or min per metric; None: min for losses/costs, else max (a tuple once checked)
+    modes: tuple[str, ...] | None = None
     mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
     experiment: str | None = None  # None: cbdtune-<dataset>
     name: str | None = None  # None: <dataset>-<space stem>; -2, -3... when taken
@@ -99,11 +104,15 @@ class SearchSettings:
     def __post_init__(self) -> None:
         hints = get_type_hints(SearchSettings)
         for f in fields(self):  # types first (int -> float allowed), as ExperimentConfig does
-            value = _coerce(getattr(self, f.name), hints[f.name], _where(f.name))
+            value = getattr(self, f.name)
+            if f.name in LIST_FLAGS:
+                value = _names(value, f.name)
+            else:
+                value = _coerce(value, hints[f.name], _where(f.name))
             object.__setattr__(self, f.name, value)
         self._check_datasets()
-        self._check_metric()
-        self._check_mode()
+        self._check_metrics()
+        self._check_modes()
         self._check_counts()
         self._check_resources()
         if self.time_budget is not None:
@@ -113,19 +122,19 @@ class SearchSettings:
                               f"{self.reuse_share}")
 
     def _check_datasets(self) -> None:
-        """Every name of the comma list non-empty and given once; the scheduler resolved (a
-        multi-dataset trial reports once, at its end: ASHA would have no rung to compare)."""
-        names = [n.strip() for n in self.dataset.split(",")]
+        """Every name non-empty and given once; the scheduler resolved (a multi-dataset trial
+        reports once, at its end: ASHA would have no rung to compare)."""
+        names = self.datasets
         if not any(names):
-            raise ConfigError(f"{_where('dataset')}: must not be empty; give a name such as "
+            raise ConfigError(f"{_where('datasets')}: must not be empty; give a name such as "
                               "gesture or a folder")
         if not all(names):
-            raise ConfigError(f"{_where('dataset')} {self.dataset}: an empty name in the list; "
-                              "separate names with single commas, e.g. gesture,awr,fm")
+            raise ConfigError(f"{_where('datasets')} {','.join(names)}: an empty name in the "
+                              "list; separate names with single commas, e.g. gesture,awr,fm")
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ConfigError(f"{_where('dataset')} {self.dataset}: {', '.join(twice)} given "
-                              "more than once; name each dataset once")
+            raise ConfigError(f"{_where('datasets')} {','.join(names)}: {', '.join(twice)} "
+                              "given more than once; name each dataset once")
         if self.scheduler is None:
             object.__setattr__(self, "scheduler", self._own_scheduler)
         elif self.scheduler == "asha" and len(names) > 1:
@@ -134,62 +143,43 @@ class SearchSettings:
                               "--scheduler (none is the default for several datasets)")
 
     @property
-    def datasets(self) -> tuple[str, ...]:
-        """The names in ``dataset``, in the order given (one for a single-dataset search)."""
-        return tuple(n.strip() for n in self.dataset.split(","))
-
-    @property
     def _own_scheduler(self) -> str:
         return "asha" if len(self.datasets) == 1 else "none"
 
-    def _check_metric(self) -> None:
-        names = [n.strip() for n in self.metric.split(",")]
-        if len(names) > 2 or not all(names):
-            raise ConfigError(f"{_where('metric')} {self.metric}: expected one metric or two "
-                              f"separated by a comma, e.g. {METRIC},{COSTS[0]}")
+    def _check_metrics(self) -> None:
+        names = self.metrics
+        if not 1 <= len(names) <= 2 or not all(names):
+            raise ConfigError(f"{_where('metrics')} {','.join(names)}: expected one metric or "
+                              f"two, e.g. {METRIC},{COSTS[0]}")
         for i, name in enumerate(names):
             if name.startswith("test"):
-                raise ConfigError(f"{_where('metric')} {name}: the search never selects on a "
+                raise ConfigError(f"{_where('metrics')} {name}: the search never selects on a "
                                   f"test metric; use a validation metric such as {METRIC}")
             allowed = reports.SELECTION_METRICS + (COSTS if i else ())
             if name not in allowed:
-                raise ConfigError(f"{_where('metric')} {name}: not a metric the pipeline "
+                raise ConfigError(f"{_where('metrics')} {name}: not a metric the pipeline "
                                   f"reports for selection{' or a cost' if i else ''}; choose "
                                   f"one of {', '.join(allowed)}"
                                   + ("" if i else f" ({', '.join(COSTS)} only as the second)"))
         if len(names) == 2 and names[0] == names[1]:
-            raise ConfigError(f"{_where('metric')} {self.metric}: the two objectives are the "
-                              "same metric; give two different ones")
+            raise ConfigError(f"{_where('metrics')} {','.join(names)}: the two objectives are "
+                              "the same metric; give two different ones")
         if len(names) == 2 and self.sampler == "cmaes":
             raise ConfigError(f"{_where('sampler')} cmaes: Optuna's CMA-ES is single-objective; "
-                              f"use tpe, random or grid with --metric {self.metric}")
-        object.__setattr__(self, "metric", ",".join(names))
+                              f"use tpe, random or grid with --metric {','.join(names)}")
 
-    def _check_mode(self) -> None:
-        """One direction per metric: given (``max,min``) or each metric's own."""
-        if self.mode is None:
-            object.__setattr__(self, "mode", ",".join(map(own_mode, self.objectives)))
+    def _check_modes(self) -> None:
+        """One direction per metric: given (``("max", "min")``) or each metric's own."""
+        if self.modes is None:
+            object.__setattr__(self, "modes", tuple(map(own_mode, self.metrics)))
             return
-        modes = [m.strip() for m in self.mode.split(",")]
-        if not all(m in ("max", "min") for m in modes):
-            raise ConfigError(f"{_where('mode')}: expected one of max, min for each metric "
-                              f"(comma-separated), but got {self.mode}")
-        if len(modes) != len(self.objectives):
-            raise ConfigError(f"{_where('mode')} {self.mode}: {len(modes)} direction(s) for "
-                              f"{len(self.objectives)} metric(s) ({self.metric}); give one per "
-                              "metric, e.g. max,min")
-        object.__setattr__(self, "mode", ",".join(modes))
-
-    @property
-    def objectives(self) -> tuple[str, ...]:
-        """The metrics in ``metric``: the first ranks trials; a second makes the search
-        multi-objective."""
-        return tuple(self.metric.split(","))
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        """``mode`` per objective."""
-        return tuple(str(self.mode).split(","))
+        if not all(m in ("max", "min") for m in self.modes):
+            raise ConfigError(f"{_where('modes')}: expected one of max, min for each metric, "
+                              f"but got {','.join(self.modes)}")
+        if len(self.modes) != len(self.metrics):
+            raise ConfigError(f"{_where('modes')} {','.join(self.modes)}: {len(self.modes)} "
+                              f"direction(s) for {len(self.metrics)} metric(s) "
+                              f"({','.join(self.metrics)}); give one per metric, e.g. max,min")
 
     def _check_counts(self) -> None:
         for name, least in (("num_samples", 1), ("workers_per_trial", 1),
@@ -220,15 +210,30 @@ class SearchSettings:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """Every field's default (``dataset`` has none): the CLI's defaults too."""
+        """Every field's default (``datasets`` has none)."""
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    @classmethod
+    def cli_defaults(cls) -> dict[str, Any]:
+        """The search CLI's defaults: :meth:`defaults` under the flags' names, tuples joined."""
+        out = {}
+        for name, value in cls.defaults().items():
+            if name in LIST_FLAGS:
+                name, value = LIST_FLAGS[name], None if value is None else ",".join(value)
+            out[name] = value
+        return out
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SearchSettings:
         """The search CLI's parsed flags (``cbdtune.search.parser``) as settings: a flag of the
-        same name as a field, and ``--no-<field>`` for a switch that defaults to on."""
+        same name as a field, ``--no-<field>`` for a switch that defaults to on, and the
+        comma-separated ``--dataset``, ``--metric`` and ``--mode`` split into tuples."""
         given = vars(args)
         kwargs: dict[str, Any] = {f.name: given[f.name] for f in fields(cls) if f.name in given}
+        for name, cli_name in LIST_FLAGS.items():
+            text = given.get(cli_name)
+            if text is not None:
+                kwargs[name] = tuple(n.strip() for n in str(text).split(","))
         for f in fields(cls):
             if f.default is True and given.get(f"no_{f.name}"):
                 kwargs[f.name] = False
@@ -236,18 +241,20 @@ class SearchSettings:
 
     def to_argv(self) -> list[str]:
         """The flags of the search CLI that give these settings (the fields that differ from
-        their defaults; ``mode`` when it differs from the metric's own direction)."""
-        argv = ["--dataset", self.dataset]
-        derived_mode = ",".join(map(own_mode, self.objectives))
+        their defaults; ``--mode`` when it differs from the metrics' own directions)."""
+        argv = ["--dataset", ",".join(self.datasets)]
+        own_modes = tuple(map(own_mode, self.metrics))
         for name, default in self.defaults().items():
             value = getattr(self, name)
-            if value == default or (name == "mode" and value == derived_mode) or (
+            if value == default or (name == "modes" and value == own_modes) or (
                     name == "scheduler" and value == self._own_scheduler):
                 continue
             if value is True:
                 argv.append(flag(name))
             elif value is False:
                 argv.append(f"--no-{name.replace('_', '-')}")
+            elif isinstance(value, tuple):
+                argv += [flag(name), ",".join(value)]
             else:
                 argv += [flag(name), str(value)]
         return argv
@@ -258,10 +265,25 @@ def own_mode(metric: str) -> str:
     return "min" if "loss" in metric or metric in COSTS else MODE
 
 
+def _names(value: Any, name: str) -> tuple[str, ...] | None:
+    """A tuple field's value: a tuple (or list) of strings, each stripped; a single str is one
+    name. Commas are the command line's to split, not this class's."""
+    if value is None and name == "modes":
+        return None
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (tuple, list)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{_where(name)}: expected a tuple of strings, but got {value!r}")
+    items = tuple(v.strip() for v in items)
+    if any("," in v for v in items):
+        raise ConfigError(f"{_where(name)} {value!r}: one name per item, e.g. "
+                          f"{name}=(\"a\", \"b\"); only the command line splits commas")
+    return items
+
+
 def _where(name: str) -> str:
     """How an error names a field: ``num_samples (--num-samples)``."""
     return f"{name} ({flag(name)})"
 
 
-__all__ = ["COSTS", "SAMPLERS", "SCHEDULERS", "SearchSettings", "flag", "own_mode",
+__all__ = ["COSTS", "LIST_FLAGS", "SAMPLERS", "SCHEDULERS", "SearchSettings", "flag", "own_mode",
            "parse_duration"]

@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,15 @@ TRIAL_INTERRUPTED = "interrupted; --resume continues it"  # the reason of a tria
 # model); the registry's error lists the same schemes, minus the file store, which 3.17 refuses.
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 _SQLITE_MAGIC = b"SQLite format 3\x00"  # https://www.sqlite.org/fileformat.html, section 1.3
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """One MLflow run: the store it lives in, its experiment and its id."""
+
+    uri: str
+    experiment_id: str
+    run_id: str
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

@@ -367,7 +367,7 @@ def test_the_search_decides_the_cache_root_and_no_reuse_turns_it_off(tmp_path: P
     given = SearchSettings.from_args(p.parse_args(["--dataset", "gesture",
                                                    "--encoder-cache", "enc"]))
     assert search.encoder_root(given) == str(tmp_path / "enc")
-    assert search.encoder_root(SearchSettings(dataset="g", encoder_cache="s3://b/c")) == "s3://b/c"
+    assert search.encoder_root(SearchSettings(datasets=("g",), encoder_cache="s3://b/c")) == "s3://b/c"
     off = SearchSettings.from_args(p.parse_args(["--dataset", "gesture", "--no-reuse",
                                                  "--encoder-cache", "enc"]))
     assert off.reuse is False and search.encoder_root(off) is None

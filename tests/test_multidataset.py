@@ -25,42 +25,49 @@ EXPERIMENT = "cbdtune-multi-test"
 # ---- settings: the list, its refusals, the scheduler ------------------------------------------
 
 
-def test_a_comma_list_is_several_datasets_and_one_name_is_one() -> None:
-    multi = SearchSettings(dataset="gesture, awr,fm")
-    assert multi.dataset == "gesture, awr,fm"  # the string the user gave
+def test_the_command_line_splits_a_comma_list_and_the_settings_take_a_tuple() -> None:
+    p = search.parser()
+    multi = SearchSettings.from_args(p.parse_args(["--dataset", "gesture, awr,fm"]))
     assert multi.datasets == ("gesture", "awr", "fm")
     assert multi.scheduler == "none"  # one report per trial: nothing for ASHA to compare
-    single = SearchSettings(dataset="gesture")
+    assert multi == SearchSettings(datasets=("gesture", "awr", "fm"))
+    single = SearchSettings(datasets=("gesture",))
     assert single.datasets == ("gesture",) and single.scheduler == "asha"
-    assert SearchSettings(dataset="gesture,fm", scheduler="none").scheduler == "none"
-    assert SearchSettings(dataset="gesture", scheduler="none").scheduler == "none"
+    assert SearchSettings(datasets="gesture") == single  # a single str is one name
+    assert SearchSettings(datasets=("gesture", "fm"), scheduler="none").scheduler == "none"
+    assert SearchSettings(datasets=("gesture",), scheduler="none").scheduler == "none"
+    with pytest.raises(TypeError):  # keyword-only
+        SearchSettings("gesture")  # type: ignore[misc]
 
 
 def test_the_derived_scheduler_round_trips_through_the_command_line() -> None:
     p = search.parser()
-    for settings in (SearchSettings(dataset="gesture,fm", num_samples=2),
-                     SearchSettings(dataset="gesture"),
-                     SearchSettings(dataset="gesture", scheduler="none")):
+    for settings in (SearchSettings(datasets=("gesture", "fm"), num_samples=2),
+                     SearchSettings(datasets=("gesture",)),
+                     SearchSettings(datasets=("gesture",), scheduler="none")):
         argv = settings.to_argv()
         assert SearchSettings.from_args(p.parse_args(argv)) == settings
-    assert "--scheduler" not in SearchSettings(dataset="gesture,fm").to_argv()
-    assert "--scheduler" not in SearchSettings(dataset="gesture").to_argv()
-    assert "--scheduler" in SearchSettings(dataset="gesture", scheduler="none").to_argv()
+    assert SearchSettings(datasets=("gesture", "fm")).to_argv()[:2] == ["--dataset", "gesture,fm"]
+    assert "--scheduler" not in SearchSettings(datasets=("gesture", "fm")).to_argv()
+    assert "--scheduler" not in SearchSettings(datasets=("gesture",)).to_argv()
+    assert "--scheduler" in SearchSettings(datasets=("gesture",), scheduler="none").to_argv()
 
 
-@pytest.mark.parametrize(("dataset", "kwargs", "message"), [
-    ("gesture,fm,gesture", {}, "dataset (--dataset) gesture,fm,gesture: gesture given more "
-                               "than once"),
-    ("gesture,,fm", {}, "an empty name in the list"),
-    ("gesture,", {}, "an empty name in the list"),
-    (" , ", {}, "dataset (--dataset): must not be empty"),
-    ("gesture,fm", {"scheduler": "asha"}, "scheduler (--scheduler) asha: a multi-dataset trial "
-                                          "reports once"),
+@pytest.mark.parametrize(("datasets", "kwargs", "message"), [
+    (("gesture", "fm", "gesture"), {}, "datasets (--dataset) gesture,fm,gesture: gesture given "
+                                       "more than once"),
+    (("gesture", "", "fm"), {}, "an empty name in the list"),
+    (("gesture", " "), {}, "an empty name in the list"),
+    ((" ",), {}, "datasets (--dataset): must not be empty"),
+    ("gesture,fm", {}, "one name per item"),
+    (("gesture", 3), {}, "expected a tuple of strings"),
+    (("gesture", "fm"), {"scheduler": "asha"}, "scheduler (--scheduler) asha: a multi-dataset "
+                                               "trial reports once"),
 ])
-def test_settings_refuse_a_bad_list_in_one_line(dataset: str, kwargs: dict[str, Any],
+def test_settings_refuse_a_bad_list_in_one_line(datasets: Any, kwargs: dict[str, Any],
                                                 message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        SearchSettings(dataset=dataset, **kwargs)
+        SearchSettings(datasets=datasets, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cbdtune import search
+from cbdtune import parent_run, plan, search, tuning
 from cbdtune.space import load_space
 from cbdtune.worker import free_port
 
@@ -342,10 +342,10 @@ def test_search_same_seed_same_trials() -> None:
     space = load_space("smoke")
 
     def suggestions(sampler: str, seed: int) -> list[dict]:
-        s = search.make_searcher(space, sampler=sampler, seed=seed, metric="val_accuracy",
+        s = tuning.make_searcher(space, sampler=sampler, seed=seed, metric="val_accuracy",
                                  mode="max", max_concurrent=8)
         s.set_search_properties("val_accuracy", "max",
-                                search.param_space(search.SearchSettings(dataset="gesture"), None))
+                                tuning.param_space(search.SearchSettings(datasets=("gesture",)), None))
         return [s.suggest(f"t{i}")["train_loop_config"] for i in range(4)]
 
     for sampler in set(search.SAMPLERS) - {"grid"}:  # smoke has float ranges: no grid
@@ -381,7 +381,7 @@ def test_search_name_skips_a_taken_results_folder_and_leaves_it_untouched(tmp_pa
     from cbdtune import results
 
     space = load_space("smoke")
-    settings = search.SearchSettings(dataset="gesture")
+    settings = search.SearchSettings(datasets=("gesture",))
     dataset_dir = tmp_path / "results" / "UWaveGestureLibrary"
     first = dataset_dir / "gesture-default"
     df = results.trials_frame([results.trial_row("a", {}, {"val_accuracy": 0.9}, "completed", "")])
@@ -389,7 +389,7 @@ def test_search_name_skips_a_taken_results_folder_and_leaves_it_untouched(tmp_pa
                   command="first", header={})
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     # The Ray storage is empty (another machine, or ~/ray_results cleaned): the folder decides.
-    name = search._search_name(settings, str(tmp_path / "ray"), "default",
+    name = plan.search_name(settings, str(tmp_path / "ray"), "default",
                                results_dir=dataset_dir)
     assert name == "gesture-default-2"
     results.write(dataset_dir / name, df, space, space.base, metric="val_accuracy", mode="max",
@@ -408,7 +408,7 @@ def test_search_name_storage_or_results_take_a_name_resume_needs_storage(tmp_pat
     def name(*flags: str) -> str:
         args = p.parse_args(["--dataset", "gesture", "--name", "s", *flags])
         settings = search.SearchSettings.from_args(args)
-        return search._search_name(settings, str(root), "smoke", results_dir=dataset_dir)
+        return plan.search_name(settings, str(root), "smoke", results_dir=dataset_dir)
 
     assert name() == "s-3"
     assert name("--resume") == "s"  # s-2 has results only: nothing for Tune to restore
@@ -417,9 +417,9 @@ def test_search_name_storage_or_results_take_a_name_resume_needs_storage(tmp_pat
 
 
 def test_search_name_resume_without_storage_is_a_one_line_error(tmp_path: Path) -> None:
-    settings = search.SearchSettings(dataset="gesture", resume=True)
+    settings = search.SearchSettings(datasets=("gesture",), resume=True)
     with pytest.raises(search.CbdtuneError, match="--resume: no search named gesture-smoke"):
-        search._search_name(settings, str(tmp_path / "ray"), "smoke", results_dir=tmp_path / "r")
+        plan.search_name(settings, str(tmp_path / "ray"), "smoke", results_dir=tmp_path / "r")
 
 
 def test_cli_read_only_storage_exits_2_before_ray(tmp_path: Path, capsys) -> None:
@@ -516,7 +516,7 @@ def test_rows_trust_the_persisted_state_over_the_last_result(tmp_path: Path) -> 
 
     grid = [result("a", {"final": 1, "val_accuracy": 0.8}),
             result("b", {"training_iteration": 3, "val_accuracy": 0.7})]
-    rows, curves = search._rows(grid, {"a": "TERMINATED", "b": "RUNNING"}, "val_accuracy")
+    rows, curves = tuning.trial_rows(grid, {"a": "TERMINATED", "b": "RUNNING"}, "val_accuracy")
     assert [r["status"] for r in rows] == ["completed", "unfinished"]
     assert "--resume" in rows[1]["reason"]
     assert curves["b"] == {1: 0.5, 3: 0.7}
@@ -693,28 +693,35 @@ def test_scheduler_state_callback_restores_asha_rungs() -> None:
 # ---- the search's exits: every MLflow run ends, the --resume command is printed -----------------
 
 
-def _fake_ray(monkeypatch, tmp_path: Path, outcome: BaseException | None) -> None:
-    """Replace Ray (connect, Tune) by stubs: main's MLflow handling runs for real."""
-    def connect(s: search._Search) -> None:
-        s.where, s.root, s.name = "local", str(tmp_path / "ray"), "s1"
+def _fake_ray(monkeypatch, tmp_path: Path, outcome: BaseException | None,
+              trials: pd.DataFrame | None = None) -> None:
+    """Replace Ray (connect, Tune) by stubs: the plan and the MLflow parent run are real. The
+    stub trial logs a nested run, then raises ``outcome`` or returns ``trials``."""
+    from cbdtune import results
 
-    def run(s: search._Search) -> int:
-        s.mlc.create_run(s.exp_id, tags={"mlflow.parentRunId": s.parent,
-                                         "cbdtune.trial_id": "t1"})
+    def tune(the_plan: plan.SearchPlan, cluster: tuning.Cluster,
+             parent: object) -> tuning.Tuned:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(the_plan.uri).create_run(
+            parent.experiment_id, tags={"mlflow.parentRunId": parent.run_id,  # type: ignore
+                                        "cbdtune.trial_id": "t1"})
         if outcome is not None:
             raise outcome
-        return 0
+        df = results.trials_frame([]) if trials is None else trials
+        return tuning.Tuned(trials=df, curves={}, wall_s=1.0, started=time.perf_counter(),
+                            interrupted=False)
 
-    monkeypatch.setattr(search, "_connect", connect)
-    monkeypatch.setattr(search, "_search", run)
-    monkeypatch.setattr(search, "_restorable", lambda path: True)
+    monkeypatch.setattr(tuning, "connect", lambda the_plan: tuning.Cluster("local", 1, {}))
+    monkeypatch.setattr(tuning, "tune", tune)
+    monkeypatch.setattr(parent_run, "_restorable", lambda path: True)
 
 
 def _exit_cmd(tmp_path: Path) -> list[str]:
     (tmp_path / "data").symlink_to(os.environ["CBDTUNE_DATA_DIR"])
     return ["--dataset", "gesture", "--space", "smoke", "--data-dir", "data",
             "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", EXPERIMENT,
-            "--results-dir", "results"]
+            "--results-dir", "results", "--storage", str(tmp_path / "ray"), "--refit-top", "0"]
 
 
 @pytest.mark.parametrize(("outcome", "status"), [(KeyboardInterrupt(), "KILLED"),
@@ -737,7 +744,7 @@ def test_search_exit_ends_every_mlflow_run(tmp_path: Path, monkeypatch, capsys,
     assert child.info.status == "KILLED"
     assert child.data.tags["cbdtune.reason"] == "interrupted; --resume continues it"
     err = capsys.readouterr().err
-    assert err.rstrip().endswith(" ".join([*argv, "--name", "s1", "--resume"]))
+    assert err.rstrip().endswith(" ".join([*argv, "--name", "gesture-smoke", "--resume"]))
 
 
 def test_search_parent_run_has_space_dataset_and_no_absolute_path(tmp_path: Path,
@@ -766,17 +773,10 @@ def test_run_search_is_the_python_api_and_returns_what_the_search_left(tmp_path:
     from cbdtune import results
 
     monkeypatch.chdir(tmp_path)
-    _fake_ray(monkeypatch, tmp_path, None)
-
-    def run(s: search._Search) -> int:
-        s.trials = results.trials_frame([
-            results.trial_row("a", {}, {"val_accuracy": 0.7, "final": 1}, "completed", ""),
-            results.trial_row("b", {}, {"val_accuracy": 0.9, "final": 1}, "completed", ""),
-            results.trial_row("c", {}, {"val_accuracy": 0.95}, "stopped", "ASHA")])
-        s.best = results.best_trial(s.trials, s.metric, s.mode)
-        return 0
-
-    monkeypatch.setattr(search, "_search", run)
+    _fake_ray(monkeypatch, tmp_path, None, trials=results.trials_frame([
+        results.trial_row("a", {}, {"val_accuracy": 0.7, "final": 1}, "completed", ""),
+        results.trial_row("b", {}, {"val_accuracy": 0.9, "final": 1}, "completed", ""),
+        results.trial_row("c", {}, {"val_accuracy": 0.95}, "stopped", "ASHA")]))
     argv = _exit_cmd(tmp_path)
     settings = search.SearchSettings.from_args(search.parser().parse_args(argv))
     result = search.run_search(settings)  # no argv: the command is rebuilt from the settings
@@ -786,8 +786,9 @@ def test_run_search_is_the_python_api_and_returns_what_the_search_left(tmp_path:
     assert (result.best_trial, result.best_value) == ("b", 0.9)
     assert list(result.trials["trial_id"]) == ["a", "b", "c"]
     assert result.mlflow_run_id == parent.info.run_id and result.mlflow_uri == uri
-    assert result.storage_path == f"{tmp_path / 'ray'}/s1"
-    assert result.results_dir == Path("results") / "UWaveGestureLibrary" / "s1"
+    assert result.storage_path == f"{tmp_path / 'ray'}/gesture-smoke"
+    assert result.results_dir == Path("results") / "UWaveGestureLibrary" / "gesture-smoke"
+    assert (result.results_dir / "trials.parquet").is_file()
     command = parent.data.tags["cbdtune.command"]
     assert command.endswith(" " + " ".join(settings.to_argv()))
     assert "--data-dir data" in command and "--space smoke" in command
@@ -799,12 +800,12 @@ def test_a_time_budget_that_ran_out_is_not_an_interruption() -> None:
 
     df = results.trials_frame([results.trial_row("a", {}, {"val_accuracy": 0.5, "final": 1},
                                                  "completed", "")])
-    budget = search.SearchSettings(dataset="gesture", num_samples=4, time_budget="1m")
-    assert not search._interrupted(budget, df, wall=61.0)
-    assert search._interrupted(budget, df, wall=30.0)
-    assert search._interrupted(search.SearchSettings(dataset="gesture", num_samples=4), df, 1e6)
+    budget = search.SearchSettings(datasets=("gesture",), num_samples=4, time_budget="1m")
+    assert not tuning.interrupted(budget, df, wall=61.0)
+    assert tuning.interrupted(budget, df, wall=30.0)
+    assert tuning.interrupted(search.SearchSettings(datasets=("gesture",), num_samples=4), df, 1e6)
     unfinished = results.trials_frame([results.trial_row("b", {}, {}, "unfinished", "x")])
-    assert search._interrupted(budget, unfinished, wall=61.0)
+    assert tuning.interrupted(budget, unfinished, wall=61.0)
 
 
 # ---- Ctrl-C after the trials: refits and registration -----------------------------------------
@@ -824,7 +825,7 @@ def test_search_ctrl_c_in_refit_or_registration_is_killed_and_resume_finishes(
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = search.SearchSettings(
-        dataset="gesture", space=SMOKE, num_samples=1, refit_top=1, refit_seeds=1,
+        datasets=("gesture",), space=SMOKE, num_samples=1, refit_top=1, refit_seeds=1,
         scheduler="none", storage=str(tmp_path / "ray"), results_dir="results",
         mlflow_uri=uri, experiment=EXPERIMENT, name="cc", data_dir=os.environ["CBDTUNE_DATA_DIR"])
     real_refit, real_log_model = refit.run, serving.log_model

@@ -25,56 +25,61 @@ from cbdtune.settings import SearchSettings
     ({"max_failures": -1}, "max_failures (--max-failures): must be >= 0"),
     ({"refit_seeds": 0}, "refit_seeds (--refit-seeds): must be >= 1"),
     ({"cv_folds": 1}, "cv_folds (--cv-folds): must be 0 (one validation split) or >= 2"),
-    ({"metric": "test_accuracy"}, "never selects on a test metric"),
-    ({"metric": "val_acc"}, "not a metric the pipeline reports for selection"),
+    ({"metrics": ("test_accuracy",)}, "never selects on a test metric"),
+    ({"metrics": ("val_acc",)}, "not a metric the pipeline reports for selection"),
     ({"sampler": "anneal"}, "sampler (--sampler): expected one of"),
-    ({"mode": "up"}, "mode (--mode): expected one of"),
-    ({"metric": "time_total_s"}, "time_total_s only as the second"),
-    ({"metric": "val_accuracy,val_loss,val_f1"}, "expected one metric or two"),
-    ({"metric": "val_accuracy,"}, "expected one metric or two"),
-    ({"metric": "val_accuracy,test_f1"}, "never selects on a test metric"),
-    ({"metric": "val_loss,val_loss"}, "the two objectives are the same metric"),
-    ({"metric": "val_accuracy,epochs"}, "not a metric the pipeline reports for selection or a"),
-    ({"metric": "val_accuracy,time_total_s", "mode": "max"}, "give one per metric"),
-    ({"mode": "max,min"}, "2 direction(s) for 1 metric(s)"),
-    ({"metric": "val_accuracy,time_total_s", "sampler": "cmaes"}, "CMA-ES is single-objective"),
+    ({"modes": ("up",)}, "modes (--mode): expected one of"),
+    ({"metrics": ("time_total_s",)}, "time_total_s only as the second"),
+    ({"metrics": ("val_accuracy", "val_loss", "val_f1")}, "expected one metric or two"),
+    ({"metrics": ("val_accuracy", "")}, "expected one metric or two"),
+    ({"metrics": ()}, "expected one metric or two"),
+    ({"metrics": ("val_accuracy", "test_f1")}, "never selects on a test metric"),
+    ({"metrics": ("val_loss", "val_loss")}, "the two objectives are the same metric"),
+    ({"metrics": ("val_accuracy", "epochs")}, "not a metric the pipeline reports for selection or a"),
+    ({"metrics": ("val_accuracy", "time_total_s"), "modes": ("max",)}, "give one per metric"),
+    ({"modes": ("max", "min")}, "2 direction(s) for 1 metric(s)"),
+    ({"metrics": ("val_accuracy", "time_total_s"), "sampler": "cmaes"}, "CMA-ES is single-objective"),
     ({"num_samples": "16"}, "num_samples (--num-samples): expected an integer"),
     ({"time_budget": "2 hours"}, "expected a positive duration"),
-    ({"dataset": " "}, "dataset (--dataset): must not be empty"),
+    ({"datasets": (" ",)}, "datasets (--dataset): must not be empty"),
+    ({"metrics": "val_accuracy,val_loss"}, "metrics (--metric) 'val_accuracy,val_loss': one name per item"),
 ])
 def test_settings_reject_each_bad_value_with_one_line(kwargs: dict[str, Any],
                                                       message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        SearchSettings(**{"dataset": "gesture", **kwargs})
+        SearchSettings(**{"datasets": ("gesture",), **kwargs})
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_settings_two_objectives_each_with_its_own_direction() -> None:
-    two = SearchSettings(dataset="gesture", metric=" val_accuracy , time_total_s")
-    assert (two.metric, two.mode) == ("val_accuracy,time_total_s", "max,min")
-    assert (two.objectives, two.modes) == (("val_accuracy", "time_total_s"), ("max", "min"))
+    two = SearchSettings(datasets=("gesture",), metrics=(" val_accuracy ", "time_total_s"))
+    assert (two.metrics, two.modes) == (("val_accuracy", "time_total_s"), ("max", "min"))
     assert two.to_argv() == ["--dataset", "gesture", "--metric", "val_accuracy,time_total_s"]
-    given = SearchSettings(dataset="gesture", metric="val_f1,val_loss", mode="max,max")
+    given = SearchSettings(datasets=("gesture",), metrics=("val_f1", "val_loss"),
+                           modes=("max", "max"))
     assert given.modes == ("max", "max") and given.to_argv()[-2:] == ["--mode", "max,max"]
-    assert SearchSettings(dataset="gesture", metric="val_loss").modes == ("min",)
+    assert SearchSettings(datasets=("gesture",), metrics=("val_loss",)).modes == ("min",)
+    cli = search.parser().parse_args(["--dataset", "gesture", "--metric", "val_f1, val_loss",
+                                      "--mode", "max,max"])
+    assert SearchSettings.from_args(cli) == given  # only the command line splits commas
 
 
 def test_settings_resolve_mode_and_budget() -> None:
-    assert SearchSettings(dataset="gesture").mode == "max"
-    assert SearchSettings(dataset="gesture", metric="val_loss").mode == "min"
-    assert SearchSettings(dataset="gesture", time_budget="90m").time_budget_s == 5400
-    assert SearchSettings(dataset="gesture", cpus_per_worker=2).cpus_per_worker == 2.0
+    assert SearchSettings(datasets=("gesture",)).modes == ("max",)
+    assert SearchSettings(datasets=("gesture",), metrics=("val_loss",)).modes == ("min",)
+    assert SearchSettings(datasets=("gesture",), time_budget="90m").time_budget_s == 5400
+    assert SearchSettings(datasets=("gesture",), cpus_per_worker=2).cpus_per_worker == 2.0
     with pytest.raises(AttributeError):  # frozen
-        SearchSettings(dataset="gesture").seed = 3  # type: ignore[misc]
+        SearchSettings(datasets=("gesture",)).seed = 3  # type: ignore[misc]
 
 
 def test_cli_defaults_are_the_settings_defaults_and_round_trip() -> None:
     p = search.parser()
     assert SearchSettings.from_args(p.parse_args(["--dataset", "gesture"])) == SearchSettings(
-        dataset="gesture")
-    settings = SearchSettings(dataset="gesture", space="smoke", num_samples=4, seed=3,
+        datasets=("gesture",))
+    settings = SearchSettings(datasets=("gesture",), space="smoke", num_samples=4, seed=3,
                               cpus_per_worker=0.5, baseline=False, resume=True,
-                              metric="val_loss", time_budget="2h", address="auto")
+                              metrics=("val_loss",), time_budget="2h", address="auto")
     argv = settings.to_argv()
     assert "--no-baseline" in argv and "--mode" not in argv  # min is val_loss's own direction
     assert SearchSettings.from_args(p.parse_args(argv)) == settings
@@ -83,7 +88,7 @@ def test_cli_defaults_are_the_settings_defaults_and_round_trip() -> None:
 def test_trial_settings_come_from_the_search_settings_only() -> None:
     from cbdtune.worker import TrialSettings
 
-    settings = SearchSettings(dataset="gesture", workers_per_trial=2, gpus_per_worker=0.25)
+    settings = SearchSettings(datasets=("gesture",), workers_per_trial=2, gpus_per_worker=0.25)
     space = search.param_space(settings, "/s/train")
     assert space["train_loop_config"] == {}
     run = TrialSettings.from_config({**space, "train_loop_config": {"model.mask_ratio": 0.5}})

@@ -211,20 +211,20 @@ def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
     from ray.tune.experiment import Experiment
     from ray.tune.search import SearchGenerator
 
-    from cbdtune import search
+    from cbdtune import search, tuning
     from cbdtune.config import ExperimentConfig
     from cbdtune.worker import TrialSettings, train_driver_fn
 
     space = load_space("default")
     args = search.parser().parse_args(["--dataset", "gesture", "--workers-per-trial", "2"])
-    settings = search.param_space(search.SearchSettings.from_args(args), "/nonexistent/storage")
-    searcher = search.make_searcher(space, sampler="tpe", seed=0, metric="val_accuracy",
+    settings = tuning.param_space(search.SearchSettings.from_args(args), "/nonexistent/storage")
+    searcher = tuning.make_searcher(space, sampler="tpe", seed=0, metric="val_accuracy",
                                     mode="max", max_concurrent=4)
     generator = SearchGenerator(searcher)
     generator.add_configurations([Experiment("t", run=train_driver_fn, config=settings,
                                              num_samples=3)])
     baseline = {k.removeprefix(OPTUNA_PREFIX): v
-                for k, v in search.baseline_point(space).items()}
+                for k, v in tuning.baseline_point(space).items()}
     for i in range(3):
         config = generator.next_trial().config
         assert config["workers"] == 2 and config["storage_path"] == "/nonexistent/storage"
@@ -243,10 +243,10 @@ def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
 
 
 def test_baseline_point_has_exactly_the_keys_whose_conditions_hold(tmp_path: Path) -> None:
-    from cbdtune import search
+    from cbdtune import tuning
 
     default = load_space("default")
-    point = search.baseline_point(default)
+    point = tuning.baseline_point(default)
     # paper: CBD on, so every key is active
     assert set(point) == {OPTUNA_PREFIX + k for k in default.keys}
     assert point[OPTUNA_PREFIX + "model.use_cbd"] is True
@@ -257,7 +257,7 @@ def test_baseline_point_has_exactly_the_keys_whose_conditions_hold(tmp_path: Pat
                     + "train.augment_jitter: {type: float, low: 0.0, high: 0.1, "
                       "when: {train.classifier: both}}\n" + _GAMMA % "{model.use_cbd: true}")
     space = load_space(str(path))
-    point = search.baseline_point(space)
+    point = tuning.baseline_point(space)
     assert point == {OPTUNA_PREFIX + "train.classifier": "linear_probe",
                      OPTUNA_PREFIX + "model.use_cbd": True, OPTUNA_PREFIX + "loss.gamma": 0.5}
     # enqueued, it fixes every parameter trial 0 samples: Optuna draws nothing else there
