@@ -3,9 +3,11 @@ pooled features of every depth (:class:`cbdtune.model.RidgeHead`), fit in closed
 
 The classifier ROCKET and MiniRocket put on their features (Dempster et al., DMKD 2020,
 https://arxiv.org/abs/1910.13051): ridge regression on +-1 one-vs-rest targets over standardised
-columns, the class with the highest score wins (scikit-learn's ``RidgeClassifier``). On a few
-hundred series it needs no epochs, learning rate or early stopping, and one SVD per fold gives
-every regularisation strength at once.
+columns, the class with the highest score wins (scikit-learn's ``RidgeClassifier``). It needs no
+epochs, learning rate or early stopping. One eigendecomposition per fold gives every point of
+the path: of the n x n kernel of the fold's token columns when n <= F, else of their F x F Gram
+matrix, so the cost is O(n F min(n, F) + min(n, F)^3) per fold, nothing larger in n; a blend
+rescales the level block, a rank-(2C) update the Woodbury identity absorbs per alpha.
 
 Its selection "curve" is the regularisation path instead of epochs. A point of the path is a
 (blend, alpha) pair. Without level features the blend is the pooled tokens alone. With
