@@ -82,17 +82,23 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
     """Run every refit of :func:`plan` as a Ray task; one progress line as each one ends."""
     import ray
 
-    from cbdtune.worker import make_trainer
+    from cbdtune.worker import TrialSettings, make_trainer, refit_here
+
+    run_settings = TrialSettings(**trainer_args)
 
     def one(cfg_dict: dict[str, Any], refs: list[Any], stage: str, epochs: int,
             name: str) -> dict[str, Any]:
         cfg = ExperimentConfig.from_dict(cfg_dict, where="refit config")
+        if run_settings.in_trial:  # one CPU worker: in this task, not 7 more processes
+            return refit_here(cfg, refs[0], stage=stage, epochs=epochs,
+                              encoder_cache=run_settings.encoder_cache,
+                              cpus=run_settings.cpus_per_worker)
         trainer = make_trainer(cfg, data_ref=refs[0], name=name, refit={"stage": stage,
                                                                         "epochs": epochs},
                                **trainer_args)
         return trainer.fit().return_value
 
-    remote = ray.remote(num_cpus=0)(one)
+    remote = ray.remote(num_cpus=run_settings.trial_resources()["cpu"])(one)
     jobs = plan(top, base, seeds)
     pending = {}
     for rank, row, cfg in jobs:

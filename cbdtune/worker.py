@@ -197,16 +197,24 @@ def train_session() -> Session:
                    wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
 
 
+def local_session(cpus: float) -> Session:
+    """The :class:`Session` of work done in this process on the CPU: one rank, ``int(cpus)``
+    threads (what Ray sets OMP_NUM_THREADS to for a worker with those CPUs), nothing to resume
+    from, and reports that go nowhere."""
+    return Session(rank=0, world=1, device=torch.device("cpu"), threads=max(1, int(cpus)),
+                   checkpoint=None, send=lambda *args, **kwargs: None, checkpoint_cls=None,
+                   wrap_model=lambda m: m)
+
+
 def tune_session(cpus: float) -> Session:
     """The :class:`Session` of a Tune trial that does its work itself
-    (:attr:`TrialSettings.in_trial`): one rank on the CPU, ``int(cpus)`` threads (what Ray sets
-    OMP_NUM_THREADS to for a worker with those CPUs), reports and checkpoints through Tune.
-    A retry (Tune's ``FailureConfig``) or ``--resume`` continues from ``tune.get_checkpoint()``."""
+    (:attr:`TrialSettings.in_trial`): :func:`local_session`, reporting and checkpointing through
+    Tune. A retry (Tune's ``FailureConfig``) or ``--resume`` continues from
+    ``tune.get_checkpoint()``."""
     from ray import tune
 
-    return Session(rank=0, world=1, device=torch.device("cpu"), threads=max(1, int(cpus)),
-                   checkpoint=tune.get_checkpoint(), send=tune.report,
-                   checkpoint_cls=tune.Checkpoint, wrap_model=lambda m: m)
+    return dataclasses.replace(local_session(cpus), checkpoint=tune.get_checkpoint(),
+                               send=tune.report, checkpoint_cls=tune.Checkpoint)
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -248,7 +256,7 @@ def _train_fn(loop_config: dict[str, Any], notes: list[str],
                  encoder_cache=loop_config.get("encoder_cache"), trial=loop_config.get("trial", ""),
                  wrap_model=session.wrap_model)
     if loop_config.get("refit"):
-        return _refit(cfg, data, rt, **loop_config["refit"])
+        return _refit(cfg, data, rt, session.send or ray.train.report, **loop_config["refit"])
     result = run_trial(cfg, data, report, rt=rt, state=state)
     if rank != 0:
         return None
@@ -257,18 +265,33 @@ def _train_fn(loop_config: dict[str, Any], notes: list[str],
             "history": report.history, "resumed": state is not None}
 
 
-def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, *, stage: str,
-           epochs: int) -> dict[str, Any] | None:
+def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, send: Callable[..., None], *,
+           stage: str, epochs: int) -> dict[str, Any] | None:
     """A refit (:func:`cbdtune.pipeline.refit_trial`): rank 0 returns its test metrics, test
     probabilities and the classifier's weights (on the CPU) with its resolved config."""
     metrics, clf, proba = refit_trial(cfg, data, stage=stage, epochs=epochs, rt=rt)
-    ray.train.report({**metrics, reports.FINAL: 1})
+    send({**metrics, reports.FINAL: 1})
     if rt.rank != 0:
         return None
     return {"final": metrics, "test_proba": proba,
             "config": dataclasses.replace(cfg, model=clf.model.cfg).to_dict(),
             # Train V2 returns no tensors (they fail to deserialise): numpy arrays instead.
             "weights": {k: v.detach().cpu().numpy() for k, v in clf.state_dict().items()}}
+
+
+def refit_here(cfg: ExperimentConfig, data_ref: Any, *, stage: str, epochs: int,
+               encoder_cache: str | None, cpus: float) -> dict[str, Any]:
+    """A refit of one CPU worker (:attr:`TrialSettings.in_trial`) run in this process, e.g. a
+    Ray task given ``cpus`` CPUs: what a ``TorchTrainer``'s rank 0 would return
+    (:func:`_refit`), without the trainer's 6 more processes. Its one report goes nowhere (a
+    refit's caller reads the returned metrics)."""
+    loop_config = _loop_config(cfg, data_ref, encoder_cache=encoder_cache, trial="",
+                               refit={"stage": stage, "epochs": epochs})
+    with cache_notes() as notes:
+        out = _train_fn(loop_config, notes, local_session(cpus))
+    if out is None:  # rank 0 always returns; this is for the type checker
+        raise RuntimeError("refit returned nothing")
+    return out
 
 
 def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
