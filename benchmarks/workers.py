@@ -79,18 +79,19 @@ def _descendants(root: int) -> list[int]:
 
 
 def _title(cmd: str) -> str | None:
-    """A worker process's title: ``ray::X``, or ``starting`` before it has one; None: not a
-    Python worker (raylet, GCS, dashboard, agents)."""
+    """A worker process's title: ``ray::X``, or ``starting`` before it has one (or, for
+    Ray's I/O workers, never); None: not a pool worker (raylet, GCS, dashboard, agents)."""
     if cmd.startswith("ray::"):
-        return cmd.split()[0]
+        title = cmd.split()[0].split(".")[0]  # ray::Class.method -> ray::Class
+        return None if title.endswith("Agent") else title  # the node's agents: not pool workers
     if "default_worker.py" in cmd:
         return "starting"
     return None
 
 
-def watch(argv: list[str], every: float, log: Path) -> tuple[dict[int, Proc], float, int]:
-    """Run the search, sampling its worker processes; returns them, the wall time and the
-    largest number alive at once."""
+def watch(argv: list[str], every: float, log: Path) -> tuple[dict[int, Proc], float, int, int]:
+    """Run the search, sampling its worker processes; returns them, the wall time, the
+    largest number alive at once and the search's exit code."""
     seen: dict[int, Proc] = {}
     peak = 0
     start = time.monotonic()
@@ -111,7 +112,7 @@ def watch(argv: list[str], every: float, log: Path) -> tuple[dict[int, Proc], fl
                     proc.titles.append(title)
             peak = max(peak, alive)
             time.sleep(every)
-    return seen, time.monotonic() - start, peak
+    return seen, time.monotonic() - start, peak, child.returncode
 
 
 def kind(proc: Proc) -> str:
@@ -157,11 +158,14 @@ def main() -> None:
                                                      "--num-samples", "4", "--refit-top", "0"]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("CBDTUNE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "search.log"
-        seen, wall, peak = watch(argv, args.every, log)
+        seen, wall, peak, code = watch(argv, args.every, log)
         text = log.read_text()
     sys.stdout.write(text)
+    if code != 0:
+        sys.exit(f"error: the search exited with {code}; nothing written to {args.out}")
     md = report(argv, seen, wall, peak, text)
     print(md)
     for proc in sorted(seen.values(), key=lambda p: p.first):
