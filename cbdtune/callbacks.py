@@ -68,7 +68,7 @@ def standing(trials: list[Any], ended: Any, metric: str, mode: str) -> Standing:
     best: tuple[float, str] | None = None
     for t in done:
         status, _ = trial_status(t.last_result, errored=t.status == "ERROR")
-        value = (t.last_result or {}).get(metric)
+        value: Any = (t.last_result or {}).get(metric)
         if status != "completed" or not _finite(value):
             continue
         if best is None or (value > best[0] if mode == "max" else value < best[0]):

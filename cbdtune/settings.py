@@ -76,8 +76,8 @@ class SearchSettings:
     # cost Tune records for every trial (COSTS). Trials are ranked, stopped by ASHA and refitted
     # on the first; the summary lists the Pareto front of both.
     metrics: tuple[str, ...] = (METRIC,)
-    # max or min per metric; None: min for losses/costs, else max (a tuple once checked)
-    modes: tuple[str, ...] | None = None
+    # max or min per metric; () (the default): min for losses and costs, else max
+    modes: tuple[str, ...] = ()
     mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
     experiment: str | None = None  # None: cbdtune-<dataset>
     name: str | None = None  # None: <dataset>-<space stem>; -2, -3... when taken
@@ -170,7 +170,7 @@ class SearchSettings:
 
     def _check_modes(self) -> None:
         """One direction per metric: given (``("max", "min")``) or each metric's own."""
-        if self.modes is None:
+        if not self.modes:
             object.__setattr__(self, "modes", tuple(map(own_mode, self.metrics)))
             return
         if not all(m in ("max", "min") for m in self.modes):
@@ -219,7 +219,7 @@ class SearchSettings:
         out = {}
         for name, value in cls.defaults().items():
             if name in LIST_FLAGS:
-                name, value = LIST_FLAGS[name], None if value is None else ",".join(value)
+                name, value = LIST_FLAGS[name], ",".join(value) or None
             out[name] = value
         return out
 
@@ -265,11 +265,9 @@ def own_mode(metric: str) -> str:
     return "min" if "loss" in metric or metric in COSTS else MODE
 
 
-def _names(value: Any, name: str) -> tuple[str, ...] | None:
+def _names(value: Any, name: str) -> tuple[str, ...]:
     """A tuple field's value: a tuple (or list) of strings, each stripped; a single str is one
     name. Commas are the command line's to split, not this class's."""
-    if value is None and name == "modes":
-        return None
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, (tuple, list)) or not all(isinstance(v, str) for v in items):
         raise ConfigError(f"{_where(name)}: expected a tuple of strings, but got {value!r}")
