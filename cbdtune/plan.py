@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ class SearchPlan:
         settings: what was asked (validated when it was built).
         space: the search space.
         base: the config every trial's values are applied to.
-        datasets: slug -> loaded dataset, in the order of ``--dataset``.
+        datasets: slug -> loaded dataset, in the order of ``--dataset`` (read-only).
         uri: the MLflow tracking URI (checked).
         root: the Ray storage root, a folder or a URI.
         name: the search's name: Tune experiment, results folder, Optuna study, parent run.
@@ -123,7 +124,8 @@ def make_plan(settings: SearchSettings, argv: list[str] | None = None) -> Search
     root = storage_root(settings)
     name = search_name(settings, root, Path(space.path).stem,
                        results_dir=Path(settings.results_dir) / dataset_label(datasets))
-    return SearchPlan(settings=settings, space=space, base=base, datasets=datasets, uri=uri,
+    return SearchPlan(settings=settings, space=space, base=base,
+                      datasets=MappingProxyType(datasets), uri=uri,
                       root=root, name=name,
                       argv=tuple(settings.to_argv() if argv is None else argv))
 

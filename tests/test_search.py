@@ -747,6 +747,32 @@ def test_search_exit_ends_every_mlflow_run(tmp_path: Path, monkeypatch, capsys,
     assert err.rstrip().endswith(" ".join([*argv, "--name", "gesture-smoke", "--resume"]))
 
 
+def test_parent_run_finishes_or_ends_killed_when_told_and_undoes_only_then(
+        tmp_path: Path, monkeypatch) -> None:
+    """ParentRun on a real plan: a block that returns ends FINISHED (exit 0, nothing undone);
+    --resume reopens that run, and a block that calls interrupted() ends it KILLED (exit 130)
+    after running the undo actions it registered (a registered model version withdrawn)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(parent_run, "_restorable", lambda path: False)
+    argv = _exit_cmd(tmp_path)
+    settings = search.SearchSettings.from_args(search.parser().parse_args(argv))
+    the_plan = plan.make_plan(settings, argv)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        the_plan.name = "other"  # type: ignore[misc]
+    undone: list[str] = []
+    with parent_run.ParentRun(the_plan) as first:
+        first.undo_unless_finished(lambda: undone.append("first"))
+    assert first.exit_code == 0 and undone == []
+    resumed = dataclasses.replace(the_plan, settings=dataclasses.replace(settings, resume=True))
+    with parent_run.ParentRun(resumed) as again:
+        again.undo_unless_finished(lambda: undone.append("again"))
+        again.interrupted()
+    assert again.run_id == first.run_id and again.exit_code == 130 and undone == ["again"]
+    [parent], _ = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["cbdtune.reason"] == "interrupted (Ctrl-C)"
+
+
 def test_search_parent_run_has_space_dataset_and_no_absolute_path(tmp_path: Path,
                                                                   monkeypatch) -> None:
     from cbdtune import tracking
