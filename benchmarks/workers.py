@@ -8,10 +8,11 @@ worker-pool warning ("N PYTHON worker processes have been started on node ...") 
 output.
 
     python benchmarks/workers.py -- --dataset gesture --space smoke --num-samples 4 \
-        --refit-top 0 --results-dir /tmp/w/results --storage /tmp/w/storage \
-        --mlflow-uri sqlite:////tmp/w/mlflow.db
+        --refit-top 0 --results-dir tmp/results --storage tmp/storage \
+        --mlflow-uri sqlite:///tmp/mlflow.db
 
-Writes results/workers.md (``--out``) with the command, machine, versions and date at the top.
+Writes results/workers_run.md (``--out``) with the command, machine, versions and date at the
+top; results/workers.md compares runs before and after trials stopped using a TorchTrainer.
 Linux only (``/proc``).
 """
 
@@ -151,7 +152,7 @@ def report(argv: list[str], seen: dict[int, Proc], wall: float, peak: int, text:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--every", type=float, default=0.2, help="sampling period, seconds")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "workers.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "workers_run.md")
     parser.add_argument("search", nargs=argparse.REMAINDER, help="-- then the search's flags")
     args = parser.parse_args()
     argv = [a for a in args.search if a != "--"] or ["--dataset", "gesture", "--space", "smoke",
