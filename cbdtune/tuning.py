@@ -30,7 +30,8 @@ from cbdtune.space import SearchSpace
 
 log = logging.getLogger("cbdtune.search")
 
-DRIVER_MEMORY = 256 * 1024**2  # the trial driver only waits on its TorchTrainer
+DRIVER_MEMORY = 256 * 1024**2  # a trial driver: its own work (one CPU worker) or a TorchTrainer's wait
+KEEP_CHECKPOINTS = 2  # a trial's latest checkpoints (a TorchTrainer kept as many)
 _TUNE_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n))
 
 
@@ -190,19 +191,37 @@ def baseline_point(space: SearchSpace) -> dict[str, Any]:
     return space.optuna_point(values)
 
 
+def asha_rungs(base: ExperimentConfig, space: SearchSpace | None = None) -> tuple[int, int]:
+    """``(grace_period, max_t)`` of the search's early stopping, in reports.
+
+    The first rung after a third of the pretraining probes (cross-validated probes of the frozen
+    encoder), then x3 per rung; rungs in the classifier stage compare the mean CV curve's best
+    point. ``max_t`` is one past the trial's last report, so that no trial is stopped at it.
+    """
+    max_t = max_reports(base, space) + 1
+    grace = max(1, math.ceil(reports.probe_count(base.train) / 3))
+    return max(1, min(grace, max_t)), max_t
+
+
 def scheduler(settings: SearchSettings, base: ExperimentConfig, space: SearchSpace) -> Any:
-    """ASHA on the trials' report count (``--scheduler asha``), else Tune's FIFO."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """Noise-aware ASHA on the trials' report count (``--scheduler asha``), else Tune's FIFO.
+
+    :class:`cbdtune.stopping.NoiseAwareASHA`: no trial is stopped before
+    ``max(4, num_samples // 4)`` trials have completed, and a trial below a rung's cut is stopped
+    only when it is below it by more than one standard error (paired fold scores when the
+    reports carry them). The time attribute is the trial's own report count: a resumed trial
+    continues it (worker.py).
+    """
+    from ray.tune.schedulers import FIFOScheduler
+
+    from cbdtune.stopping import NoiseAwareASHA, default_min_completed
 
     if settings.scheduler != "asha":
         return FIFOScheduler()
-    # First rung after a third of the pretraining probes (short cross-validated linear probes),
-    # then x3 per rung; rungs in the classifier stage compare the mean CV curve's best point.
-    # The time attribute is the trial's own report count: a resumed trial continues it (worker.py).
-    max_t = max_reports(base, space) + 1
-    grace = max(1, math.ceil(reports.probe_count(base.train) / 3))
-    return ASHAScheduler(time_attr=reports.ITERATION, max_t=max_t,
-                         grace_period=max(1, min(grace, max_t)), reduction_factor=3)
+    grace, max_t = asha_rungs(base, space)
+    return NoiseAwareASHA(time_attr=reports.ITERATION, max_t=max_t, grace_period=grace,
+                          reduction_factor=3,
+                          min_completed=default_min_completed(settings.num_samples))
 
 
 def tune(plan: SearchPlan, cluster: Cluster, parent: tracking.RunRef) -> Tuned:
@@ -229,9 +248,12 @@ def tuner(plan: SearchPlan, cluster: Cluster, parent: tracking.RunRef) -> Any:
     from cbdtune.callbacks import MLflowTrialCallback, ProgressCallback, SchedulerStateCallback
 
     st = plan.settings
-    # drivers must not hold the CPUs workers need
+    # A trial of one CPU worker works in its own process and reserves the worker's CPUs; a
+    # TorchTrainer's driver (several workers, a GPU, several datasets) must not hold the CPUs
+    # its workers need (worker.TrialSettings.trial_resources).
+    cpus = {"cpu": 0.0} if plan.multi else trial_settings(st, None).trial_resources()
     trainable = ray_tune.with_resources(_driver(plan, cluster),
-                                        {"cpu": 0, "memory": DRIVER_MEMORY})
+                                        {**cpus, "memory": DRIVER_MEMORY})
     settings = param_space(st, f"{plan.experiment_path}/train")
     # Quiet unless --verbose: Ray 2.60's default output engine ignores a progress_reporter
     # passed in (tune.py: "ignoring passed-in ProgressReporter"), and at verbose=0
@@ -241,7 +263,7 @@ def tuner(plan: SearchPlan, cluster: Cluster, parent: tracking.RunRef) -> Any:
     if not st.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if st.resume:
-        # ASHA's rungs come back through SchedulerStateCallback's state; a resumed unfinished
+        # The scheduler's rungs come back through SchedulerStateCallback's state; a resumed unfinished
         # trial continues its own training_iteration (the worker reports it: worker.Reporter).
         return ray_tune.Tuner.restore(plan.experiment_path, trainable, resume_errored=True,
                                       param_space=settings)
@@ -254,6 +276,7 @@ def tuner(plan: SearchPlan, cluster: Cluster, parent: tracking.RunRef) -> Any:
     run_config = ray_tune.RunConfig(
         name=plan.name, storage_path=plan.root, callbacks=callbacks,
         failure_config=ray_tune.FailureConfig(max_failures=st.max_failures),
+        checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         verbose=1 if st.verbose else 0)
     tune_config = ray_tune.TuneConfig(
         metric=plan.metric, mode=plan.mode, num_samples=st.num_samples, scheduler=asha,
