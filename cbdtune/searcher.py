@@ -20,6 +20,13 @@ knobs) as usual, and the pipeline finds that encoder in the cache instead of pre
 define-by-run path asks Optuna with ``Study.ask()``, which takes enqueued trials first, and an
 enqueued value is returned by ``suggest_*`` (the baseline trial relies on the same). At most
 ``reuse_share`` of the trials suggested are such reuse trials.
+
+No configuration runs twice: a reuse trial whose classifier knobs equal those of a trial already
+on its encoder (any trial with the same pretraining parameters, running or ended, errored ones
+aside) would repeat that trial exactly. It is told to Optuna as FAIL (user attribute
+:data:`DUPLICATE_ATTR`; TPE ignores failed trials) and the encoder is enqueued again, so TPE
+samples the knobs anew, at most :data:`MAX_RESAMPLES` times per encoder; then that reuse is
+skipped and the trial gets what Optuna proposes next.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from cbdtune.encoder_cache import determines_encoder
@@ -34,6 +42,9 @@ from cbdtune.reports import is_final
 from cbdtune.space import OPTUNA_PREFIX
 
 REUSE_ATTR = "cbdtune.reuse_of"  # an enqueued reuse trial's user attribute: the parent's number
+DUPLICATE_ATTR = "cbdtune.duplicate_of"  # a discarded reuse trial's: the trial it repeated
+MAX_RESAMPLES = 8  # fresh samples of the classifier knobs per reused encoder before it is skipped
+_ON_ENCODER = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class FullFidelityOptunaSearch(OptunaSearch):
@@ -55,12 +66,37 @@ class FullFidelityOptunaSearch(OptunaSearch):
         self._complete: list[float] = []  # values of the full-fidelity trials
         self._n_suggested = 0
         self._n_reuse = 0
+        self._resamples: dict[int, int] = {}  # parent trial number -> duplicates discarded
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         new = trial_id not in self._ot_trials
         params = super().suggest(trial_id)
         if new and params is not None:
             self._n_suggested += 1
+            params = self._distinct(trial_id, params)
+        return params
+
+    def _distinct(self, trial_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """``params``, or, when ``trial_id``'s reuse trial repeats a trial on its encoder, the
+        parameters of a fresh ask (module docstring); bounded by :data:`MAX_RESAMPLES` per
+        encoder and by the trials waiting in the queue."""
+        while params is not None:
+            ot_trial = self._ot_trials[trial_id]
+            repeated = repeats(ot_trial, self._ot_study.get_trials(deepcopy=False,
+                                                                   states=_ON_ENCODER))
+            if repeated is None:
+                return params
+            parent = int(ot_trial.user_attrs[REUSE_ATTR])
+            ot_trial.set_user_attr(DUPLICATE_ATTR, repeated)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            self._resamples[parent] = self._resamples.get(parent, 0) + 1
+            if self._resamples[parent] < MAX_RESAMPLES:
+                fixed, _ = split_params(ot_trial.params)
+                self._ot_study.enqueue_trial(fixed, user_attrs={REUSE_ATTR: parent})
+            else:
+                self._n_reuse -= 1  # skipped: it no longer counts against the share
+            del self._ot_trials[trial_id]
+            params = super().suggest(trial_id)
         return params
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
@@ -111,3 +147,19 @@ def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         key = name.removeprefix(OPTUNA_PREFIX)
         (fixed if determines_encoder(key) else free)[name] = value
     return fixed, free
+
+
+def repeats(trial: Any, others: list[Any]) -> int | None:
+    """The number of a trial among ``others`` that ``trial``, a reuse trial, would repeat: same
+    encoder parameters and same classifier knobs; None when it repeats none (or is not a reuse
+    trial). ``trial`` itself is skipped in ``others``."""
+    if REUSE_ATTR not in trial.user_attrs:
+        return None
+    fixed, free = split_params(trial.params)
+    for other in others:
+        if other.number == trial.number:
+            continue
+        other_fixed, other_free = split_params(other.params)
+        if other_fixed == fixed and other_free == free:
+            return int(other.number)
+    return None
