@@ -1,4 +1,4 @@
-"""Ray Tune callbacks of the search: MLflow runs, one console line per trial, ASHA's memory.
+"""Ray Tune callbacks of the search: MLflow runs, one console line per trial, the scheduler's state.
 
 All three run in the search's driver (Tune calls callbacks there), so they can print and log
 without a Ray task. Tune pickles them into the experiment's ``tuner.pkl`` and checkpoints their
@@ -139,22 +139,31 @@ def _error_text(trial: Any) -> str:
 
 
 class SchedulerStateCallback(Callback):
-    """Keeps ASHA's rungs in the experiment checkpoint, so ``--resume`` does not forget them.
+    """Keeps the early-stopping scheduler's state in the experiment checkpoint, so ``--resume``
+    does not forget its rungs.
 
     Tune 2.60 checkpoints the searcher and the callbacks, not the scheduler
     (``TuneController.__getstate__`` drops ``_scheduler_alg``; ``tuner.pkl`` holds the scheduler
     as it was built). Without this, a resumed search judges its remaining trials against empty
-    rungs. This callback and the ``TuneConfig`` share the scheduler object inside ``tuner.pkl``
-    (one pickle), so restoring the rungs here restores them in the scheduler Tune uses.
+    rungs, and :class:`~cbdtune.stopping.NoiseAwareASHA` would wait again for trials to
+    complete before stopping any. This callback and the ``TuneConfig`` share the scheduler
+    object inside ``tuner.pkl`` (one pickle), so restoring the state here restores it in the
+    scheduler Tune uses.
 
     Args:
-        scheduler: an ``AsyncHyperBandScheduler`` (anything else is left alone).
+        scheduler: one with ``get_state()``/``set_state()`` (the search's
+            :class:`~cbdtune.stopping.NoiseAwareASHA`), or Ray's ``AsyncHyperBandScheduler``
+            (its ``_brackets``, for a search started before the switch); anything else is left
+            alone.
     """
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 
     def get_state(self) -> dict[str, Any] | None:
+        own = getattr(self.scheduler, "get_state", None)
+        if callable(own):
+            return {"scheduler": own()}
         brackets = getattr(self.scheduler, "_brackets", None)
         if brackets is None:
             return None
@@ -162,6 +171,11 @@ class SchedulerStateCallback(Callback):
                 "num_stopped": getattr(self.scheduler, "_num_stopped", 0)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        own = getattr(self.scheduler, "set_state", None)
+        if callable(own):
+            if "scheduler" in state:
+                own(state["scheduler"])
+            return
         brackets = getattr(self.scheduler, "_brackets", None) or []
         for bracket, saved in zip(brackets, state.get("rungs", []), strict=False):
             for (milestone, recorded), (saved_milestone, values) in zip(bracket._rungs, saved,

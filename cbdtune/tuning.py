@@ -173,7 +173,30 @@ def _sampler(name: str, seed: int, space: SearchSpace) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    return tpe_sampler(seed)
+
+
+def tpe_sampler(seed: int) -> Any:
+    """Optuna's TPE as the search needs it: multivariate and grouped, with a constant liar.
+
+    The space is conditional (:meth:`SearchSpace.define_by_run` suggests a key only where its
+    ``when`` holds), so ``group=True`` splits it into the subspaces that trials share and models
+    each one jointly (multivariate TPE, Falkner et al., ICML 2018's BOHB uses the same kind of
+    joint density) instead of one parameter at a time. Trials run concurrently:
+    ``constant_liar=True`` counts the running ones as bad results, so that a new trial is not
+    proposed next to one still running. Ray's ``OptunaSearch`` hands this sampler unchanged to
+    ``optuna.create_study`` and asks it through ``Study.ask()`` / ``Study.tell()``
+    (``ray/tune/search/optuna/optuna_search.py``: ``_setup_study``, ``suggest``), so running
+    trials are in the study as RUNNING, which is what the liar reads.
+    """
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # group is "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          constant_liar=True)
 
 
 def baseline_point(space: SearchSpace) -> dict[str, Any]:

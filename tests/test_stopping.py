@@ -228,3 +228,48 @@ def test_stopping_accepts_tune_trial_objects() -> None:
     trial = Trial("__fake", config={}, stub=True)
     s.on_trial_add(None, trial)
     assert s.on_trial_result(None, trial, _result(1, 0.85, se=0.02)) == STOP
+
+
+# ---- wired into the search --------------------------------------------------------------------
+
+
+def test_stopping_is_the_search_asha_with_its_stated_defaults() -> None:
+    """``--scheduler asha`` builds NoiseAwareASHA: rungs at reports 4 and 12 of the default
+    space (a third of its 10 probes, then x3), min_completed max(4, num_samples // 4)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from cbdtune.settings import SearchSettings
+    from cbdtune.space import load_space
+    from cbdtune.tuning import asha_rungs, scheduler
+
+    space = load_space("default")
+    assert asha_rungs(space.base, space) == (4, 14)
+    for num_samples, min_completed in ((16, 4), (8, 4), (40, 10)):
+        s = scheduler(SearchSettings(datasets=("gesture",), num_samples=num_samples),
+                      space.base, space)
+        assert isinstance(s, NoiseAwareASHA)
+        assert s.min_completed == min_completed
+        assert sorted(s._rungs) == [4, 12]
+        assert s.set_search_properties(METRIC, "max", num_samples=num_samples)  # Tune's call
+    none = scheduler(SearchSettings(datasets=("gesture",), scheduler="none"), space.base, space)
+    assert type(none) is FIFOScheduler
+
+
+def test_stopping_state_survives_resume_through_the_callback() -> None:
+    """--resume: Tune checkpoints the callbacks, not the scheduler; SchedulerStateCallback
+    carries NoiseAwareASHA's rungs and completed trials across, so the resumed search stops a
+    clearly worse trial at once instead of waiting for min_completed trials again."""
+    import pickle
+
+    from cbdtune.callbacks import SchedulerStateCallback
+
+    before = _with_finished()
+    saved = pickle.loads(pickle.dumps(SchedulerStateCallback(before).get_state()))
+    fresh = _scheduler()
+    # tuner.pkl pickles the TuneConfig and the callbacks together: one scheduler object
+    cb, after = pickle.loads(pickle.dumps((SchedulerStateCallback(fresh), fresh)))
+    assert cb.scheduler is after
+    assert _report(_scheduler(), "bad", _result(1, 0.85, se=0.02)) == CONTINUE  # forgot: waits
+    cb.set_state(saved)
+    assert after.get_state() == before.get_state()
+    assert _report(after, "bad", _result(1, 0.85, se=0.02)) == STOP
