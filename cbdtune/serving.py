@@ -64,6 +64,22 @@ MAX_DERIVED_BYTES = 2**30
 
 # One trained member: its config, its ``CBDClassifier.state_dict()``, free-form metadata.
 Member = tuple[ExperimentConfig, dict[str, Any], dict[str, Any]]
+# A member's kind in the contract: a CBD classifier (``member_i.pt``) or a MiniRocket baseline
+# (``member_i/`` holding ``minirocket.npz`` + ``minirocket.json``, :mod:`cbdtune.baselines`).
+CBD, MINIROCKET = "cbd", "minirocket"
+KINDS = (CBD, MINIROCKET)
+WEIGHT_SUM_TOL = 1e-6
+MAX_BASELINE_BYTES = 2**30  # a MiniRocket member: ~10k features x K classes of float64
+
+
+@dataclass(frozen=True)
+class BaselineMember:
+    """A fitted baseline member for :func:`save_model`: a
+    :class:`cbdtune.baselines.MiniRocketMember` and free-form metadata."""
+
+    model: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    kind: str = MINIROCKET
 
 
 class InputError(CbdtuneError):
@@ -161,7 +177,33 @@ class ModelContract:
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
                     or not isinstance(entry.get("config"), dict):
                 return f"member {i} must be an object with a \"file\" name and a \"config\""
+            if entry.get("kind", CBD) not in KINDS:
+                return (f"member {i} is of kind {str(entry.get('kind'))[:40]!r}, which this "
+                        f"cbdtune does not know ({', '.join(KINDS)})")
+        return _weights_problem(self.members)
+
+
+def _weights_problem(members: list[dict[str, Any]]) -> str:
+    """"" when no member has a weight (equal weights) or every one has a finite weight > 0 and
+    they sum to 1 (within :data:`WEIGHT_SUM_TOL`); else what is wrong."""
+    weights = [m.get("weight") for m in members]
+    if all(w is None for w in weights):
         return ""
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w)
+               and w > 0 for w in weights):
+        return (f"member weights must all be numbers > 0 (or all absent), but are "
+                f"{str(weights)[:100]}")
+    if abs(sum(weights) - 1.0) > WEIGHT_SUM_TOL:
+        return f"member weights must sum to 1, but sum to {sum(weights):.6g}"
+    return ""
+
+
+def member_weights(contract: ModelContract) -> list[float]:
+    """Each member's weight in the ensemble's average: the contract's, else equal."""
+    given = [m.get("weight") for m in contract.members]
+    if all(w is None for w in given):
+        return [1.0 / len(given)] * len(given)
+    return [float(w) for w in given]
 
 
 def open_regular(path: Path, what: str, max_bytes: int) -> Any:
@@ -211,8 +253,10 @@ def _file_kind(mode: int) -> str:
 # ---- saving -------------------------------------------------------------------------------------
 
 
-def save_model(path: str | Path, members: Sequence[Member], *, class_names: Sequence[str],
-               dataset: str, overwrite: bool = False) -> Path:
+def save_model(path: str | Path, members: Sequence[Member | BaselineMember], *,
+               class_names: Sequence[str], dataset: str, overwrite: bool = False,
+               weights: Sequence[float] | None = None,
+               layout: tuple[int, int, str] | None = None) -> Path:
     """Write a model directory (module docstring) for one or more trained members.
 
     The directory is written under a temporary name next to ``path`` and renamed into place, so
@@ -220,25 +264,30 @@ def save_model(path: str | Path, members: Sequence[Member], *, class_names: Sequ
 
     Args:
         path: the directory to create.
-        members: ``(config, CBDClassifier.state_dict(), metadata)`` per member; every config has
-            ``model.in_channels``, ``model.seq_len`` and ``model.num_classes`` set, the same for
-            all. Metadata must be JSON-serialisable (other values are stored as strings).
+        members: ``(config, CBDClassifier.state_dict(), metadata)`` per CBD member; every config
+            has ``model.in_channels``, ``model.seq_len`` and ``model.num_classes`` set, the same
+            for all. A :class:`BaselineMember` (MiniRocket) is saved as arrays, never pickled.
+            Metadata must be JSON-serialisable (other values are stored as strings).
         class_names: the dataset's class names, index = class; ``len == model.num_classes``.
         dataset: the dataset's name, recorded in the contract.
         overwrite: replace an existing directory at ``path`` (else it is an error).
+        weights: each member's weight in the ensemble's average, > 0, summing to 1 (ensemble
+            selection's); None: equal weights.
+        layout: ``(in_channels, seq_len, length_policy)`` of the inputs; needed when no member
+            is a CBD classifier (whose config says it), else checked against theirs.
 
     Returns:
         ``path``.
 
     Raises:
         ModelError: no members, members that disagree on shape, class names that do not match,
-            a state_dict that does not fit its config or holds NaN or inf, or ``path`` exists
-            without ``overwrite``.
+            weights that are not one positive number per member summing to 1, a state_dict
+            that does not fit its config or holds NaN or inf, or ``path`` exists without
+            ``overwrite``.
     """
-    import torch
-
     path = Path(path)
-    first = _check_members(members, class_names)
+    layout = _check_members(members, class_names, layout)
+    _check_weights(weights, len(members))
     if path.exists() and not overwrite:
         raise ModelError(f"{path}: already exists; remove it, choose another path or pass "
                          f"overwrite=True")
@@ -246,18 +295,11 @@ def save_model(path: str | Path, members: Sequence[Member], *, class_names: Sequ
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model is meant to be read by others
     try:
-        entries = []
-        for i, (cfg, state, meta) in enumerate(members):
-            # "_orig_mod." is what torch.compile puts in front of every key.
-            state = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in state.items()}
-            check_finite_weights(state, f"save_model: member {i}")
-            _build_classifier(cfg, state, where=f"member {i}")  # fails now, not at load time
-            torch.save(state, tmp / f"member_{i}.pt")
-            entries.append({"file": f"member_{i}.pt", "seed": cfg.train.seed,
-                            "config": cfg.to_dict(), "metadata": dict(meta)})
-        contract = ModelContract(dataset=dataset, in_channels=first.model.in_channels,
-                                 seq_len=first.model.seq_len,
-                                 length_policy=first.data.length_policy,
+        entries = [_save_member(tmp, i, m) for i, m in enumerate(members)]
+        for entry, w in zip(entries, weights or (), strict=False):
+            entry["weight"] = float(w)
+        contract = ModelContract(dataset=dataset, in_channels=layout[0], seq_len=layout[1],
+                                 length_policy=layout[2],
                                  class_names=[str(c) for c in class_names], members=entries)
         (tmp / CONTRACT_FILE).write_text(contract.to_json())
         _move_into_place(tmp, path)
@@ -267,24 +309,76 @@ def save_model(path: str | Path, members: Sequence[Member], *, class_names: Sequ
     return path
 
 
-def _check_members(members: Sequence[Member], class_names: Sequence[str]) -> ExperimentConfig:
+def _save_member(folder: Path, i: int, member: Member | BaselineMember) -> dict[str, Any]:
+    """Write member ``i`` into ``folder``; its contract entry."""
+    import torch
+
+    if isinstance(member, BaselineMember):
+        member.model.save(folder / f"member_{i}")  # minirocket.npz (arrays) + minirocket.json
+        return {"file": f"member_{i}", "kind": member.kind, "seed": int(member.model.seed),
+                "config": {}, "metadata": dict(member.metadata)}
+    cfg, state, meta = member
+    # "_orig_mod." is what torch.compile puts in front of every key.
+    state = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in state.items()}
+    check_finite_weights(state, f"save_model: member {i}")
+    _build_classifier(cfg, state, where=f"member {i}")  # fails now, not at load time
+    torch.save(state, folder / f"member_{i}.pt")
+    return {"file": f"member_{i}.pt", "kind": CBD, "seed": cfg.train.seed,
+            "config": cfg.to_dict(), "metadata": dict(meta)}
+
+
+def _series_length(fitted: int, seq_len: int) -> int:
+    """The input length a MiniRocket member fitted on ``fitted`` steps takes: ``seq_len`` when
+    ``fitted`` is it, or its padding to the kernel's 9 steps (:mod:`cbdtune.baselines`)."""
+    from cbdtune.baselines import KERNEL_LENGTH
+
+    return seq_len if fitted == max(seq_len, KERNEL_LENGTH) else fitted
+
+
+def _check_weights(weights: Sequence[float] | None, n: int) -> None:
+    if weights is None:
+        return
+    entries = [{"weight": w} for w in weights]
+    problem = _weights_problem(entries) if len(entries) == n else (
+        f"{len(entries)} weights for {n} members")
+    if problem:
+        raise ModelError(f"save_model: {problem}; give one weight > 0 per member, summing to 1 "
+                         f"(a Selection's weights), or none")
+
+
+def _check_members(members: Sequence[Member | BaselineMember], class_names: Sequence[str],
+                   layout: tuple[int, int, str] | None) -> tuple[int, int, str]:
+    """The inputs' ``(in_channels, seq_len, length_policy)``, checked against every member."""
     if not members:
         raise ModelError("save_model: no members; give at least one (config, state_dict, meta)")
-    first = members[0][0]
+    cbd = [m for m in members if not isinstance(m, BaselineMember)]
+    if not cbd and layout is None:
+        raise ModelError("save_model: no CBD member to read the input layout from; pass "
+                         "layout=(in_channels, seq_len, length_policy)")
+    first = cbd[0][0] if cbd else None
     key = (first.model.in_channels, first.model.seq_len, first.model.num_classes,
-           first.data.length_policy)
-    for i, (cfg, _, _) in enumerate(members):
-        other = (cfg.model.in_channels, cfg.model.seq_len, cfg.model.num_classes,
-                 cfg.data.length_policy)
+           first.data.length_policy) if first else (
+        layout[0], layout[1], len(class_names), layout[2])  # type: ignore[index]
+    for i, m in enumerate(members):
+        if isinstance(m, BaselineMember):
+            other = (m.model.n_channels, _series_length(m.model.length, key[1]),
+                     m.model.n_classes, key[3])
+        else:
+            cfg = m[0]
+            other = (cfg.model.in_channels, cfg.model.seq_len, cfg.model.num_classes,
+                     cfg.data.length_policy)
         if other != key:
             raise ModelError(f"save_model: member {i} has (in_channels, seq_len, num_classes, "
-                             f"length_policy) = {other} but member 0 has {key}; an ensemble's "
-                             f"members must share them")
-    if len(class_names) != first.model.num_classes or len(set(class_names)) != len(class_names):
+                             f"length_policy) = {other} but the ensemble has {key}; an "
+                             f"ensemble's members must share them")
+    if layout is not None and tuple(layout) != (key[0], key[1], key[3]):
+        raise ModelError(f"save_model: layout {tuple(layout)} but the members have "
+                         f"{(key[0], key[1], key[3])}")
+    if len(class_names) != key[2] or len(set(class_names)) != len(class_names):
         raise ModelError(f"save_model: {len(class_names)} class names {list(class_names)[:10]} "
-                         f"for model.num_classes={first.model.num_classes}; give the dataset's "
+                         f"for model.num_classes={key[2]}; give the dataset's "
                          f"class names, one distinct name per class")
-    return first
+    return key[0], key[1], key[3]
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
@@ -380,6 +474,46 @@ def load_member(model_dir: Path, contract: ModelContract, i: int) -> tuple[Exper
                              f"again") from None
     _check_state(state, expected, where, file.name)
     return cfg, _build_classifier(cfg, state, where=where)
+
+
+def load_baseline(model_dir: Path, contract: ModelContract, i: int) -> Any:
+    """Member ``i``, a MiniRocket baseline: its folder ``member_i/`` must be a plain name in
+    ``model_dir`` and a real folder (not a link); its two files regular files of bounded size
+    (:func:`open_regular`: ``lstat`` before ``open``). Their bytes are copied into a private
+    temporary folder and read there by :func:`cbdtune.baselines.load` (``np.load`` with
+    ``allow_pickle=False`` and JSON: nothing is unpickled).
+
+    Raises:
+        ModelError: any of the above, or a member that does not fit the contract.
+    """
+    from cbdtune import baselines
+
+    where = f"{model_dir / CONTRACT_FILE}: member {i}"
+    folder = _member_file(model_dir, contract.members[i]["file"], where)
+    try:
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise ModelError(f"{where}: {folder.name} cannot be read ({_first_line(exc)}); save the "
+                         f"model again") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ModelError(f"{where}: {folder.name} is {_file_kind(info.st_mode) or 'a file'}, "
+                         f"not a folder of the model; a baseline member is a folder of its own "
+                         f"plain files (save the model again)")
+    with tempfile.TemporaryDirectory(prefix="cbdtune-member-") as tmp:
+        for name in (baselines.NPZ, baselines.JSON):
+            with open_regular(folder / name, f"member {i}'s {name}", MAX_BASELINE_BYTES) as h:
+                (Path(tmp) / name).write_bytes(h.read(MAX_BASELINE_BYTES))
+        try:
+            member = baselines.load(tmp)
+        except CbdtuneError as exc:
+            raise ModelError(f"{where}: {_first_line(exc).replace(tmp, folder.name)}") from None
+    fits = (member.n_channels, _series_length(member.length, contract.seq_len),
+            member.n_classes)
+    want = (contract.in_channels, contract.seq_len, len(contract.class_names))
+    if fits != want:
+        raise ModelError(f"{where}: fitted on (channels, length, classes) = {fits}, but the "
+                         f"contract says {want}; save the model again")
+    return member
 
 
 def _check_config(cfg: ExperimentConfig, contract: ModelContract, where: str) -> None:
@@ -491,9 +625,10 @@ class CBDEnsemble:
     """
 
     contract: ModelContract
-    members: list[Any]  # CBDClassifier, eval mode, on ``device``
+    members: list[Any]  # CBDClassifier (eval mode, on ``device``) or a MiniRocket member
     device: str = "cpu"
-    configs: list[ExperimentConfig] = field(default_factory=list)
+    configs: list[ExperimentConfig | None] = field(default_factory=list)  # None: a baseline
+    weights: list[float] = field(default_factory=list)  # empty: equal weights
 
     @property
     def class_names(self) -> list[str]:
@@ -520,12 +655,18 @@ class CBDEnsemble:
                              f"cpu or an available cuda device") from None
         model_dir = find_model_dir(path)
         contract = ModelContract.read(model_dir)
-        members, configs = [], []
-        for i in range(len(contract.members)):
+        members: list[Any] = []
+        configs: list[ExperimentConfig | None] = []
+        for i, entry in enumerate(contract.members):
+            if entry.get("kind", CBD) == MINIROCKET:
+                members.append(load_baseline(model_dir, contract, i))
+                configs.append(None)
+                continue
             cfg, clf = load_member(model_dir, contract, i)
             members.append(clf.to(device))
             configs.append(cfg)
-        return cls(contract=contract, members=members, device=device, configs=configs)
+        return cls(contract=contract, members=members, device=device, configs=configs,
+                   weights=member_weights(contract))
 
     def check_input(self, x: Any, *, where: Callable[[int], str] | None = None) -> np.ndarray:
         """Validate raw series and fit them to the contract's ``[C, L]``.
@@ -577,7 +718,8 @@ class CBDEnsemble:
         return out
 
     def predict_proba(self, x: Any) -> np.ndarray:
-        """Class probabilities, float64 [N, K]: the mean over members of each one's softmax.
+        """Class probabilities, float64 [N, K]: the weighted mean over members of each one's
+        softmax (the contract's weights; equal without them).
 
         Args:
             x: raw series as :meth:`check_input` takes them.
@@ -588,13 +730,18 @@ class CBDEnsemble:
         import torch
 
         x = self.check_input(x)
-        out = np.empty((len(x), len(self.contract.class_names)), dtype=np.float64)
+        weights = self.weights or [1.0 / len(self.members)] * len(self.members)
+        out = np.zeros((len(x), len(self.contract.class_names)), dtype=np.float64)
         with torch.inference_mode():
             for start in range(0, len(x), BATCH_SIZE):
-                batch = torch.from_numpy(x[start:start + BATCH_SIZE]).to(self.device)
-                probs = [m(batch).float().softmax(dim=-1) for m in self.members]  # (B, K) each
-                out[start:start + len(batch)] = (
-                    torch.stack(probs).double().mean(dim=0).cpu().numpy())  # (M, B, K) -> (B, K)
+                chunk = x[start:start + BATCH_SIZE]
+                batch = torch.from_numpy(chunk).to(self.device)
+                for m, w in zip(self.members, weights, strict=True):
+                    if isinstance(m, torch.nn.Module):  # (B, K) softmax, averaged in float64
+                        p = m(batch).float().softmax(dim=-1).double().cpu().numpy()
+                    else:  # a MiniRocket member: its temperature-scaled softmax
+                        p = m.predict_proba(chunk)
+                    out[start:start + len(chunk)] += w * p
         return out
 
     def predict(self, x: Any) -> list[str]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -260,16 +261,20 @@ def _train_fn(loop_config: dict[str, Any], notes: list[str],
     result = run_trial(cfg, data, report, rt=rt, state=state)
     if rank != 0:
         return None
+    if loop_config.get("oof") and result.status == "completed":
+        keep_oof(cfg, data, result, **loop_config["oof"])
     # [5] what the driver needs to log the run, without a second read of any file
     return {"status": result.status, "reason": result.reason, "final": result.metrics,
             "history": report.history, "resumed": state is not None}
 
 
 def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, send: Callable[..., None], *,
-           stage: str, epochs: int) -> dict[str, Any] | None:
-    """A refit (:func:`cbdtune.pipeline.refit_trial`): rank 0 returns its test metrics, test
-    probabilities and the classifier's weights (on the CPU) with its resolved config."""
-    metrics, clf, proba = refit_trial(cfg, data, stage=stage, epochs=epochs, rt=rt)
+           stage: str, epochs: int, temperature: float = 1.0) -> dict[str, Any] | None:
+    """A refit (:func:`cbdtune.pipeline.refit_trial`, its logits over ``temperature``): rank 0
+    returns its test metrics, test probabilities and the classifier's weights (on the CPU)
+    with its resolved config."""
+    metrics, clf, proba = refit_trial(cfg, data, stage=stage, epochs=epochs, rt=rt,
+                                      temperature=temperature)
     send({**metrics, reports.FINAL: 1})
     if rt.rank != 0:
         return None
@@ -279,14 +284,44 @@ def _refit(cfg: ExperimentConfig, data: Dataset, rt: Runtime, send: Callable[...
             "weights": {k: v.detach().cpu().numpy() for k, v in clf.state_dict().items()}}
 
 
+def keep_oof(cfg: ExperimentConfig, data: Dataset, result: Any, *, where: str,
+             trial_id: str) -> None:
+    """Write a completed trial's out-of-fold probabilities at its selected stage and epoch
+    (:mod:`cbdtune.oof`), with its config, pretraining key and folds: the candidates of the
+    search's ensemble selection. A trial with none (a stage that keeps none) writes nothing."""
+    from cbdtune import oof
+    from cbdtune.classify import selection_pool
+    from cbdtune.pipeline import steps_to_epochs
+
+    chosen = result.selected
+    if chosen is None or chosen.oof_proba is None:
+        return
+    proba = chosen.oof_proba.detach().cpu().numpy()
+    rows = np.flatnonzero(np.isfinite(proba).all(axis=1))  # one validation split: its rows
+    pool = selection_pool(data, cfg)
+    shaped = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, in_channels=data.n_channels, seq_len=data.seq_len,
+        num_classes=data.n_classes))
+    key = str(result.metrics.get(reports.ENCODER_KEY) or "") or encoder_cache.pretrain_key(
+        steps_to_epochs(shaped, len(data.train.x)), data)
+    meta = {"config": cfg.to_dict(), "encoder_key": key, "seed": cfg.train.seed,
+            "cv_folds": cfg.data.cv_folds, "cv_repeats": cfg.data.cv_repeats,
+            "stage": chosen.stage, "epoch": chosen.epoch, "temperature": chosen.temperature,
+            "val_accuracy": chosen.val.get("accuracy"), "holdout": pool.holdout}
+    oof.write(where, trial_id, proba=proba[rows], y=pool.y[rows], index=rows,
+              fold=oof.fold_assignment(pool.folds, len(pool.y)), meta=meta)
+
+
 def refit_here(cfg: ExperimentConfig, data_ref: Any, *, stage: str, epochs: int,
-               encoder_cache: str | None, cpus: float) -> dict[str, Any]:
+               encoder_cache: str | None, cpus: float,
+               temperature: float = 1.0) -> dict[str, Any]:
     """A refit of one CPU worker (:attr:`TrialSettings.in_trial`) run in this process, e.g. a
     Ray task given ``cpus`` CPUs: what a ``TorchTrainer``'s rank 0 would return
     (:func:`_refit`), without the trainer's 6 more processes. Its one report goes nowhere (a
     refit's caller reads the returned metrics)."""
     loop_config = _loop_config(cfg, data_ref, encoder_cache=encoder_cache, trial="",
-                               refit={"stage": stage, "epochs": epochs})
+                               refit={"stage": stage, "epochs": epochs,
+                                      "temperature": temperature})
     with cache_notes() as notes:
         out = _train_fn(loop_config, notes, local_session(cpus))
     if out is None:  # rank 0 always returns; this is for the type checker
@@ -300,7 +335,8 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
                  encoder_cache: str | None = None, trial: str = "",
                  callbacks: list[Any] | None = None,
                  train_fn: Callable[[dict[str, Any]], Any] | None = None,
-                 refit: dict[str, Any] | None = None) -> TorchTrainer:
+                 refit: dict[str, Any] | None = None,
+                 oof: dict[str, str] | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for one trial.
 
     Args:
@@ -318,6 +354,8 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         callbacks: Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
         train_fn: the per-worker function (default :func:`train_fn_per_worker`).
         refit: ``{"stage": ..., "epochs": ...}`` runs a refit instead of a selecting trial.
+        oof: ``{"where": folder, "trial_id": id}``: a completed trial's chief writes its
+            out-of-fold probabilities there (:func:`keep_oof`); None: nowhere.
     """
     use_gpu = gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": cpus_per_worker}
@@ -331,17 +369,18 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
     loop_config = _loop_config(cfg, data_ref, encoder_cache=encoder_cache, trial=trial,
-                               refit=refit)
+                               refit=refit, oof=oof)
     return TorchTrainer(train_fn or train_fn_per_worker, train_loop_config=loop_config,
                         scaling_config=scaling, run_config=run_config)
 
 
 def _loop_config(cfg: ExperimentConfig, data_ref: Any | None, *, encoder_cache: str | None,
-                 trial: str, refit: dict[str, Any] | None = None) -> dict[str, Any]:
+                 trial: str, refit: dict[str, Any] | None = None,
+                 oof: dict[str, str] | None = None) -> dict[str, Any]:
     """What :func:`train_fn_per_worker` reads (the data ref in a list: Ray hands it over
     unresolved)."""
     return {"config": cfg.to_dict(), "data_ref": [data_ref] if data_ref is not None else None,
-            "refit": refit, "encoder_cache": encoder_cache, "trial": trial}
+            "refit": refit, "encoder_cache": encoder_cache, "trial": trial, "oof": oof}
 
 
 def _trial_inputs(config: dict[str, Any], base: dict[str, Any] | None
@@ -355,6 +394,14 @@ def _trial_inputs(config: dict[str, Any], base: dict[str, Any] | None
     cfg = cfg.replace(dict(config[LOOP_KEY]), where="trial config")
     trial_id = tune.get_context().get_trial_id()
     return run, cfg, trial_id or "single", trial_id is not None
+
+
+def oof_folder(storage_path: str | None) -> str | None:
+    """Where a search's trials keep their out-of-fold probabilities, from their
+    ``storage_path`` (``<experiment>/train``): ``<experiment>/oof`` (:mod:`cbdtune.oof`)."""
+    from cbdtune import oof
+
+    return oof.folder_of_trial_storage(storage_path)
 
 
 def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
@@ -380,14 +427,16 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
     run, cfg, trial_id, in_tune = _trial_inputs(config, base)
     ref = data_ref[0] if data_ref else None
     trial = f"{search}/{trial_id}" if search else trial_id
+    where = oof_folder(run.storage_path) if in_tune else None
+    keep = {"where": where, "trial_id": trial_id} if where else None
     if in_tune and run.in_trial:
         with cache_notes() as notes:
-            _train_fn(_loop_config(cfg, ref, encoder_cache=run.encoder_cache, trial=trial),
-                      notes, tune_session(run.cpus_per_worker))
+            _train_fn(_loop_config(cfg, ref, encoder_cache=run.encoder_cache, trial=trial,
+                                   oof=keep), notes, tune_session(run.cpus_per_worker))
         return None
     trainer = make_trainer(
         cfg, data_ref=ref, name=f"trial_id={trial_id}", trial=trial,
-        callbacks=[TuneReportCallback()] if in_tune else None, **run.trainer_args())
+        callbacks=[TuneReportCallback()] if in_tune else None, oof=keep, **run.trainer_args())
     result = trainer.fit()
     # Inside Tune the worker's reports already reached Tune; a returned dict would be one more
     # result. Called directly, the caller gets rank 0's history and final metrics.

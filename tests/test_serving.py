@@ -311,3 +311,88 @@ def test_log_model_twice_gives_version_two_and_unknown_run_is_one_line(
     with pytest.raises(InputError, match=r"input_example has shape \[1, 3, 300\]"):
         log_model(logged["uri"], logged["run_id"], single_dir, registered_name="cbdtune-test",
                   input_example=x_test[:1, :, :300])
+
+
+# ---- weighted members and the MiniRocket baseline member ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rocket(gesture: Dataset) -> Any:
+    """A small MiniRocket member fitted on gesture's training series (840 features)."""
+    from cbdtune import baselines
+
+    return baselines.refit(gesture.train.x, gesture.train.y, gesture.n_classes, alpha=1.0,
+                           temperature=0.5, seed=0, n_kernels=840)
+
+
+def test_minirocket_member_round_trips_through_the_model_folder_without_pickle(
+        tmp_path: Path, gesture: Dataset, members: list, rocket: Any, x_test: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CBD member and a MiniRocket member, weighted 0.3/0.7: the folder holds the baseline's
+    arrays (no pickle is read: pickle.load is made to fail), and the loaded ensemble's
+    probabilities are the weighted average of the two members'."""
+    import pickle
+
+    from cbdtune.serving import BaselineMember
+
+    cfg, clf = members[0]
+    path = save_model(tmp_path / "m", [(cfg, clf.state_dict(), {}),
+                                       BaselineMember(rocket, {"kind": "minirocket"})],
+                      class_names=gesture.class_names, dataset=gesture.name, weights=[0.3, 0.7])
+    contract = json.loads((path / CONTRACT_FILE).read_text())
+    assert [m.get("kind") for m in contract["members"]] == ["cbd", "minirocket"]
+    assert sum(m["weight"] for m in contract["members"]) == pytest.approx(1.0, abs=1e-12)
+    assert sorted(p.name for p in (path / "member_1").iterdir()) == ["minirocket.json",
+                                                                     "minirocket.npz"]
+
+    def no_pickle(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pickle was used to load a model member")
+
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    ensemble = CBDEnsemble.load(path)
+    assert ensemble.weights == [0.3, 0.7] and ensemble.configs[1] is None
+    want = 0.3 * softmax(clf, x_test) + 0.7 * rocket.predict_proba(x_test)
+    np.testing.assert_allclose(ensemble.predict_proba(x_test), want, atol=1e-6)
+
+
+def test_minirocket_member_behind_a_link_is_refused(tmp_path: Path, gesture: Dataset,
+                                                    rocket: Any) -> None:
+    """A baseline member's file replaced by a symbolic link to a file outside the folder is
+    refused before it is opened; so is a member folder that is a link."""
+    from cbdtune.serving import BaselineMember
+
+    path = save_model(tmp_path / "m", [BaselineMember(rocket)], class_names=gesture.class_names,
+                      dataset=gesture.name, layout=(gesture.n_channels, gesture.seq_len, "pad"))
+    assert CBDEnsemble.load(path).members[0].n_kernels == rocket.n_kernels
+    outside = tmp_path / "outside.npz"
+    (path / "member_0" / "minirocket.npz").rename(outside)
+    (path / "member_0" / "minirocket.npz").symlink_to(outside)
+    with pytest.raises(ModelError, match="symbolic link"):
+        CBDEnsemble.load(path)
+    (path / "member_0" / "minirocket.npz").unlink()
+    outside.rename(path / "member_0" / "minirocket.npz")
+    (path / "member_0").rename(tmp_path / "elsewhere")
+    (path / "member_0").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ModelError, match="not a folder"):
+        CBDEnsemble.load(path)
+
+
+@pytest.mark.parametrize(("weights", "message"), [([0.5, 0.6], "sum to 1"),
+                                                  ([1.0, 0.0], "> 0"), ([1.0], "1 weights")])
+def test_save_model_refuses_weights_that_do_not_sum_to_one(tmp_path: Path, gesture: Dataset,
+                                                           members: list, weights: list,
+                                                           message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        save(tmp_path / "m", gesture, members, weights=weights)
+    assert not (tmp_path / "m").exists()
+
+
+def test_contract_with_weights_off_one_is_refused_at_load(tmp_path: Path, gesture: Dataset,
+                                                          members: list) -> None:
+    path = save(tmp_path / "m", gesture, members, weights=[0.25, 0.75])
+    contract = json.loads((path / CONTRACT_FILE).read_text())
+    contract["members"][1]["weight"] = 0.5
+    (path / CONTRACT_FILE).write_text(json.dumps(contract))
+    with pytest.raises(ModelError, match="sum to 1"):
+        CBDEnsemble.load(path)
