@@ -22,6 +22,11 @@ from cbdtune import reports
 from cbdtune.config import CbdtuneError, ExperimentConfig
 from cbdtune.space import SearchSpace
 
+# Completed trials a search-level statistic needs: parameter importances, the Spearman rho
+# between CV and test, and the search-level figures on the parent run (cbdtune.views). One
+# rule for summary.md and MLflow.
+MIN_COMPLETED = 3
+
 # Columns copied from each trial's last result (when present): the pipeline's final report
 # (cbdtune.reports) and Tune's count and time.
 RESULT_COLUMNS = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.VAL_F1, reports.VAL_LOSS,
@@ -75,7 +80,8 @@ def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
     """fANOVA importances over completed trials, or the reason they cannot be computed.
 
     A conditional parameter (``when`` in the space) is NaN in the trials that skipped it. Ranked
-    are the parameters sampled, with more than one value, in at least 3 completed trials with a
+    are the parameters sampled, with more than one value, in at least :data:`MIN_COMPLETED`
+    (3) completed trials with a
     finite metric; each gets its fANOVA share of the variance over the trials that sampled it.
     Parameters sampled in every trial (the switches a ``when`` reads included) share one fit
     over all of them: Optuna's own rule, ``get_param_importances`` ranks the parameters every
@@ -93,9 +99,10 @@ def importances(df: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
     finite = done[values.abs() < math.inf]  # NaN and inf compare False
     present = {k: finite[f"param.{k}"].notna() for k in dists if f"param.{k}" in finite}
     kept = [k for k, has in present.items()
-            if has.sum() >= 3 and finite.loc[has, f"param.{k}"].nunique() > 1]
-    if len(done) < 3 or not kept:
-        return f"needs at least 3 completed trials with varied parameters (have {len(done)})"
+            if has.sum() >= MIN_COMPLETED and finite.loc[has, f"param.{k}"].nunique() > 1]
+    if len(done) < MIN_COMPLETED or not kept:
+        return (f"needs at least {MIN_COMPLETED} completed trials with varied parameters "
+                f"(have {len(done)})")
     if finite[metric].nunique() == 1:
         # fANOVA divides by the variance of the metric; with none there is nothing to attribute
         return (f"every completed trial has {metric} = {float(finite[metric].iloc[0]):.4f}, so "
@@ -275,7 +282,7 @@ def selection_section(df: pd.DataFrame, metric: str) -> str:
     """Does the selection metric rank trials as the test split does? Spearman's rho over the
     completed trials (each trial's test accuracy is its own refit's, read once, never used)."""
     done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
-    if len(done) < 3 or metric not in done or "test_accuracy" not in done:
+    if len(done) < MIN_COMPLETED or metric not in done or "test_accuracy" not in done:
         return ""
     from scipy.stats import spearmanr
 
@@ -283,7 +290,7 @@ def selection_section(df: pd.DataFrame, metric: str) -> str:
     lines = ["", "## Selection against test", "",
              f"Spearman correlation between {metric} and test accuracy over the {len(done)} "
              f"completed trials: {rho:.3f} (p = {p:.3g})."]
-    if "rung_" + metric in done and done["rung_" + metric].notna().sum() >= 3:
+    if "rung_" + metric in done and done["rung_" + metric].notna().sum() >= MIN_COMPLETED:
         rung = done.dropna(subset=["rung_" + metric])
         r2, p2 = spearmanr(rung["rung_" + metric], rung[metric])
         lines.append(f"ASHA's first-rung {metric} against the final one over {len(rung)} "
@@ -311,6 +318,7 @@ def refit_section(refits: dict[str, Any]) -> str:
         name, version = refits["registered"]
         lines.append(f"Registered in MLflow as `models:/{name}/{version}`; predict with "
                      f"`python -m cbdtune.predict --model models:/{name}/{version} --input FILE`.")
+    lines.append(refits.get("section", ""))  # the ensemble selection (cbdtune.handover)
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,12 @@ ASHA (or the time budget) stopped is PRUNED with its intermediate values, an err
 trial is FAIL; unfinished trials are left out. A searched parameter a trial did not sample (NaN
 in ``param.<key>``; the space is conditional) is not among that trial's params.
 
+The search-level figures (parallel coordinates, optimisation history, parameter importances)
+are drawn only from at least :data:`cbdtune.results.MIN_COMPLETED` completed trials, the rule
+``summary.md`` follows; the importance figure shows ``summary.md``'s numbers
+(:func:`cbdtune.results.importances`, kept on the study as :data:`IMPORTANCES_ATTR`), not a
+second fANOVA fit. The intermediate values (each trial's reports) are drawn from any trials.
+
 References:
     Optuna 5, ``optuna.trial.create_trial`` and ``optuna.visualization.matplotlib``.
 """
@@ -25,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from cbdtune.figures import close  # also selects matplotlib's headless backend, first
+from cbdtune.results import MIN_COMPLETED, importances
 from cbdtune.space import SearchSpace
 
 log = logging.getLogger("cbdtune.views")
@@ -36,6 +43,11 @@ VIEWS = {"parallel_coordinate.png": "plot_parallel_coordinate",
          "optimization_history.png": "plot_optimization_history",
          "param_importances.png": "plot_param_importances",
          "intermediate_values.png": "plot_intermediate_values"}
+# The views that describe the search as a whole: only from MIN_COMPLETED completed trials.
+SEARCH_LEVEL = ("parallel_coordinate.png", "optimization_history.png", "param_importances.png")
+# The study's user attribute holding summary.md's importances ({param: value}, or the reason
+# there are none).
+IMPORTANCES_ATTR = "cbdtune.importances"
 
 
 def study_storage(tracking_uri: str, results_dir: Path) -> str:
@@ -79,6 +91,7 @@ def export_study(df: pd.DataFrame, curves: dict[str, dict[int, float]], space: S
         trial = frozen_trial(row, curves.get(row["trial_id"], {}), dists, metric)
         if trial is not None:
             study.add_trial(trial)
+    study.set_user_attr(IMPORTANCES_ATTR, importances(df, space, metric, mode))
     return study
 
 
@@ -125,13 +138,27 @@ def _native(value: Any, dist: Any) -> Any:
 
 def draw(study: Any) -> dict[str, Any]:
     """Optuna's four figures of ``study`` (artifact name -> Figure); a view Optuna cannot draw
-    (too few trials, no parameter that varies) is left out, with a debug log line."""
+    (too few trials, no parameter that varies) is left out, with a debug log line, and so are
+    the search-level views when fewer than :data:`MIN_COMPLETED` trials completed."""
     import optuna
     import optuna.visualization.matplotlib as ovm
+    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials" is not news here
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     out: dict[str, Any] = {}
     for name, fn in VIEWS.items():
+        if name in SEARCH_LEVEL and completed < MIN_COMPLETED:
+            log.debug("view %s not drawn: %d completed trials, needs %d", name, completed,
+                      MIN_COMPLETED)
+            continue
+        if name == "param_importances.png" and IMPORTANCES_ATTR in study.user_attrs:
+            imp = study.user_attrs[IMPORTANCES_ATTR]
+            if isinstance(imp, dict) and imp:
+                out[name] = importance_figure(imp)
+            else:
+                log.debug("view %s not drawn: %s", name, imp)
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ExperimentalWarning, empty-plot warnings
@@ -142,6 +169,18 @@ def draw(study: Any) -> dict[str, Any]:
         first = ax.flat[0] if hasattr(ax, "flat") else ax
         out[name] = first.figure
     return out
+
+
+def importance_figure(imp: dict[str, float]) -> Any:
+    """A horizontal bar per parameter, the most important on top: ``summary.md``'s table."""
+    import matplotlib.pyplot as plt
+
+    names = list(imp)[::-1]
+    fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.35 * len(names)))
+    ax.barh(names, [imp[k] for k in names])
+    ax.set_xlabel("fANOVA importance (within a parameter's branch; summary.md)")
+    ax.set_title("Parameter importances")
+    return fig
 
 
 def log_views(mlflow_client: Any, run_id: str, study: Any, *, folder: str = "views") -> list[str]:

@@ -161,3 +161,30 @@ def test_pareto_front_of_two_objectives_in_the_summary(tmp_path: Path) -> None:
     assert "## Pareto front (val_accuracy (max), time_total_s (min))" in text
     assert "| c | 0.95 | 20 |" in text and "| d |" not in text and "| e |" not in text
     assert "no completed trial" in results.pareto_section(df.iloc[4:], objectives)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_search_level_views_follow_the_summary_rule(tmp_path: Path, n: int) -> None:
+    """The parent run's importance figure and the other search-level views exist exactly when
+    summary.md has importances (>= results.MIN_COMPLETED completed trials), and the figure's
+    bars are summary.md's numbers; 2 completed trials once gave a figure while the summary
+    said importance needs 3."""
+    from cbdtune import views
+
+    space = load_space("smoke")
+    df = _completed([0.5, 0.6, 0.7, 0.9, 0.8][:n])
+    study = views.export_study(df, {}, space, storage=f"sqlite:///{tmp_path / 'o.db'}",
+                               study_name="s", metric="val_accuracy", mode="max")
+    imp = results.importances(df, space, "val_accuracy", "max")
+    figs = views.draw(study)
+    try:
+        enough = n >= results.MIN_COMPLETED
+        assert isinstance(imp, dict) == enough
+        assert set(views.SEARCH_LEVEL) & set(figs) == (set(views.SEARCH_LEVEL) if enough
+                                                        else set())
+        if enough:
+            bars = figs["param_importances.png"].axes[0].patches
+            assert sorted(b.get_width() for b in bars) == pytest.approx(sorted(imp.values()))
+    finally:
+        for fig in figs.values():
+            views.close(fig)
