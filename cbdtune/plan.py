@@ -112,6 +112,7 @@ def make_plan(settings: SearchSettings, argv: list[str] | None = None) -> Search
     if settings.sampler == "grid":
         space.grid()  # a space with no grid fails here, in one line
     base = space.base.replace(_late_values(settings), where="command line")
+    check_same_folds(space, settings)
     results.check_results_dir(Path(settings.results_dir))
     check_storage(settings.storage)
     if settings.reuse and settings.encoder_cache:
@@ -128,6 +129,24 @@ def make_plan(settings: SearchSettings, argv: list[str] | None = None) -> Search
                       datasets=MappingProxyType(datasets), uri=uri,
                       root=root, name=name,
                       argv=tuple(settings.to_argv() if argv is None else argv))
+
+
+FOLD_KEYS = ("train.seed", "data.cv_folds", "data.cv_repeats")  # what draws a trial's folds
+
+
+def check_same_folds(space: SearchSpace, settings: SearchSettings) -> None:
+    """Ensemble selection compares trials' out-of-fold predictions, so every trial must hold
+    out the same series: the folds come from ``train.seed`` and ``data.cv_*``, fixed by the
+    search (``--seed``, ``--cv-folds``), never searched.
+
+    Raises:
+        CbdtuneError: ``--ensemble select`` over a space that searches one of them.
+    """
+    searched = sorted({p.key for p in space.params} & set(FOLD_KEYS))
+    if settings.ensemble == "select" and searched:
+        raise CbdtuneError(f"space {settings.space} searches {', '.join(searched)}: trials "
+                           "would be scored on different folds, which --ensemble select "
+                           "compares; fix them in the space's base or pass --ensemble top")
 
 
 def _late_values(settings: SearchSettings) -> dict[str, Any]:

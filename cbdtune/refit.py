@@ -66,6 +66,31 @@ class ConfigSummary:
                 "ensemble_test": self.ensemble_test}
 
 
+def config_key(row: pd.Series) -> str:
+    """A trial's searched values as one canonical string: two trials with the same key are one
+    configuration (a reuse trial may repeat another's every value), refit once."""
+    import json
+
+    return json.dumps(trial_params(row), sort_keys=True, default=str)
+
+
+def distinct(ranked: pd.DataFrame) -> pd.DataFrame:
+    """``ranked`` without the rows whose configuration an earlier (better) row already has."""
+    keys = [config_key(row) for _, row in ranked.iterrows()]
+    seen: set[str] = set()
+    keep = []
+    for key in keys:
+        keep.append(key not in seen)
+        seen.add(key)
+    return ranked[keep]
+
+
+def temperature_of(row: pd.Series) -> float:
+    """The trial's temperature (fitted on its out-of-fold scores; 1 when it has none)."""
+    t = row.get("temperature", 1.0)
+    return float(t) if t is not None and t == t and float(t) > 0 else 1.0
+
+
 def plan(top: pd.DataFrame, base: ExperimentConfig,
          seeds: int) -> list[tuple[int, pd.Series, ExperimentConfig]]:
     """``(rank, trial row, config)`` for every refit: each top trial's config with each seed."""
@@ -86,24 +111,24 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
 
     run_settings = TrialSettings(**trainer_args)
 
-    def one(cfg_dict: dict[str, Any], refs: list[Any], stage: str, epochs: int,
+    def one(cfg_dict: dict[str, Any], refs: list[Any], job: dict[str, Any],
             name: str) -> dict[str, Any]:
         cfg = ExperimentConfig.from_dict(cfg_dict, where="refit config")
         if run_settings.in_trial:  # one CPU worker: in this task, not 7 more processes
-            return refit_here(cfg, refs[0], stage=stage, epochs=epochs,
-                              encoder_cache=run_settings.encoder_cache,
+            return refit_here(cfg, refs[0], **job, encoder_cache=run_settings.encoder_cache,
                               cpus=run_settings.cpus_per_worker)
-        trainer = make_trainer(cfg, data_ref=refs[0], name=name, refit={"stage": stage,
-                                                                        "epochs": epochs},
-                               **trainer_args)
+        trainer = make_trainer(cfg, data_ref=refs[0], name=name, refit=job, **trainer_args)
         return trainer.fit().return_value
 
     remote = ray.remote(num_cpus=run_settings.trial_resources()["cpu"])(one)
     jobs = plan(top, base, seeds)
     pending = {}
     for rank, row, cfg in jobs:
-        stage, epochs = str(row[reports.SELECTED_STAGE]), int(row[reports.SELECTED_EPOCH])
-        ref = remote.remote(cfg.to_dict(), [data_ref], stage, epochs,
+        # The trial's temperature: the refit's probabilities are calibrated as its
+        # out-of-fold ones were (what ensemble selection weighed).
+        job = {"stage": str(row[reports.SELECTED_STAGE]),
+               "epochs": int(row[reports.SELECTED_EPOCH]), "temperature": temperature_of(row)}
+        ref = remote.remote(cfg.to_dict(), [data_ref], job,
                             f"refit_{row['trial_id']}_seed{cfg.train.seed}")
         pending[ref] = (rank, str(row["trial_id"]), cfg.train.seed)
     refits: list[Refit] = []

@@ -112,6 +112,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                         "0 = no refit, no model)")
     p.add_argument("--refit-seeds", type=int,
                    help="seeds per refit configuration (default %(default)s); the model is the ensemble")
+    p.add_argument("--ensemble", choices=("select", "top"),
+                   help="the model: select = greedy ensemble selection over every completed "
+                        "trial's out-of-fold probabilities and a MiniRocket baseline, each "
+                        "selected configuration refit --refit-seeds times; top = the best "
+                        "--refit-top configurations, equal weights (default %(default)s)")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not run the paper's configuration as the first trial")
     p.add_argument("--max-failures", type=int,
@@ -196,10 +201,9 @@ def run_search(settings: SearchSettings, *, argv: list[str] | None = None) -> Se
     with ParentRun(plan) as parent:
         report = _report(plan, cluster, parent, tuning.tune(plan, cluster, parent.ref))
         if _refits(plan, report):
-            top = results.ranked(report.tuned.trials, plan.metric, plan.mode).head(
-                settings.refit_top)
-            model = handover.refit_and_register(plan, parent, top,
-                                                next(iter(cluster.data_refs.values())))
+            model = handover.refit_and_register(
+                plan, parent, results.ranked(report.tuned.trials, plan.metric, plan.mode),
+                next(iter(cluster.data_refs.values())))
         _finish(plan, parent, report, model)
         if report.tuned.interrupted:
             parent.interrupted()

@@ -27,6 +27,9 @@ from cbdtune.config import METRIC, MODE, ConfigError, _coerce
 
 Sampler = Literal["tpe", "random", "cmaes", "grid"]  # Optuna's samplers, seeded
 Scheduler = Literal["asha", "none"]
+# What the search hands over: ensemble selection over every completed trial and a MiniRocket
+# baseline (cbdtune.handover), or the top --refit-top configurations with equal weights.
+Ensemble = Literal["select", "top"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
@@ -90,6 +93,7 @@ class SearchSettings:
     cv_repeats: int | None = None  # None: the space's (1)
     refit_top: int = 3  # 0: no refit, no model
     refit_seeds: int = 3
+    ensemble: Ensemble = "select"  # how the refit configurations are chosen (Ensemble above)
     baseline: bool = True  # the paper's configuration as trial 0
     max_failures: int = 2  # retries of a trial (and of its worker group) after a failure
     allow_autoscale: bool = False
