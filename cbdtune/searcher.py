@@ -76,23 +76,24 @@ class FullFidelityOptunaSearch(OptunaSearch):
             params = self._distinct(trial_id, params)
         return params
 
-    def _distinct(self, trial_id: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    def _distinct(self, trial_id: str, params: dict[str, Any] | None) -> dict[str, Any] | None:
         """``params``, or, when ``trial_id``'s reuse trial repeats a trial on its encoder, the
         parameters of a fresh ask (module docstring); bounded by :data:`MAX_RESAMPLES` per
         encoder and by the trials waiting in the queue."""
+        study: Any = self._ot_study
+        resamples = self.__dict__.setdefault("_resamples", {})  # (a searcher pickled before it)
         while params is not None:
             ot_trial = self._ot_trials[trial_id]
-            repeated = repeats(ot_trial, self._ot_study.get_trials(deepcopy=False,
-                                                                   states=_ON_ENCODER))
+            repeated = repeats(ot_trial, study.get_trials(deepcopy=False, states=_ON_ENCODER))
             if repeated is None:
                 return params
             parent = int(ot_trial.user_attrs[REUSE_ATTR])
             ot_trial.set_user_attr(DUPLICATE_ATTR, repeated)
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-            self._resamples[parent] = self._resamples.get(parent, 0) + 1
-            if self._resamples[parent] < MAX_RESAMPLES:
+            study.tell(ot_trial, state=TrialState.FAIL)
+            resamples[parent] = resamples.get(parent, 0) + 1
+            if resamples[parent] < MAX_RESAMPLES:
                 fixed, _ = split_params(ot_trial.params)
-                self._ot_study.enqueue_trial(fixed, user_attrs={REUSE_ATTR: parent})
+                study.enqueue_trial(fixed, user_attrs={REUSE_ATTR: parent})
             else:
                 self._n_reuse -= 1  # skipped: it no longer counts against the share
             del self._ot_trials[trial_id]
@@ -135,14 +136,16 @@ class FullFidelityOptunaSearch(OptunaSearch):
             return
         if self._n_reuse + 1 > self.reuse_share * (self._n_suggested + 1):
             return
-        self._ot_study.enqueue_trial(fixed, user_attrs={REUSE_ATTR: ot_trial.number})
+        study: Any = self._ot_study
+        study.enqueue_trial(fixed, user_attrs={REUSE_ATTR: ot_trial.number})
         self._n_reuse += 1
 
 
 def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Optuna parameters (``train_loop_config/<key>``) -> (those that determine the pretrained
     encoder, the others)."""
-    fixed, free = {}, {}
+    fixed: dict[str, Any] = {}
+    free: dict[str, Any] = {}
     for name, value in params.items():
         key = name.removeprefix(OPTUNA_PREFIX)
         (fixed if determines_encoder(key) else free)[name] = value
