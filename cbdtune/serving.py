@@ -15,8 +15,14 @@ the cbdtune version, and per member its file, flat config (``ExperimentConfig.to
 and free-form metadata (e.g. the MLflow run it came from). A member is rebuilt from its config
 alone through ``build_model`` / ``build_head``.
 
-The ensemble's probability is the mean over members of each member's softmax (one member is an
-ensemble of one). :func:`log_model` logs a directory to MLflow as a pyfunc model *from code*
+A member may instead be a MiniRocket baseline (``"kind": "minirocket"``, :mod:`cbdtune.baselines`):
+a folder ``member_i/`` of two plain files, ``minirocket.npz`` (arrays, read with
+``allow_pickle=False``) and ``minirocket.json``, refused unless both are regular files in a real
+folder of the model (:func:`load_baseline`).
+
+The ensemble's probability is the weighted mean over members of each member's softmax, with the
+contract's ``weight`` per member (ensemble selection's, summing to 1), or equal weights when the
+contract has none (one member is an ensemble of one). :func:`log_model` logs a directory to MLflow as a pyfunc model *from code*
 (``cbdtune/_pyfunc_model.py``), so that loading it never unpickles an object either.
 
 Example:
