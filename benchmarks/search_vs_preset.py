@@ -150,10 +150,10 @@ def minirocket_cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[s
 
 def run_cell(dataset: str, seed: int, args: argparse.Namespace, runs: Path) -> None:
     done = runs / f"{dataset}_seed{seed}.json"
-    for mine in claimed(done):
+    with claimed(done) as mine:
         if not mine:
             print(f"{dataset} seed {seed}: finished or claimed, skipped", flush=True)
-            continue
+            return
         print(f"{dataset} seed {seed}: running", flush=True)
         row: dict[str, Any] = {"dataset": dataset, "seed": seed, "settings": settings_of(args)}
         row.update(minirocket_cell(dataset, seed, args))

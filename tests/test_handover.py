@@ -84,7 +84,7 @@ def test_keep_oof_writes_for_a_completed_trial_only(tmp_path: Path) -> None:
     data = SimpleNamespace(train=SimpleNamespace(x=np.zeros((12, 1, 16), np.float32), y=y),
                            val=SimpleNamespace(x=np.zeros((0, 1, 16), np.float32),
                                                y=np.zeros(0, int)),
-                           n_channels=1, seq_len=16, n_classes=2)
+                           n_channels=1, seq_len=16, n_classes=2, name="toy")
     cfg = preset("smoke").replace({"data.cv_folds": 3, "train.seed": 3})
     stage = StageResult("ridge", 1, {"accuracy": 0.5}, 3,
                         oof_proba=torch.full((12, 2), 0.5), temperature=2.0)
@@ -92,8 +92,11 @@ def test_keep_oof_writes_for_a_completed_trial_only(tmp_path: Path) -> None:
     keep_oof(cfg, data, result, where=str(tmp_path), trial_id="done")
     keep_oof(cfg, data, SimpleNamespace(selected=None, metrics={}), where=str(tmp_path),
              trial_id="none")
+    keep_oof(cfg, data, SimpleNamespace(selected=stage, metrics={}), where=str(tmp_path),
+             trial_id="nocache")  # --no-reuse: the key is computed, not read from the cache
     records = oof.read_all(str(tmp_path))
-    assert list(records) == ["done"]
+    assert list(records) == ["done", "nocache"]
+    assert re.fullmatch(r"[0-9a-f]{64}", records["nocache"].meta["encoder_key"])
     rec = records["done"]
     assert rec.meta["encoder_key"] == "e" * 8 and rec.meta["temperature"] == 2.0
     want = oof.digest(oof.fold_assignment(stratified_folds(y, 3, seed=3), 12))
