@@ -211,8 +211,15 @@ def main() -> None:
     p.add_argument("--reuse-runs", action="store_true",
                    help="do not run: read the runs already in --work-dir")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "rung_correlation.md")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny budget that checks the script runs (gesture, 3 trials of 4 "
+                        "pretraining epochs), written to the work dir")
     args = p.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="rung_correlation-"))
+    if args.quick:
+        args.datasets, args.num_samples, args.pretrain_epochs, args.probe_every = (
+            "gesture", 3, 4, 1)
+        args.out = work / "rung_correlation.md"
     work.mkdir(parents=True, exist_ok=True)
     space = space_file(work, args.pretrain_epochs, args.probe_every)
     rungs = rungs_of(space)
@@ -238,7 +245,9 @@ def main() -> None:
     header = [
         "# Rank correlation of each report with the trial's final CV value (no early stopping)",
         "", f"- command: `{cmd}`", f"- each search: `python {example}`",
-        f"- machine: {machine()} (2-core CPU shared machine); load average at start {load}",
+        f"- machine: {machine()} (2-core CPU shared machine); load average "
+        f"{'when the tables were computed from the runs' if args.reuse_runs else 'at start'} "
+        f"{load}",
         f"- python {platform.python_version()}, date "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- budget: the default space with train.pretrain_epochs={args.pretrain_epochs}, "
@@ -260,6 +269,10 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {r['dataset']} | {r['rule']} | {r['trials']} | {r['stopped']} | "
               f"{'yes' if r['best_stopped'] else 'no'} |" for r in replays]
+    first = [r for r in rows if r["rung"] and r["report"] == min(rungs)]
+    lines += ["", f"At the first rung (report {min(rungs):g}), Spearman rho with the final CV "
+              "value: " + ", ".join(f"{r['dataset']} {r['rho']:.2f} ({r['trials']} trials)"
+                                    for r in first) + "."]
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
     print(args.out.read_text())
