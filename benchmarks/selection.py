@@ -19,6 +19,9 @@ three protocols with ``cbdtune.pipeline``, each reading the test split once:
     models of seeds s, s + 1 and s + 2 (mod ``--seeds``, so it needs >= 3 seeds); each member
     keeps its own CV-chosen epoch count. Neighbouring ensembles share members, so their spread
     understates the spread of independent ensembles.
+(r) random encoder: (b) with ``train.pretrain_epochs=0``: the same model initialisation (same
+    seed), readout, folds and refit, the encoder never pretrained. The table adds, per dataset, the
+    gain of pretraining (b) - (r) in test points, paired by seed (mean ± sample std over seeds).
 
 Beside them MiniRocket (aeon ``MiniRocketClassifier(random_state=seed, n_jobs=threads)``, as in
 ``benchmarks/reproduce.py``, one untimed warm-up fit per dataset and process) fitted twice and
@@ -37,6 +40,7 @@ test); (c) is (b)'s plus the two extra refits; MiniRocket is fit + predict.
         --name selection_default                  # (b) and (c) only -> results/selection_default.md
     python benchmarks/selection.py --threads 1 & python benchmarks/selection.py --threads 1
                                             # two processes share the work
+    python benchmarks/selection.py --protocols br --preset default   # with the random control
 
 Each (dataset, seed) lands in results/selection_runs/<dataset>_seed<k>.json when it finishes; a
 rerun skips those, processes started side by side take different tasks (PID ``.claim`` files,
@@ -69,6 +73,7 @@ VAL_SPLIT = "(a) validation split (today)"
 CV_REFIT = "(b) CV + refit"
 ENSEMBLE_SIZE = 1 + len(ENSEMBLE_SEED_OFFSETS)
 ENSEMBLE = f"(c) refit ensemble of {ENSEMBLE_SIZE} seeds"
+RANDOM = "(r) random encoder: (b) without pretraining"
 MR_ALL = "MiniRocket, fit on all training series (matched to b, c)"
 MR_SPLIT = "MiniRocket, fit on (a)'s train split (matched to a)"
 
@@ -149,6 +154,11 @@ def cbd_seed(cfg: Any, seed: int, cv_folds: int, args: argparse.Namespace
             proba = classify.predict_proba(result.classifier, cv_data.test.x, rt, cv_cfg.train)
             if args.ensemble == "refits":
                 rows.append(_ensemble_row(cv_cfg, cv_data, rows[-1], result.classifier, rt))
+    if "r" in args.protocols:
+        random_cfg = cv_cfg.replace({"train.pretrain_epochs": 0, "train.pretrain_steps": 0})
+        t0 = time.perf_counter()
+        result = pipeline.run_trial(random_cfg, cv_data, _quiet, rt=rt)
+        rows.append(_trial_row(RANDOM, result, time.perf_counter() - t0, len(cv_data.train)))
     return rows, split_data, cv_data, proba
 
 
@@ -232,6 +242,22 @@ def gap_lines(df: Any) -> list[str]:
     return lines
 
 
+def pretraining_gain_lines(df: Any) -> list[str]:
+    """Per dataset: (b) - (r) test accuracy in points, paired by seed; none without (r)."""
+    lines = []
+    for dataset, g in df.groupby("dataset", sort=False):
+        b = g[g["protocol"] == CV_REFIT].set_index("seed")["test_accuracy"]
+        r = g[g["protocol"] == RANDOM].set_index("seed")["test_accuracy"]
+        seeds = sorted(set(b.index) & set(r.index))
+        if seeds:
+            gain, std = mean_std([b[s] - r[s] for s in seeds])  # in points
+            lines.append(f"- {dataset}: {gain:+.2f} ± {std:.2f} points over {len(seeds)} "
+                         f"seed(s) (per seed: "
+                         + ", ".join(f"{100 * (b[s] - r[s]):+.2f}" for s in seeds) + ")")
+    return ["", "Gain of pretraining, (b) − (r) test accuracy paired by seed:", "", *lines] \
+        if lines else []
+
+
 def write_table(df: Any, out_dir: Path, header: list[str], name: str) -> None:
     lines = [*header, "",
              "| dataset | protocol | test acc % | n | estimate % | test macro-F1 % | models "
@@ -241,7 +267,8 @@ def write_table(df: Any, out_dir: Path, header: list[str], name: str) -> None:
         lines.append(f"| {r['dataset']} | {r['protocol']} | {fmt_ms(r['mean'], r['std'])} "
                      f"| {r['n']} | {r['estimate']} | {r['f1']} | {r['models']} | {r['members']} "
                      f"| {r['selected']} | {r['n_train']} | {r['time_s']:.1f} |")
-    lines += ["", "How optimistic each selection estimate is:", "", *gap_lines(df)]
+    lines += ["", "How optimistic each selection estimate is:", "", *gap_lines(df),
+              *pretraining_gain_lines(df)]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     df.to_csv(out_dir / f"{name}.csv", index=False)
@@ -255,7 +282,7 @@ def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
     import ray
     import torch
 
-    from cbdtune.pipeline import native_bf16, resolve_device
+    from cbdtune.runtime import native_bf16, resolve_device
 
     tc = base.train
     offsets = " and seed + ".join(map(str, ENSEMBLE_SEED_OFFSETS))
@@ -284,6 +311,8 @@ def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
            f"average of (b)'s refit models of seeds s..s+{ENSEMBLE_SIZE - 1} mod {args.seeds} "
            "(no new training; neighbouring ensembles share members)")
         + "; members' test acc = each member alone, over members and seeds"
+        + ("; (r) = (b) with `train.pretrain_epochs=0` (same seed, initialisation, folds)"
+           if "r" in args.protocols else "")
         + (f"; protocols run: {', '.join(f'({c})' for c in args.protocols)}"
            if args.protocols != "abc" else ""),
         f"- MiniRocket: aeon `MiniRocketClassifier(random_state=seed, n_jobs={args.threads})`, "
@@ -318,7 +347,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     p.add_argument("--name", default="selection",
                    help="file names in --out-dir: NAME.md, NAME.csv, NAME_runs/")
     p.add_argument("--protocols", default="abc",
-                   help="which of (a), (b), (c) to run, e.g. 'b' or 'ab' (default abc)")
+                   help="which of (a), (b), (c), (r) (random encoder: (b) without "
+                        "pretraining) to run, e.g. 'b' or 'br' (default abc)")
     p.add_argument("--ensemble", choices=("refits", "seeds"), default="refits",
                    help="(c) from two fresh refits per seed (default) or from (b)'s refits of "
                         "neighbouring seeds (no extra training; needs --seeds >= 3)")
@@ -328,8 +358,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     args = p.parse_args(argv)
     if args.seeds < 1 or args.epochs_scale <= 0 or args.threads < 1:
         p.error("--seeds and --threads must be >= 1 and --epochs-scale > 0")
-    if not set(args.protocols) <= set("abc") or not args.protocols:
-        p.error(f"--protocols takes letters from 'abc', but got {args.protocols!r}")
+    if not set(args.protocols) <= set("abcr") or not args.protocols:
+        p.error(f"--protocols takes letters from 'abcr', but got {args.protocols!r}")
     if "c" in args.protocols and "b" not in args.protocols:
         p.error("--protocols: (c) ensembles (b)'s refits; add b")
     if "c" not in args.protocols:
@@ -437,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
              "estimate_se", "stage", "epoch", "n_models", "members"]
     df = pd.DataFrame(rows)
     df = df[first + [c for c in df.columns if c not in first]]
-    order = [VAL_SPLIT, CV_REFIT, ENSEMBLE, MR_ALL, MR_SPLIT]
+    order = [VAL_SPLIT, CV_REFIT, ENSEMBLE, RANDOM, MR_ALL, MR_SPLIT]
     df["protocol"] = pd.Categorical(df["protocol"], order, ordered=True)
     df = df.sort_values(["protocol", "seed"], kind="stable").sort_values(
         "dataset", key=lambda d: d.map(args.datasets.index), kind="stable")

@@ -80,6 +80,10 @@ class ModelConfig:
     dropout: float = 0.1  # [C] PyTorch default
     tokenizer: Literal["conv", "patch"] = "conv"  # [C] conv stack (~L/8 tokens); patch = TimeMAE
     patch_size: int = 8  # patch tokenizer window; 8 matches the conv stack's token rate
+    # [I] Token rate by rule: a series of L steps gets at least this many tokens when L allows
+    # (the conv stack pools in fewer blocks, the patch window shrinks; tokenizer.py). 1 = [C]'s
+    # fixed ~L/8 for every length; values up to 20 leave 144-step and longer series as [C].
+    min_tokens: int = 1
 
     mask_ratio: float = 0.75  # [P]
     mask_sharing: Literal["per_sample", "per_batch"] = "per_sample"  # [P]; [C] per_batch
@@ -116,7 +120,7 @@ class ModelConfig:
         _check(self.bernstein_order >= 1, "model.bernstein_order",
                f"must be >= 1, but got {self.bernstein_order}")
         for name in ("d_model", "n_heads", "encoder_layers", "ff_dim", "decoder_heads",
-                     "cbd_ff_dim", "patch_size"):
+                     "cbd_ff_dim", "patch_size", "min_tokens"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{name}", f"must be >= 1, but got {value}")
         for name in ("decoder_layers", "cbd_blocks", "in_channels", "seq_len", "num_classes",
@@ -195,6 +199,12 @@ class TrainConfig:
     # of all its trials, so it is one choice per search, whatever each trial's classifier.
     probe: Literal["linear", "ridge"] = "linear"
     probe_epochs: int = 10  # epochs of each short linear fidelity probe
+    # The probes rank encoders for ASHA; on a pool of more series than this they fit on a
+    # stratified subsample of about this many (drawn with seed; 0 = every series). A ridge probe
+    # costs O(n^3) in n: on this project's 2-core CPU its path took 2.7 s at 500 series, 64 s at
+    # 2000 and ~4.6 min (idle) at PenDigits' 7,494 (results/readout_scale.md). The classifier
+    # stages and the refits use every series.
+    probe_max_series: int = 1000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast where bf16 is native (Ampere+ GPUs, CPUs with AVX512-BF16
     #                   or AMX), fp32 elsewhere; False = fp32 everywhere (pipeline.native_bf16)
@@ -206,7 +216,8 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", f"must be >= 1, but got {value}")
         for name in ("pretrain_epochs", "pretrain_steps", "classifier_epochs", "probe_epochs",
-                     "plateau_patience", "early_stop_patience", "num_threads"):
+                     "plateau_patience", "early_stop_patience", "num_threads",
+                     "probe_max_series"):
             value = getattr(self, name)
             _check(value >= 0, f"train.{name}", f"must be >= 0, but got {value}")
         for name in ("pretrain_lr", "classifier_lr"):

@@ -50,6 +50,8 @@ def test_config_rejects_unknown_section() -> None:
     ("model.head_dropout", 1.0, "expected a float in \\[0, 1\\), but got 1.0"),
     ("model.head_dropout", -0.1, "expected a float in \\[0, 1\\)"),
     ("model.level_features", "yes", "expected true or false"),
+    ("model.min_tokens", 0, "must be >= 1, but got 0"),
+    ("model.min_tokens", 8.5, "expected an integer"),
 ])
 def test_config_rejects_bad_value_naming_the_field(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=f"{key}: {message}"):
@@ -137,3 +139,12 @@ def test_config_bad_switch_from_yaml_is_one_line(tmp_path) -> None:
         ExperimentConfig.from_yaml(path)
     assert str(info.value) == (f"{path}: model.head: expected one of ['flatten', 'mean', "
                                "'attention'], but got 'cls'")
+
+
+def test_config_min_tokens_error_is_one_line_from_code_and_from_an_override() -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(min_tokens=-3)
+    assert str(err.value) == "model.min_tokens: must be >= 1, but got -3"
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig().replace(parse_overrides(["model.min_tokens=many"]))
+    assert "model.min_tokens" in str(err.value) and "\n" not in str(err.value)

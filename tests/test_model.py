@@ -23,7 +23,15 @@ from cbdtune.model import (
 from cbdtune.model.diagnostics import diagnose
 from cbdtune.model.encoder import dropout_, dropout_keep_mask, fast_dropout_supported
 from cbdtune.model.pos_encoding import sinusoidal_encoding
-from cbdtune.model.tokenizer import MaxPool2, normalize_series
+from cbdtune.model.tokenizer import (
+    CONV_BLOCKS,
+    MaxPool2,
+    conv_detokenized_len,
+    conv_num_tokens,
+    conv_pools,
+    normalize_series,
+    patch_window,
+)
 
 TINY = dict(d_model=16, n_heads=2, decoder_heads=2, ff_dim=32, encoder_layers=2,
             decoder_layers=1, cbd_blocks=1, cbd_ff_dim=8, bernstein_order=4)
@@ -662,3 +670,115 @@ def test_series_stats_are_scale_invariant_and_a_shift_moves_only_the_means() -> 
     assert moved.min() > 0 and moved.max() < 3e-3 / scale  # 1e-3 in units of the scale
     zero = series_stats(torch.zeros(2, 3, 40))
     assert torch.equal(zero, torch.zeros(2, 6))  # finite: level 0, every std equal to S
+
+
+# ---- token rate by rule (model.min_tokens) -------------------------------------------------------
+
+LENGTHS = (1, 2, 5, 8, 9, 13, 26, 29, 50, 64, 144, 315)
+MIN_TOKENS = (1, 4, 8, 16, 32, 64)
+
+
+def _most_tokens(tokenizer: str, L: int) -> int:
+    """The most tokens a tokenizer can make from L steps: no pooling, or windows of 1."""
+    return L + CONV_BLOCKS if tokenizer == "conv" else L
+
+
+@pytest.mark.parametrize("tokenizer", ["conv", "patch"])
+@pytest.mark.parametrize("L", LENGTHS)
+def test_token_count_reaches_min_tokens_when_the_length_allows(tokenizer: str, L: int) -> None:
+    counts = [num_tokens(ModelConfig(seq_len=L, tokenizer=tokenizer, min_tokens=m))
+              for m in MIN_TOKENS]
+    assert counts == sorted(counts)  # monotone in min_tokens
+    for m, T in zip(MIN_TOKENS, counts, strict=True):
+        if m <= _most_tokens(tokenizer, L):
+            assert T >= m, (L, m, T)
+        else:  # too short: the most tokens the tokenizer can make
+            assert T == _most_tokens(tokenizer, L), (L, m, T)
+    # min_tokens = 1 is [C]'s fixed rate (conv ~L/8, patch ceil(L / 8))
+    assert counts[0] == (conv_num_tokens(L) if tokenizer == "conv" else -(-L // 8))
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_token_rule_takes_the_coarsest_rate_that_reaches_min_tokens(L: int) -> None:
+    """No more tokens than needed: one more pooling block (or a wider window) falls short."""
+    for m in MIN_TOKENS:
+        pools = conv_pools(L, m)
+        if pools < CONV_BLOCKS:
+            assert conv_num_tokens(L, pools + 1) < m
+        p = patch_window(L, 8, m)
+        if p < 8:
+            assert -(-L // (p + 1)) < m
+
+
+def test_default_min_tokens_keeps_the_long_series_token_counts() -> None:
+    """gesture (315 steps) and ArticularyWordRecognition (144) keep [C]'s 42 and 20 tokens."""
+    assert num_tokens(ModelConfig(seq_len=315)) == conv_num_tokens(315) == 42
+    assert num_tokens(ModelConfig(seq_len=144)) == conv_num_tokens(144) == 20
+
+
+@pytest.mark.parametrize("pools", range(CONV_BLOCKS + 1))
+def test_deconv_stack_covers_every_length(pools: int) -> None:
+    for L in range(1, 400):
+        assert conv_detokenized_len(conv_num_tokens(L, pools), pools) >= L
+
+
+@pytest.mark.parametrize("tokenizer", ["conv", "patch"])
+@pytest.mark.parametrize(("L", "m"), [(8, 1), (8, 16), (26, 16), (50, 16), (50, 64), (13, 32)])
+def test_model_shapes_under_the_token_rule(tokenizer: str, L: int, m: int) -> None:
+    cfg = tiny(2, L, tokenizer=tokenizer, min_tokens=m)
+    model = make(cfg)
+    x = torch.randn(3, 2, L)
+    T = num_tokens(cfg)
+    out = model(x, generator=gen())
+    assert model.num_tokens == T and out.mask.shape == (3, T)
+    assert out.recon.shape == (3, 2, L) and out.spectrum.shape == (3, 2, L // 2 + 1)
+    assert model.encode(x).shape == (3, T, 16)
+    assert model.tokenizer(x).shape == (3, T, 16)
+    assert torch.isfinite(out.recon).all()
+
+
+def test_token_rule_keeps_the_parameter_shapes_of_the_conv_stacks() -> None:
+    """Pooling and upsampling carry no parameters: the tokenizer and the temporal decoder's
+    deconv stack hold the same tensors whatever the rate (a saved encoder's weights fit)."""
+    def shapes(m: int) -> dict[str, tuple[int, ...]]:
+        model = make(tiny(2, 26, min_tokens=m))
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if k.startswith(("tokenizer.", "temporal_decoder.detokenizer."))}
+
+    assert conv_pools(26, 1) == 3 and conv_pools(26, 16) == 1
+    assert shapes(1) == shapes(16)
+
+
+@pytest.mark.parametrize("min_tokens", [1, 16])
+def test_a_length_8_series_pretrains_and_reads_out(min_tokens: int) -> None:
+    """PenDigits-short series (8 steps) run end to end: pretraining (both decoders rebuild 8
+    steps) and the ridge readout with CV + refit; two classes told apart by their slope."""
+    import numpy as np
+
+    from cbdtune import pipeline
+    from cbdtune.config import preset
+    from cbdtune.data import Dataset, Split
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        y = np.arange(n) % 2
+        ramp = np.linspace(-1.0, 1.0, 8) * (2.0 * y - 1.0)[:, None]  # up or down
+        x = np.stack([ramp, -ramp], axis=1) + 0.3 * rng.standard_normal((n, 2, 8))
+        return Split(x.astype(np.float32), y.astype(np.int64))
+
+    data = Dataset(name="Ramps", train=split(48), val=split(0), test=split(32),
+                   class_names=["down", "up"], source="synthetic", location="memory")
+    cfg = preset("default").replace({
+        **{f"model.{k}": v for k, v in TINY.items()}, "model.min_tokens": min_tokens,
+        "train.pretrain_epochs": 2, "train.batch_size": 16, "train.num_threads": 1,
+        "data.cv_folds": 3})
+    built, model = pipeline.build_for(data, cfg)
+    # [C]'s rate gives 3 tokens; asking for 16, no block pools: 8 + 3, the most there are
+    assert model.num_tokens == num_tokens(built.model) == (3 if min_tokens == 1 else 11)
+    losses: list[float] = []
+    result = pipeline.run_trial(cfg, data, lambda m, _s: losses.append(m.get("loss.total", 0.0)))
+    assert result.status == "completed"
+    assert all(math.isfinite(v) for v in losses) and any(v > 0 for v in losses)
+    assert result.metrics["selected_stage"] == "ridge"
+    assert result.metrics["test_accuracy"] >= 0.9

@@ -371,3 +371,11 @@ def test_grid_sampler_visits_every_point_once() -> None:
     study.optimize(lambda trial: space.define_by_run(trial) or 0.5, n_trials=20)
     points = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(points) == len(set(points)) == 12  # the sampler stops the study when done
+
+
+def test_default_space_searches_the_token_rate_around_the_preset() -> None:
+    """model.min_tokens is searched on every trial, and its choices hold the preset's value."""
+    space = load_space("default")
+    assert "model.min_tokens" in _sampled(space, {"model.use_cbd": False})
+    choices = next(p.choices for p in space.params if p.key == "model.min_tokens")
+    assert space.base.model.min_tokens in choices and 1 in choices and len(choices) >= 3

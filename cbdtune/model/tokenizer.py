@@ -10,6 +10,13 @@ decoders can reconstruct a series of ANY length (the authors' code crashes on od
 * ``patch`` TimeMAE-style non-overlapping windows of ``patch_size`` steps (tail padded),
   Linear(C*p -> d_model). Inverse: Linear(d_model -> C*p), unfold, crop.
 
+Token rate by rule [I] (``model.min_tokens`` = M): a short series gets at least M tokens when its
+length allows. The conv stack pools in as many of its first blocks (3, as [C], down to 0) as keep
+``conv_num_tokens(L) >= M``, and its inverse upsamples in the mirrored blocks; the patch tokenizer
+uses the largest window <= ``patch_size`` with ``ceil(L / p) >= M``. Pooling and upsampling carry
+no parameters, so the weights' shapes do not depend on the rule; M <= the [C] count changes nothing
+(gesture, 315 steps: 42 tokens; 144 steps: 20; 50 steps: 8).
+
 References:
     [P] Han et al., "Content-aware Balanced Spectrum Encoding in Masked Modeling for Time Series
         Classification", AAAI 2025, https://arxiv.org/abs/2412.13232
@@ -71,24 +78,40 @@ def normalize_series(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 _CONV_K, _CONV_PAD = 8, 4
 
 
-def conv_num_tokens(seq_len: int) -> int:
-    """Tokens the conv stack makes from ``seq_len`` steps (exact, any length)."""
+CONV_BLOCKS = 3  # [C]
+
+
+def conv_num_tokens(seq_len: int, pools: int = CONV_BLOCKS) -> int:
+    """Tokens the conv stack makes from ``seq_len`` steps when its first ``pools`` blocks pool
+    (exact, any length)."""
     n = seq_len
-    for _ in range(3):
+    for i in range(CONV_BLOCKS):
         n = n + 1  # Conv1d(k=8, pad=4): L + 2*4 - 8 + 1
-        n = n // 2 + 1  # MaxPool1d(2, 2, pad=1): floor((L + 2 - 2) / 2) + 1
+        if i < pools:
+            n = n // 2 + 1  # MaxPool1d(2, 2, pad=1): floor((L + 2 - 2) / 2) + 1
     return n
 
 
-def conv_detokenized_len(num_tokens: int) -> int:
-    """Length the deconv stack makes from ``num_tokens``: T -> 2(T-1) per block = 8T - 14.
+def conv_pools(seq_len: int, min_tokens: int) -> int:
+    """How many of the conv stack's blocks pool: the most (at most 3, [C]) that leave
+    ``seq_len`` steps at least ``min_tokens`` tokens; 0 when even no pooling falls short."""
+    return next((p for p in range(CONV_BLOCKS, 0, -1)
+                 if conv_num_tokens(seq_len, p) >= min_tokens), 0)
 
-    Since each pooling step gives n/2 + 1 or more, T >= L/8 + 1.75, so 8T - 14 >= L always and a
-    crop suffices (asserted at construction anyway).
+
+def conv_detokenized_len(num_tokens: int, pools: int = CONV_BLOCKS) -> int:
+    """Length the deconv stack makes from ``num_tokens``: T -> 2(T-1) per upsampling block
+    (8T - 14 for three), T -> T - 1 per block without.
+
+    A pooling block maps n -> (n + 1) // 2 + 1 and its mirror maps that back to
+    2 * ((n + 1) // 2) >= n; a plain block maps n -> n + 1 -> n. So the stack always makes at
+    least L steps and a crop suffices (asserted at construction anyway).
     """
     n = num_tokens
-    for _ in range(3):
-        n = 2 * (n - 1)  # ConvTranspose1d(k=8, pad=4): (L-1) - 8 + 8 = L - 1, then Upsample x2
+    for i in reversed(range(CONV_BLOCKS)):  # mirrored: the last tokenizer block first
+        n = n - 1  # ConvTranspose1d(k=8, pad=4): (L-1) - 8 + 8 = L - 1
+        if i < pools:
+            n = 2 * n  # Upsample x2
     return n
 
 
@@ -126,19 +149,22 @@ class MaxPool2(nn.Module):
 
 
 class ConvTokenizer(nn.Module):
-    """[C] conv stack: (B, C, L) -> (B, T, D), T = conv_num_tokens(L)."""
+    """[C] conv stack: (B, C, L) -> (B, T, D), T = conv_num_tokens(L, pools); the first
+    ``pools`` blocks pool (3 in [C])."""
 
-    def __init__(self, in_channels: int, d_model: int):
+    def __init__(self, in_channels: int, d_model: int, pools: int = CONV_BLOCKS):
         super().__init__()
         chans = (in_channels, 32, 64, d_model)
+        self.pools = pools
         self.blocks = nn.Sequential(*[
             nn.Sequential(
                 nn.Conv1d(c_in, c_out, _CONV_K, padding=_CONV_PAD, bias=False),  # bias: BN follows
                 nn.BatchNorm1d(c_out),
                 nn.ReLU(),
-                MaxPool2(),  # MaxPool1d(kernel_size=2, stride=2, padding=1)
+                # MaxPool1d(kernel_size=2, stride=2, padding=1); no parameters either way
+                MaxPool2() if i < pools else nn.Identity(),
             )
-            for c_in, c_out in zip(chans[:-1], chans[1:], strict=True)
+            for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True))
         ])
         self.proj = nn.Linear(d_model, d_model)  # [C] patch_to_embedding
 
@@ -156,26 +182,29 @@ class ConvDetokenizer(nn.Module):
     the normalised target as in [C].
     """
 
-    def __init__(self, d_model: int, out_channels: int, seq_len: int, num_tokens: int):
+    def __init__(self, d_model: int, out_channels: int, seq_len: int, num_tokens: int,
+                 pools: int = CONV_BLOCKS):
         super().__init__()
-        assert conv_detokenized_len(num_tokens) >= seq_len, (
-            f"deconv stack makes {conv_detokenized_len(num_tokens)} steps from {num_tokens} "
-            f"tokens, fewer than seq_len={seq_len}")
+        made = conv_detokenized_len(num_tokens, pools)
+        assert made >= seq_len, (f"deconv stack makes {made} steps from {num_tokens} tokens, "
+                                 f"fewer than seq_len={seq_len}")
         self.seq_len = seq_len
         chans = (d_model, 64, 32, out_channels)
         blocks = []
         for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
             last = i == len(chans) - 2
+            upsample = CONV_BLOCKS - 1 - i < pools  # mirrors tokenizer block 2 - i
             blocks.append(nn.Sequential(
                 nn.ConvTranspose1d(c_in, c_out, _CONV_K, padding=_CONV_PAD, bias=False),
                 nn.BatchNorm1d(c_out),
                 *([] if last else [nn.ReLU()]),
-                nn.Upsample(scale_factor=2),  # nearest; after the conv so the conv runs at T/2
+                # nearest; after the conv so the conv runs at T/2
+                *([nn.Upsample(scale_factor=2)] if upsample else []),
             ))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, h: Tensor) -> Tensor:
-        y = self.blocks(h.transpose(1, 2))  # (B, D, T) -> (B, C, 8T - 14)
+        y = self.blocks(h.transpose(1, 2))  # (B, D, T) -> (B, C, conv_detokenized_len(T))
         return y[..., : self.seq_len]  # (B, C, L)
 
 
@@ -184,6 +213,13 @@ class ConvDetokenizer(nn.Module):
 
 def patch_num_tokens(seq_len: int, patch_size: int) -> int:
     return -(-seq_len // patch_size)  # ceil: the tail window is padded
+
+
+def patch_window(seq_len: int, patch_size: int, min_tokens: int) -> int:
+    """The window the patch tokenizer uses: the largest ``p <= patch_size`` with
+    ``ceil(seq_len / p) >= min_tokens``; 1 (one token per step) when none does."""
+    return next((p for p in range(patch_size, 1, -1)
+                 if patch_num_tokens(seq_len, p) >= min_tokens), 1)
 
 
 class PatchTokenizer(nn.Module):
@@ -222,21 +258,26 @@ class PatchDetokenizer(nn.Module):
 
 
 def num_tokens(cfg: ModelConfig, seq_len: int | None = None) -> int:
-    """Token count T for ``seq_len`` (default ``cfg.seq_len``) under ``cfg.tokenizer``."""
+    """Token count T for ``seq_len`` (default ``cfg.seq_len``) under ``cfg.tokenizer`` and the
+    token-rate rule (``cfg.min_tokens``)."""
     seq_len = cfg.seq_len if seq_len is None else seq_len
     if cfg.tokenizer == "conv":
-        return conv_num_tokens(seq_len)
-    return patch_num_tokens(seq_len, cfg.patch_size)
+        return conv_num_tokens(seq_len, conv_pools(seq_len, cfg.min_tokens))
+    return patch_num_tokens(seq_len, patch_window(seq_len, cfg.patch_size, cfg.min_tokens))
 
 
 def build_tokenizer(cfg: ModelConfig) -> nn.Module:
     if cfg.tokenizer == "conv":
-        return ConvTokenizer(cfg.in_channels, cfg.d_model)
-    return PatchTokenizer(cfg.in_channels, cfg.d_model, cfg.patch_size)
+        return ConvTokenizer(cfg.in_channels, cfg.d_model,
+                             conv_pools(cfg.seq_len, cfg.min_tokens))
+    return PatchTokenizer(cfg.in_channels, cfg.d_model,
+                          patch_window(cfg.seq_len, cfg.patch_size, cfg.min_tokens))
 
 
 def build_detokenizer(cfg: ModelConfig) -> nn.Module:
     """A fresh detokenizer matching ``cfg.tokenizer``; each decoder owns its own ([C])."""
     if cfg.tokenizer == "conv":
-        return ConvDetokenizer(cfg.d_model, cfg.in_channels, cfg.seq_len, num_tokens(cfg))
-    return PatchDetokenizer(cfg.d_model, cfg.in_channels, cfg.seq_len, cfg.patch_size)
+        return ConvDetokenizer(cfg.d_model, cfg.in_channels, cfg.seq_len, num_tokens(cfg),
+                               conv_pools(cfg.seq_len, cfg.min_tokens))
+    return PatchDetokenizer(cfg.d_model, cfg.in_channels, cfg.seq_len,
+                            patch_window(cfg.seq_len, cfg.patch_size, cfg.min_tokens))
