@@ -89,7 +89,7 @@ def cbd_seed(cfg: Any, data: Any) -> list[dict[str, Any]]:
     """Pretrain once, then each classifier stage; one row per (stage, protocol)."""
     import torch
 
-    from cbdtune import classify
+    from cbdtune import classify, reports
     from cbdtune import pipeline as pl
 
     tc = cfg.train
@@ -106,7 +106,7 @@ def cbd_seed(cfg: Any, data: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {}
     stage_seconds: dict[str, float] = {}
-    for stage in classify.stages(tc):
+    for stage in reports.stages(tc):
         best, per_epoch, stage_seconds[stage] = _stage_with_test_curve(model, pool, data, cfg,
                                                                        rt, stage)
         honest = _test_selected(model, data, cfg, rt, best)
@@ -154,19 +154,19 @@ def _stage_with_test_curve(model: Any, pool: Any, data: Any, cfg: Any, rt: Any,
     ``FoldRun.score`` (the per-epoch validation score of one fold) is wrapped for the duration of
     the stage: before scoring validation it scores the same classifier on the test split, given in
     the form the classifier's forward takes (frozen-encoder features for the probe, raw series for
-    fine-tuning, as ``classify.stage_inputs`` builds them for the pool).
+    fine-tuning, as the stage's ``inputs`` builds them for the pool).
 
     Returns:
         The stage's selection, the per-epoch test scores, and the stage's seconds without the
         extra test passes.
     """
-    from cbdtune import classify, reports
+    from cbdtune import classify, reports, stages
     from cbdtune.runtime import as_tensor
 
     if len(pool.folds) != 1:
         raise RuntimeError("the authors' protocol needs one validation fold: data.cv_folds=0")
     test_inputs = tuple(t.to(rt.device) for t in
-                        classify.stage_inputs(model, data.test.x, stage, rt, cfg.train))
+                        stages.get(stage).inputs(model, data.test.x, cfg, rt))
     y_test = as_tensor(data.test.y)
     real_score = classify.FoldRun.score
     per_epoch: list[dict[str, float]] = []
@@ -204,7 +204,7 @@ def minirocket_seed(data: Any, seed: int, fit_on: str, threads: int, *,
     import numpy as np
     from aeon.classification.convolution_based import MiniRocketClassifier
 
-    from cbdtune.pipeline import macro_f1
+    from cbdtune.runtime import macro_f1
 
     x, y = data.train.x, data.train.y
     # numba refuses more threads than the CPUs this process may run on (taskset, cgroups)
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cbdtune.config import parse_overrides, preset
     from cbdtune.data import load_dataset
-    from cbdtune.pipeline import native_bf16, resolve_device
+    from cbdtune.runtime import native_bf16, resolve_device
     from cbdtune.space import load_space
 
     if args.quick:

@@ -131,7 +131,7 @@ def main() -> None:
 
     import torch
 
-    from cbdtune.pipeline import native_bf16
+    from cbdtune.runtime import native_bf16
 
     # What the pipeline runs by default (train.amp): bf16 autocast where bf16 is native.
     runs = [("cpu", "fp32")]

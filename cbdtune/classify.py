@@ -14,17 +14,19 @@ selected epoch are kept and tested: the paper's protocol with the selection made
     pool (train [+ val]) --folds--> k fold classifiers, lockstep --mean curve--> epoch e*
                          --refit--> one classifier on all of train, e* epochs -> test once
 
-The linear probe trains heads on features cached once per encoder (the encoder is frozen, so
-every fold shares one pass over the pool); fine-tuning gives each fold its own encoder copy.
+What differs between stages (what they read from the encoder, how they fit and refit, their
+head) lives in the stage objects of :mod:`cbdtune.stages`, found by name; this module holds what
+they share: the pool and its folds, the lockstep loop of the epoch stages (:func:`fit_lockstep`),
+the temperature, and the by-name entry points :func:`fit_stage`, :func:`refit` and
+:func:`new_classifier`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,16 +34,16 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 
-from cbdtune import reports, ridge
+from cbdtune import reports, stages
 from cbdtune.config import ExperimentConfig, TrainConfig
-from cbdtune.data import Dataset, stratified_folds
-from cbdtune.model import CBDClassifier, CBDModel, build_head, series_stats
+from cbdtune.data import Dataset, stratified_folds, stratified_split
+from cbdtune.model import CBDClassifier, CBDModel
 from cbdtune.runtime import (
+    Report,
     Runtime,
     as_tensor,
     autocast,
     check_finite,
-    encode_split,
     evaluate,
     for_epoch,
     fused,
@@ -50,12 +52,8 @@ from cbdtune.runtime import (
     progress_bar,
 )
 
-STAGES = reports.STAGES  # the classifier stages; the report format (cbdtune.reports) owns them
-_STAGE_SEED = {"linear_probe": 1, "fine_tune": 2, "ridge": 3}
-
-# report(metrics, payload): the pipeline's reporter; the classifier stages attach no payload.
-Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
-
+if TYPE_CHECKING:
+    from cbdtune.stages.base import EpochStage
 
 @dataclass(frozen=True)
 class Pool:
@@ -79,52 +77,75 @@ def selection_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
                 [(np.arange(n), np.arange(n, n + m))], holdout=True)
 
 
-def stages(tc: TrainConfig) -> Iterator[str]:
-    """The classifier stages ``tc.classifier`` runs, in order (:func:`cbdtune.reports.stages`)."""
-    return reports.stages(tc)
+def probe_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
+    """The pool of the pretraining probes: :func:`selection_pool`, or, when it holds more than
+    ``train.probe_max_series`` series, a stratified subsample of about that many (drawn with
+    ``train.seed``; under CV with its own folds, with one validation split from each part).
+
+    The probes only rank encoders for ASHA, and the ridge readout's eigendecomposition is
+    O(n^3) in the fold's size n (cbdtune.ridge); the classifier stages and the refit use every
+    series."""
+    pool = selection_pool(data, cfg)
+    cap, seed = cfg.train.probe_max_series, cfg.train.seed
+    if not cap or len(pool.y) <= cap:
+        return pool
+    share = cap / len(pool.y)
+    if not pool.holdout:
+        keep = stratified_split(pool.y, share, seed)[1]
+        return Pool(pool.x[keep], pool.y[keep],
+                    stratified_folds(pool.y[keep], cfg.data.cv_folds, seed, cfg.data.cv_repeats),
+                    holdout=False)
+    parts = [idx[stratified_split(pool.y[idx], share, seed)[1]] for idx in pool.folds[0]]
+    keep, n = np.concatenate(parts), len(parts[0])
+    return Pool(pool.x[keep], pool.y[keep], [(np.arange(n), np.arange(n, len(keep)))],
+                holdout=True)
+
+
+# ---- a stage by name (the registry: cbdtune.stages) ---------------------------------------------
+
+
+def new_classifier(model: CBDModel, cfg: ExperimentConfig, stage: str, rt: Runtime,
+                   salt: int = 0) -> CBDClassifier:
+    """Stage ``stage``'s classifier: its encoder and a seeded new head (fold ``salt``)."""
+    return stages.get(stage).classifier(model, cfg, rt, salt)
+
+
+def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, stage: str,
+              n_classes: int, report: Report | None = None) -> StageResult:
+    """Fit stage ``stage`` on the folds of ``pool`` and select its point
+    (:meth:`cbdtune.stages.base.Stage.fit`)."""
+    return stages.get(stage).fit(model, pool, cfg, rt, n_classes, report)
+
+
+def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, rt: Runtime,
+          stage: str, epochs: int, *, temperature: float = 1.0) -> CBDClassifier:
+    """One classifier of ``stage`` on every series given, at its selected point ``epochs`` (no
+    validation); its logits are divided by ``temperature`` (:attr:`StageResult.temperature`)."""
+    clf = stages.get(stage).refit(model, x, y, cfg, rt, epochs)
+    clf.temperature.fill_(temperature)
+    return clf.eval()
 
 
 # ---- one fold's classifier ---------------------------------------------------------------------
 
 
-def new_classifier(model: CBDModel, cfg: ExperimentConfig, stage: str, rt: Runtime,
-                   salt: int = 0) -> CBDClassifier:
-    """Encoder (a copy, for fine-tuning; shared and frozen, for the probe) + a seeded new head."""
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1009 + _STAGE_SEED[stage] + 10 * salt)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        head = build_head(cfg.model, model.num_tokens, ridge=stage == "ridge").to(rt.device)
-    if stage in ("linear_probe", "ridge"):  # the encoder stays frozen: the head alone learns
-        return CBDClassifier(model, head)
-    encoder = copy.deepcopy(model)  # the pretrained model stays intact for later stages
-    for p in encoder.parameters():  # decoders stay frozen: they are not in the classifier
-        p.requires_grad_(False)
-    for p in encoder.encoder_parameters():
-        p.requires_grad_(True)
-    return CBDClassifier(encoder, head)
-
-
 class FoldRun:
     """One classifier on one fold: its module, optimizer, LR schedule and batches.
 
-    ``inputs`` are what the trainable part reads, indexed like the pool: raw series for
-    fine-tuning, cached (tokens, stats) for the probe. ``val_idx`` None trains without scoring
-    (the refit).
+    ``inputs`` are what the stage reads (:meth:`cbdtune.stages.base.Stage.inputs`), indexed like
+    the pool. ``val_idx`` None trains without scoring (the refit).
     """
 
-    def __init__(self, clf: CBDClassifier, stage: str, inputs: tuple[Tensor, ...], y: Tensor,
-                 train_idx: np.ndarray, val_idx: np.ndarray | None, cfg: ExperimentConfig,
-                 rt: Runtime) -> None:
+    def __init__(self, clf: CBDClassifier, stage: EpochStage, inputs: tuple[Tensor, ...],
+                 y: Tensor, train_idx: np.ndarray, val_idx: np.ndarray | None,
+                 cfg: ExperimentConfig, rt: Runtime) -> None:
         tc = cfg.train
-        self.clf, self.stage, self.tc, self.rt = clf, stage, tc, rt
-        self.trainable: nn.Module = clf if stage == "fine_tune" else clf.head
-        if stage == "linear_probe" and not clf.head.n_stats:
-            inputs = inputs[:1]  # (tokens, stats) -> tokens: the head reads no statistics
+        self.clf, self.stage, self.tc, self.rt = clf, stage.name, tc, rt
+        self.trainable: nn.Module = stage.trainable(clf)
+        inputs = stage.head_inputs(inputs, clf.head)
         if clf.head.n_stats:
-            raw = inputs[0] if stage == "fine_tune" else None
-            stats = series_stats(raw[train_idx]) if raw is not None else inputs[1][train_idx]
-            clf.head.fit_stats(stats.to(rt.device))
-        self.forward = self.trainable if stage == "fine_tune" else clf.head
+            clf.head.fit_stats(stage.train_stats(inputs, train_idx).to(rt.device))
+        self.forward = self.trainable
         self.wrapped = rt.wrap_model(self.trainable)
         self.opt = torch.optim.Adam([p for p in self.trainable.parameters() if p.requires_grad],
                                     lr=tc.classifier_lr, fused=fused(rt.device))  # [C] Adam
@@ -176,7 +197,7 @@ def snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-# ---- a stage: k folds in lockstep, the mean CV curve -------------------------------------------
+# ---- an epoch stage: k folds in lockstep, the mean CV curve ------------------------------------
 
 
 @dataclass
@@ -194,116 +215,88 @@ class StageResult:
     oof_proba_raw: Tensor | None = None
     oof_proba: Tensor | None = None
     temperature: float = 1.0
+    # Each fold's accuracy, loss and f1 at ``epoch`` (fold order): what a report carries as
+    # ``val_<metric>_folds`` (cbdtune.reports.folds_of) for ASHA's paired comparison.
+    fold_scores: dict[str, list[float]] = field(default_factory=dict)
 
     def key(self) -> tuple[float, float]:
         """Ordering: the higher mean accuracy, then the lower mean loss."""
         return self.val["accuracy"], -self.val["loss"]
 
-
-def stage_inputs(model: CBDModel, x: np.ndarray, stage: str, rt: Runtime,
-                 tc: TrainConfig) -> tuple[Tensor, ...]:
-    """Raw series for fine-tuning; for the probe, frozen features encoded once (eval mode)."""
-    raw = as_tensor(x)
-    if stage == "fine_tune":
-        return (raw,)
-    return encode_split(model, raw, rt, tc), series_stats(raw).to(rt.device)
+    def metrics(self) -> dict[str, Any]:
+        """``val_accuracy``, ``val_accuracy_se``, ``val_loss``, ``val_f1`` and their
+        ``..._folds`` lists: the report keys of this estimate."""
+        return reports.val_metrics(self.val, self.fold_scores)
 
 
-def fit_stage(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, stage: str,
-              n_classes: int, report: Report | None = None) -> StageResult:
+def fit_lockstep(stage: EpochStage, model: CBDModel, pool: Pool, cfg: ExperimentConfig,
+                 rt: Runtime, n_classes: int, report: Report | None = None) -> StageResult:
     """Train one classifier per fold in lockstep; select the epoch count on the mean CV curve.
 
     Reports after every epoch: the mean training loss, the mean held-out accuracy and loss at
     this epoch (``val_accuracy_epoch``, ``val_loss``) and ``val_accuracy``, the stage's estimate
     if it stopped here (the best point of the mean curve so far): what ASHA compares at a rung.
+    Each metric's per-fold scores at its point go with it (``val_accuracy_folds``, ...).
     Stops early after ``train.early_stop_patience`` epochs without a better point.
     """
-    if stage == "ridge":
-        return _fit_ridge(model, pool, cfg, rt, n_classes, report)
     tc = cfg.train
-    inputs, y = stage_inputs(model, pool.x, stage, rt, tc), as_tensor(pool.y)
-    runs = [FoldRun(new_classifier(model, cfg, stage, rt, salt=i), stage, inputs, y, tr, va,
-                    cfg, rt) for i, (tr, va) in enumerate(pool.folds)]
-    aug = augmenter(tc) if stage == "fine_tune" else None
+    inputs, y = stage.inputs(model, pool.x, cfg, rt), as_tensor(pool.y)
+    runs = [FoldRun(stage.classifier(model, cfg, rt, salt=i), stage, inputs, y, tr, va, cfg, rt)
+            for i, (tr, va) in enumerate(pool.folds)]
+    aug = stage.augment(tc)
     best: StageResult | None = None
     best_logits: list[Tensor] = []
-    bar = progress_bar(tc.classifier_epochs, stage, rt) if report is not None else None
+    bar = progress_bar(tc.classifier_epochs, stage.name, rt) if report is not None else None
     for epoch in range(1, tc.classifier_epochs + 1):
         train_loss = float(np.mean([r.train_epoch(epoch, aug) for r in runs]))
         scores = [r.score(n_classes) for r in runs]
-        point = _mean_point(scores)
+        point = mean_point(scores)
         for r, s in zip(runs, scores, strict=True):
             # Under CV the schedule follows the training loss, which the refit has too.
             r.sched.step(s["loss"] if pool.holdout else train_loss)
         if best is None or (point["accuracy"], -point["loss"]) > best.key():
-            best = StageResult(stage, epoch, point, len(runs),
-                               runs[0].state() if pool.holdout else None)
+            best = StageResult(stage.name, epoch, point, len(runs),
+                               runs[0].state() if pool.holdout else None,
+                               fold_scores=fold_scores(scores))
             best_logits = [r.logits for r in runs]
         if bar is not None:
             bar.set_postfix(cv_acc=f"{point['accuracy']:.3f}", refresh=False)
             bar.update(1)
         if report is not None:
-            report({reports.STAGE: stage, reports.EPOCH: epoch, reports.TRAIN_LOSS: train_loss,
-                    reports.VAL_ACCURACY: best.val["accuracy"],
-                    reports.VAL_ACCURACY_SE: best.val["accuracy_se"],
-                    "val_accuracy_epoch": point["accuracy"],
-                    reports.VAL_LOSS: point["loss"], reports.VAL_F1: point["f1"],
-                    "lr": runs[0].opt.param_groups[0]["lr"]}, None)
+            report(_epoch_report(stage.name, epoch, train_loss, best, point, scores,
+                                 runs[0].opt.param_groups[0]["lr"]), None)
         if tc.early_stop_patience and epoch - best.epoch >= tc.early_stop_patience:
             break
     if bar is not None:
         bar.close()
     assert best is not None, "train.classifier_epochs must be >= 1"
-    return _calibrated(best, pool, [lg.double().numpy() for lg in best_logits])
+    return calibrated(best, pool, [lg.double().numpy() for lg in best_logits])
 
 
-def _fit_ridge(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime, n_classes: int,
-               report: Report | None) -> StageResult:
-    """The ridge readout's stage: every point of its path scored on the folds at once; the
-    point of the best mean accuracy (ties: lower mean loss) is the estimate, reported once."""
-    clf = new_classifier(model, cfg, "ridge", rt)
-    z = ridge.encode(clf, pool.x, rt, cfg.train)
-    bar = progress_bar(len(pool.folds), f"ridge readout ({len(pool.y)} series)", rt)
-    log = _progress_note(bar)
-    outputs = []  # per fold: scores (P, N_val, K) at every path point
-    for tr, va in pool.folds:
-        outputs.append(ridge.path_outputs(clf.head, z, pool.y, tr, va, n_classes, log))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    points = [_mean_point([ridge.point_scores(out[i], pool.y[va], n_classes)
-                           for out, (_, va) in zip(outputs, pool.folds, strict=True)])
-              for i in range(len(outputs[0]))]
-    best = max(range(len(points)), key=lambda i: (points[i]["accuracy"], -points[i]["loss"]))
-    weights = None
-    if pool.holdout:  # the paper's protocol tests the validation split's own classifier
-        tr, _ = pool.folds[0]
-        ridge.fit(clf.head, z[tr], pool.y[tr], best, n_classes)
-        weights = snapshot(clf)
-    (token_w, level_w), alpha = ridge.path(clf.head)[best]
-    point = points[best]
-    result = _calibrated(StageResult("ridge", best + 1, point, len(pool.folds), weights), pool,
-                         [out[best] for out in outputs])
-    if report is not None:
-        report({reports.STAGE: "ridge", reports.EPOCH: best + 1,
-                reports.VAL_ACCURACY: point["accuracy"],
-                reports.VAL_ACCURACY_SE: point["accuracy_se"],
-                "val_accuracy_epoch": point["accuracy"], reports.VAL_LOSS: point["loss"],
-                reports.VAL_F1: point["f1"], "ridge_alpha": alpha,
-                "ridge_token_weight": token_w, "ridge_level_weight": level_w,
-                "temperature": result.temperature}, None)
-    return result
+def _epoch_report(stage: str, epoch: int, train_loss: float, best: StageResult,
+                  point: dict[str, float], scores: list[dict[str, float]],
+                  lr: float) -> dict[str, Any]:
+    """One epoch's report: ``val_accuracy`` (and its se and folds) at the best point so far,
+    the loss and f1 (and their folds) at this epoch."""
+    so_far, now = best.metrics(), reports.val_metrics(point, fold_scores(scores))
+    acc = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.folds_of(reports.VAL_ACCURACY))
+    at_epoch = (reports.VAL_LOSS, reports.VAL_F1, *map(reports.folds_of, (reports.VAL_LOSS,
+                                                                           reports.VAL_F1)))
+    return {reports.STAGE: stage, reports.EPOCH: epoch, reports.TRAIN_LOSS: train_loss,
+            **{k: so_far[k] for k in acc}, reports.VAL_ACCURACY_EPOCH: point["accuracy"],
+            **{k: now[k] for k in at_epoch}, reports.LR: lr}
 
 
-def _progress_note(bar: Any) -> Callable[[str], None] | None:
-    """A ``log(message)`` for the ridge's long steps: tqdm's ``write`` under a bar, a
-    ``cbdtune.progress`` log line under a :class:`~cbdtune.runtime.ProgressLog`, else None."""
-    if bar is None:
-        return None
-    if hasattr(bar, "write"):
-        return lambda msg: bar.write(f"ridge readout: {msg}")
-    return lambda msg: bar.log.info("ridge readout: %s", msg)
+def train_for(stage: EpochStage, model: CBDModel, x: np.ndarray, y: np.ndarray,
+              cfg: ExperimentConfig, rt: Runtime, epochs: int) -> CBDClassifier:
+    """One classifier of an epoch stage on every series given, for exactly ``epochs`` epochs."""
+    inputs = stage.inputs(model, x, cfg, rt)
+    clf = stage.classifier(model, cfg, rt)
+    run = FoldRun(clf, stage, inputs, as_tensor(y), np.arange(len(y)), None, cfg, rt)
+    aug = stage.augment(cfg.train)
+    for epoch in range(1, epochs + 1):
+        run.sched.step(run.train_epoch(epoch, aug))
+    return clf
 
 
 # ---- calibration: one temperature on the out-of-fold scores ----------------------------------
@@ -323,7 +316,7 @@ def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
     return float(math.exp(found.x)) if loss(found.x) < loss(0.0) else 1.0
 
 
-def _calibrated(result: StageResult, pool: Pool, held_out: list[np.ndarray]) -> StageResult:
+def calibrated(result: StageResult, pool: Pool, held_out: list[np.ndarray]) -> StageResult:
     """``result`` with its temperature fitted on the folds' held-out scores ``held_out`` (one
     (N_val, K) array per fold, at the selected point) and the out-of-fold probabilities before
     and after it; the holdout classifier's weights carry the temperature."""
@@ -345,7 +338,7 @@ def _calibrated(result: StageResult, pool: Pool, held_out: list[np.ndarray]) -> 
                    temperature=temperature)
 
 
-def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
+def mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
     """The mean CV curve at one epoch, with the standard error of the accuracy over folds."""
     acc = np.array([s["accuracy"] for s in scores])
     se = float(acc.std(ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else math.nan
@@ -354,26 +347,9 @@ def _mean_point(scores: list[dict[str, float]]) -> dict[str, float]:
             "f1": float(np.mean([s["f1"] for s in scores]))}
 
 
-def refit(model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig, rt: Runtime,
-          stage: str, epochs: int, *, temperature: float = 1.0) -> CBDClassifier:
-    """One classifier on every series given, for exactly ``epochs`` epochs (no validation); for
-    the ridge readout, fit at point ``epochs`` of its path. Its logits are divided by
-    ``temperature`` (the stage's :attr:`StageResult.temperature`)."""
-    tc = cfg.train
-    if stage == "ridge":
-        clf = new_classifier(model, cfg, stage, rt)
-        ridge.fit(clf.head, ridge.encode(clf, x, rt, tc), y, epochs - 1, cfg.model.num_classes)
-        clf.temperature.fill_(temperature)
-        return clf.eval()
-    inputs = stage_inputs(model, x, stage, rt, tc)
-    clf = new_classifier(model, cfg, stage, rt)
-    run = FoldRun(clf, stage, inputs, as_tensor(y), np.arange(len(y)), None, cfg, rt)
-    aug = augmenter(tc) if stage == "fine_tune" else None
-    for epoch in range(1, epochs + 1):
-        train_loss = run.train_epoch(epoch, aug)
-        run.sched.step(train_loss)
-    clf.temperature.fill_(temperature)
-    return clf.eval()
+def fold_scores(scores: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Each fold's accuracy, loss and f1, in fold order (the lists under ``val_*_folds``)."""
+    return {k: [float(s[k]) for s in scores] for k in ("accuracy", "loss", "f1")}
 
 
 def predict_proba(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> np.ndarray:

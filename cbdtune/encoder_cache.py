@@ -75,6 +75,7 @@ NOT_IN_KEY: dict[str, str] = {
         "early_stop_patience", "label_smoothing", "augment_jitter", "augment_scale",
         "augment_crop")},
     "train.probe_every": "probe", "train.probe_epochs": "probe", "train.probe": "probe",
+    "train.probe_max_series": "probe",
     "train.device": "numerics", "train.compile": "numerics", "train.num_threads": "numerics",
 }
 

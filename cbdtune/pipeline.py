@@ -38,34 +38,29 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cbdtune import classify, encoder_cache, reports
-from cbdtune.classify import STAGES, Pool, StageResult, selection_pool  # noqa: F401 (STAGES re-exported)
+from cbdtune import classify, encoder_cache, reports, stages
+from cbdtune.classify import Pool, StageResult, selection_pool
 from cbdtune.config import ExperimentConfig
 from cbdtune.data import Dataset
 from cbdtune.losses import dual_constraint_loss
 from cbdtune.model import CBDClassifier, CBDModel, build_model
 from cbdtune.model.diagnostics import diagnose
-from cbdtune.runtime import (  # noqa: F401  (re-exported: the pipeline's public toolbox)
+from cbdtune.runtime import (
+    Report,
     Runtime,
     TrialDiverged,
     as_tensor,
     autocast,
     batches_per_epoch,
     check_finite,
-    evaluate,
     for_epoch,
     fused,
     macro_f1,
     make_loader,
-    native_bf16,
     progress_bar,
     resolve_device,
     seed_everything,
 )
-
-# report(metrics, state): metrics is a flat dict of numbers (plus "stage"); state is None or a
-# checkpoint payload (tensors and plain Python only, loadable with weights_only=True).
-Report = classify.Report
 
 
 @dataclass
@@ -109,7 +104,7 @@ def pretrain_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimi
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.item() * len(xb)
         n += len(xb)
-    return {f"loss.{k}": v / max(n, 1) for k, v in sums.items()}
+    return {f"{reports.LOSS_PREFIX}{k}": v / max(n, 1) for k, v in sums.items()}
 
 
 def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
@@ -144,14 +139,14 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["mask_rng"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws continue where they stopped
-        start = int(state["epoch"])
+        start = int(state[reports.EPOCH])
     if tc.pretrain_epochs == 0:
         return model
     wrapped = rt.wrap_model(model)
     per_rank = max(1, tc.batch_size // rt.world_size)  # same global batch for any worker count
     loader = make_loader((as_tensor(data.train.x),), per_rank, shuffle=True, seed=tc.seed, rt=rt,
                          drop_last=tc.drop_last)
-    bar = progress_bar(tc.pretrain_epochs, "pretrain", rt, initial=start)
+    bar = progress_bar(tc.pretrain_epochs, reports.PRETRAIN, rt, initial=start)
     for epoch in range(start + 1, tc.pretrain_epochs + 1):
         losses = pretrain_epoch(wrapped, loader, opt, cfg, rt, gen, epoch)
         if bar is not None:
@@ -159,11 +154,10 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
             bar.update(1)
         if probes and (epoch % tc.probe_every == 0 or epoch == tc.pretrain_epochs):
             probe = _fidelity_probe(model, data, cfg, rt)
-            metrics = {"stage": "pretrain", "epoch": epoch, **losses,
-                       **{f"val_{k}": v for k, v in probe.items()},
-                       **diagnose(model, _diagnostic_batch(data, rt))}
+            metrics = {reports.STAGE: reports.PRETRAIN, reports.EPOCH: epoch, **losses,
+                       **probe, **diagnose(model, _diagnostic_batch(data, rt))}
             # A snapshot: state_dict() tensors alias the live weights, which keep training.
-            payload = copy.deepcopy({"stage": "pretrain", "epoch": epoch,
+            payload = copy.deepcopy({reports.STAGE: reports.PRETRAIN, reports.EPOCH: epoch,
                                      "model": model.state_dict(), "optimizer": opt.state_dict(),
                                      "mask_rng": gen.get_state(),
                                      "torch_rng": torch.get_rng_state()})
@@ -174,10 +168,11 @@ def pretrain(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runtime,
 
 
 def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
-                    rt: Runtime) -> dict[str, float]:
+                    rt: Runtime) -> dict[str, Any]:
     """A short linear probe (``train.probe_epochs``) on the current encoder, on the same folds as
     the classifier stages (or the ridge readout: ``train.probe``); the mean CV metrics at its
-    best epoch (path point, for the ridge).
+    best epoch (path point, for the ridge) as report keys, with their per-fold scores. A pool of
+    more than ``train.probe_max_series`` series is subsampled (:func:`classify.probe_pool`).
 
     It runs on a fork of torch's RNG: the head's dropout draws would otherwise shift the
     pretraining dropout after it, making the encoder depend on how often it is probed and on the
@@ -185,10 +180,10 @@ def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
     short = replace(cfg.train, classifier_epochs=max(1, cfg.train.probe_epochs),
                     early_stop_patience=0)
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        stage = "ridge" if cfg.train.probe == "ridge" else "linear_probe"
-        result = classify.fit_stage(model, selection_pool(data, cfg), replace(cfg, train=short),
-                                    rt, stage, data.n_classes)
-    return result.val
+        result = classify.fit_stage(model, classify.probe_pool(data, cfg),
+                                    replace(cfg, train=short), rt,
+                                    stages.probe_stage(cfg.train.probe), data.n_classes)
+    return result.metrics()
 
 
 # ---- the trial ---------------------------------------------------------------------------------
@@ -284,13 +279,13 @@ def _fit_stages(model: CBDModel, pool: Pool, cfg: ExperimentConfig, rt: Runtime,
                 done: dict[str, StageResult], report: Report) -> None:
     """Fit the classifier stages not in ``done`` (one restored from a checkpoint keeps its
     selection), adding each to ``done`` and reporting its close with a checkpoint."""
-    for stage in classify.stages(cfg.train):
+    for stage in reports.stages(cfg.train):
         if stage in done:  # finished before a restart: re-use its selection
             continue
         done[stage] = classify.fit_stage(model, pool, cfg, rt, stage, n_classes, report)
         report({reports.STAGE: stage, reports.EPOCH: done[stage].epoch, reports.STAGE_DONE: 1,
-                **{f"val_{k}": v for k, v in done[stage].val.items()}},
-               {"stage": stage, "epoch": done[stage].epoch,
+                **done[stage].metrics()},
+               {reports.STAGE: stage, reports.EPOCH: done[stage].epoch,
                 "model": copy.deepcopy(model.state_dict())})
 
 
@@ -301,13 +296,13 @@ def _final_metrics(model: CBDModel, clf: CBDClassifier, data: Dataset, cfg: Expe
     val accuracy, the test metrics (the test split's only read), wall time and diagnostics."""
     final = {reports.SELECTED_STAGE: chosen.stage, reports.SELECTED_EPOCH: chosen.epoch,
              reports.CV_FOLDS: chosen.folds if not holdout else 0,
-             **{f"val_{k}": v for k, v in chosen.val.items()},
+             **chosen.metrics(),
              **{reports.stage_metric(s): r.val["accuracy"] for s, r in done.items()},
-             "temperature": chosen.temperature,
+             reports.TEMPERATURE: chosen.temperature,
              **_test_once(clf, data, cfg, rt)[0]}
     final.update({reports.STAGE: reports.FINAL_STAGE, reports.FINAL: 1, reports.DIVERGED: 0,
                   reports.WALL_S: time.perf_counter() - t0,
-                  "n_params": sum(p.numel() for p in model.parameters()), **encoder})
+                  reports.N_PARAMS: sum(p.numel() for p in model.parameters()), **encoder})
     final.update(diagnose(model, _diagnostic_batch(data, rt)))
     return final
 
@@ -326,7 +321,7 @@ def _pretrained(model: CBDModel, data: Dataset, cfg: ExperimentConfig, rt: Runti
         without a cache) and ``encoder_source_run`` (the trial that pretrained the encoder).
     """
     own = {reports.ENCODER_REUSED: 0, reports.ENCODER_KEY: "", reports.ENCODER_SOURCE: rt.trial}
-    if state is not None and state["stage"] != "pretrain":
+    if state is not None and state[reports.STAGE] != reports.PRETRAIN:
         return dict(state.get("encoder") or own)
     if not rt.encoder_cache or cfg.train.pretrain_epochs == 0:
         pretrain(model, data, cfg, rt, report, state=state)
@@ -407,8 +402,8 @@ def _test_once(clf: CBDClassifier, data: Dataset, cfg: ExperimentConfig,
         return {}, np.empty((0, data.n_classes), dtype=np.float32)
     proba = classify.predict_proba(clf, data.test.x, rt, cfg.train)
     pred = proba.argmax(1)
-    return {"test_accuracy": float(np.mean(pred == data.test.y)),
-            "test_f1": macro_f1(pred, data.test.y, data.n_classes)}, proba
+    return {reports.TEST_ACCURACY: float(np.mean(pred == data.test.y)),
+            reports.TEST_F1: macro_f1(pred, data.test.y, data.n_classes)}, proba
 
 
 def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int,
@@ -432,7 +427,8 @@ def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int
     clf = classify.refit(model, data.train.x, data.train.y, cfg, rt, stage, epochs,
                          temperature=temperature)
     test, proba = _test_once(clf, data, cfg, rt)
-    metrics: dict[str, Any] = {"stage": "refit", "seed": cfg.train.seed, "refit_stage": stage,
-                               "refit_epochs": epochs, reports.ENCODER_REUSED: int(reused), **test,
-                               "wall_s": time.perf_counter() - t0}
+    metrics: dict[str, Any] = {reports.STAGE: reports.REFIT_STAGE, reports.SEED: cfg.train.seed,
+                               reports.REFIT_STAGE_KEY: stage, reports.REFIT_EPOCHS: epochs,
+                               reports.ENCODER_REUSED: int(reused), **test,
+                               reports.WALL_S: time.perf_counter() - t0}
     return metrics, clf, proba

@@ -8,15 +8,25 @@ benchmarks. The values are also the MLflow metric names. One report is a flat di
 
 - pretraining probe (every ``train.probe_every`` epochs and after the last): ``stage`` =
   ``"pretrain"``, ``epoch``, ``loss.<term>`` (Eq. 14), the short probe's ``val_*``, ``diag.*``;
-- classifier epoch: ``stage`` = ``"linear_probe"`` or ``"fine_tune"`` (or ``"ridge"``, once, at
-  the selected point of its path: cbdtune.ridge), ``epoch``,
-  ``train_loss``, ``val_accuracy`` (the best point of the mean CV curve so far, what ASHA
-  compares), ``val_accuracy_se``, ``val_accuracy_epoch``, ``val_loss``, ``val_f1``, ``lr``;
+- classifier epoch: ``stage`` = a registered stage's name (:data:`STAGES`, cbdtune.stages; a
+  closed-form stage such as ``"ridge"`` reports once, at the selected point of its path),
+  ``epoch``, ``train_loss``, ``val_accuracy`` (the best point of the mean CV curve so far, what
+  ASHA compares), ``val_accuracy_se``, ``val_accuracy_epoch``, ``val_loss``, ``val_f1``, ``lr``
+  (the ridge: ``ridge_alpha``, ``ridge_token_weight``, ``ridge_level_weight``, ``temperature``);
 - end of a classifier stage: ``stage``, ``epoch`` (the chosen count), ``stage_done`` = 1, ``val_*``;
 - the final report, always last: ``stage`` = ``"final"``, ``final`` = 1, ``diverged`` = 0 or 1
   (``reason`` when 1), ``selected_stage``, ``selected_epoch``, ``cv_folds``, ``val_*`` at the
-  selected point, ``<stage>.val_accuracy``, ``test_accuracy``, ``test_f1``, ``wall_s``, ``diag.*``,
-  ``encoder_reused`` (0/1), ``encoder_key`` and ``encoder_source_run`` (cbdtune.encoder_cache).
+  selected point, ``<stage>.val_accuracy``, ``temperature``, ``test_accuracy``, ``test_f1``,
+  ``wall_s``, ``n_params``, ``diag.*``, ``encoder_reused`` (0/1), ``encoder_key`` and
+  ``encoder_source_run`` (cbdtune.encoder_cache);
+- a refit's only report: ``stage`` = ``"refit"``, ``seed``, ``refit_stage``, ``refit_epochs``,
+  ``encoder_reused``, ``test_*``, ``wall_s``.
+
+Every ``val_accuracy``, ``val_loss`` and ``val_f1`` of a cross-validated point (probe, classifier
+epoch, stage end, final) goes with ``<key>_folds`` (:func:`folds_of`): its per-fold scores, one
+float per fold in fold order, what ASHA compares pairwise (cbdtune.stopping). MLflow logs numbers
+only (cbdtune.tracking.numeric drops the lists) and the trials frame copies named columns only
+(cbdtune.results.RESULT_COLUMNS), so the lists reach the scheduler alone.
 
 A trial that reuses a cached encoder replays the pretraining reports of the trial that made it.
 
@@ -26,9 +36,10 @@ This module imports nothing heavy (no torch, no Ray): the search reads it before
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from cbdtune import stages as _stages
 from cbdtune.config import ExperimentConfig, TrainConfig
 
 # ---- keys ------------------------------------------------------------------------------------
@@ -44,9 +55,20 @@ SELECTED_EPOCH = "selected_epoch"
 CV_FOLDS = "cv_folds"
 WALL_S = "wall_s"
 TRAIN_LOSS = "train_loss"
+LR = "lr"  # a classifier epoch's learning rate (the first fold's)
+TEMPERATURE = "temperature"  # the selected point's fitted temperature (cbdtune.classify)
+N_PARAMS = "n_params"  # in the final report: the pretrained model's parameter count
+SEED = "seed"  # in a refit's report: the seed it pretrained and trained with
+REFIT_STAGE_KEY = "refit_stage"  # in a refit's report: the stage it refit
+REFIT_EPOCHS = "refit_epochs"  # ... at this point (epoch count, or ridge path point)
+RIDGE_ALPHA = "ridge_alpha"  # the ridge stage's selected regularisation
+RIDGE_TOKEN_WEIGHT = "ridge_token_weight"  # ... and its blend of the token and level blocks
+RIDGE_LEVEL_WEIGHT = "ridge_level_weight"
 
+VAL_PREFIX = "val_"  # a cross-validated estimate's metric: val_<accuracy|loss|f1|accuracy_se>
 VAL_ACCURACY = "val_accuracy"
 VAL_ACCURACY_SE = "val_accuracy_se"
+VAL_ACCURACY_EPOCH = "val_accuracy_epoch"  # the mean curve at this epoch (not the best so far)
 VAL_LOSS = "val_loss"
 VAL_F1 = "val_f1"
 TEST_ACCURACY = "test_accuracy"
@@ -55,16 +77,20 @@ LOSS_PREFIX = "loss."  # pretraining loss terms: loss.total, loss.time_rec, ...
 ENCODER_REUSED = "encoder_reused"  # 1 when the pretrained encoder came from the cache
 ENCODER_KEY = "encoder_key"  # its pretraining key ("" without a cache)
 ENCODER_SOURCE = "encoder_source_run"  # "<search>/<trial id>" of the trial that pretrained it
+# ``val_accuracy_folds``: a metric's per-fold scores (cbdtune.stopping reads them; same name there)
+FOLDS_SUFFIX = "_folds"
 
 # Tune's time attribute: the worker sets it to the trial's report count, so a trial resumed from
 # a checkpoint continues its own count (ray.tune.result.TRAINING_ITERATION; Tune only fills it in
 # when a result has none, ray/tune/trainable/trainable.py).
 ITERATION = "training_iteration"
+TIME_TOTAL_S = "time_total_s"  # Tune's: a trial's seconds so far, in every result
+RUNG_PREFIX = "rung_"  # the trials frame's value of a metric at ASHA's first rung: rung_<metric>
 
 # ---- stages ----------------------------------------------------------------------------------
 
 PRETRAIN = "pretrain"
-STAGES = ("ridge", "linear_probe", "fine_tune")  # the classifier stages, in the order they run
+STAGES = _stages.names()  # the classifier stages, in the order they run (cbdtune.stages owns them)
 FINAL_STAGE = "final"  # ``stage`` of the final report
 REFIT_STAGE = "refit"  # ``stage`` of a refit's only report
 
@@ -74,18 +100,33 @@ SELECTION_METRICS = (VAL_ACCURACY, VAL_LOSS, VAL_F1)
 
 
 def stages(tc: TrainConfig) -> Iterator[str]:
-    """The classifier stages ``tc.classifier`` runs, in order."""
-    if tc.classifier == "ridge":
-        yield "ridge"
-    if tc.classifier in ("linear_probe", "both"):
-        yield "linear_probe"
-    if tc.classifier in ("fine_tune", "both"):
-        yield "fine_tune"
+    """The classifier stages ``tc.classifier`` runs, in order (:func:`cbdtune.stages.selected`)."""
+    return _stages.selected(tc)
 
 
 def stage_metric(stage: str, metric: str = VAL_ACCURACY) -> str:
     """``"fine_tune.val_accuracy"``: a stage's metric in the final report."""
     return f"{stage}.{metric}"
+
+
+def folds_of(metric: str) -> str:
+    """``"val_accuracy_folds"``: the report key of ``metric``'s per-fold scores."""
+    return f"{metric}{FOLDS_SUFFIX}"
+
+
+def val_metrics(val: Mapping[str, float],
+                fold_scores: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
+    """A cross-validated point as report keys: ``{"accuracy": a, ...}`` -> ``{"val_accuracy":
+    a, ...}``, and each fold list ``{"accuracy": [...]}`` -> ``{"val_accuracy_folds": [...]}``."""
+    out: dict[str, Any] = {f"{VAL_PREFIX}{k}": v for k, v in val.items()}
+    out.update({folds_of(f"{VAL_PREFIX}{k}"): [float(s) for s in v]
+                for k, v in (fold_scores or {}).items()})
+    return out
+
+
+def rung_of(metric: str) -> str:
+    """``"rung_val_accuracy"``: ``metric`` at ASHA's first rung, a trials-frame column."""
+    return f"{RUNG_PREFIX}{metric}"
 
 
 def se_of(metric: str) -> str:
@@ -126,8 +167,8 @@ def report_budget(cfg: ExperimentConfig) -> int:
 
 
 def stage_epochs(tc: TrainConfig, stage: str) -> int:
-    """Epoch reports a stage makes at most: the ridge readout reports its selected point once."""
-    return 1 if stage == "ridge" else tc.classifier_epochs
+    """Epoch reports a stage makes at most (:func:`cbdtune.stages.epoch_reports`)."""
+    return _stages.epoch_reports(tc, stage)
 
 
 # ---- several datasets: one configuration, one report per trial ---------------------------------

@@ -13,7 +13,7 @@ Its selection "curve" is the regularisation path instead of epochs. A point of t
 (blend, alpha) pair. Without level features the blend is the pooled tokens alone. With
 ``model.level_features`` it also weighs the two blocks against each other: tokens alone; tokens
 and levels, every column alike; tokens and levels, each block with the same total variance;
-levels alone. :func:`cbdtune.classify.fit_stage` scores every point on the folds and keeps the
+levels alone. The ridge stage (cbdtune.stages.ridge) scores every point on the folds and keeps the
 one with the best mean accuracy; its 1-based index is the stage's ``epoch``, so a refit (and
 :mod:`cbdtune.refit`'s seeds) fits the same point on every training series.
 """

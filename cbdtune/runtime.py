@@ -26,6 +26,7 @@ from cbdtune.model import CBDModel
 # checkpoint payload (tensors and plain Python only, loadable with weights_only=True).
 Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 
+
 class TrialDiverged(CbdtuneError):
     """The loss became NaN or infinite; the trial stops with this reason."""
 
@@ -49,13 +50,6 @@ class Runtime:
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
-
-
-@dataclass
-class TrialResult:
-    status: str  # "completed" | "diverged"
-    metrics: dict[str, Any]  # the final report
-    reason: str = ""
 
 
 def resolve_device(train: TrainConfig) -> torch.device:

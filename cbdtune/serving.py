@@ -409,11 +409,14 @@ OPTIONAL_STATE = ("temperature",)
 
 
 def _new_classifier(cfg: ExperimentConfig) -> Any:
-    from cbdtune.model import CBDClassifier, build_head, build_model
+    """The classifier ``cfg`` trains, untrained: its model and the head of the stage it selected
+    (``train.classifier``: one stage of cbdtune.stages, or "both", whose stages build one head)."""
+    from cbdtune import stages
+    from cbdtune.model import CBDClassifier, build_model
 
     model = build_model(cfg.model)
-    return CBDClassifier(model, build_head(cfg.model, model.num_tokens,
-                                           ridge=cfg.train.classifier == "ridge"))
+    stage = stages.get(next(stages.selected(cfg.train)))
+    return CBDClassifier(model, stage.build_head(cfg.model, model.num_tokens))
 
 
 def _build_classifier(cfg: ExperimentConfig, state: dict[str, Any], *, where: str) -> Any:

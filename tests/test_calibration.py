@@ -14,6 +14,7 @@ from cbdtune import classify, pipeline
 from cbdtune.config import ModelConfig, preset
 from cbdtune.data import Dataset, Split
 from cbdtune.model import CBDClassifier, build_head, build_model
+from cbdtune.runtime import Runtime
 
 TINY = {"model.d_model": 16, "model.n_heads": 2, "model.encoder_layers": 2, "model.ff_dim": 32,
         "model.decoder_layers": 1, "model.cbd_blocks": 1, "model.cbd_ff_dim": 16,
@@ -81,7 +82,7 @@ def test_a_state_dict_without_a_temperature_loads_as_one() -> None:
 def test_predict_proba_is_the_softmax_of_the_logits_over_the_temperature() -> None:
     clf = _classifier(0.5)
     x = np.random.default_rng(0).standard_normal((7, 2, 16)).astype(np.float32)
-    proba = classify.predict_proba(clf, x, pipeline.Runtime(), preset("default").train)
+    proba = classify.predict_proba(clf, x, Runtime(), preset("default").train)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
     with torch.no_grad():
         logits = clf.head(*clf.features(torch.as_tensor(x)))
@@ -110,7 +111,7 @@ def test_the_stage_returns_oof_probabilities_and_a_temperature_that_fits_them(st
                                      "data.cv_folds": 3})
     cfg, model = pipeline.build_for(data, cfg)
     result = classify.fit_stage(model, classify.selection_pool(data, cfg), cfg,
-                                pipeline.Runtime(), stage, 2)
+                                Runtime(), stage, 2)
     assert result.oof_proba is not None and result.oof_proba_raw is not None
     assert result.oof_proba.shape == (90, 2)  # every training series is held out once
     torch.testing.assert_close(result.oof_proba.sum(1), torch.ones(90))

@@ -23,6 +23,7 @@ from cbdtune import pipeline
 from cbdtune.config import ConfigError, ExperimentConfig, field_type, preset, valid_keys
 from cbdtune.data import Dataset
 from cbdtune.data._dataset import Split
+from cbdtune.runtime import Runtime
 from cbdtune.searcher import REUSE_ATTR, FullFidelityOptunaSearch, split_params
 from cbdtune.space import OPTUNA_PREFIX
 
@@ -50,7 +51,7 @@ def _cfg(**overrides: Any) -> ExperimentConfig:
 def _trial(cfg: ExperimentConfig, data: Dataset, root: Path | None, name: str = "s/t0"
            ) -> tuple[pipeline.TrialResult, list[dict[str, Any]]]:
     reports: list[dict[str, Any]] = []
-    rt = pipeline.Runtime(encoder_cache=str(root) if root else None, trial=name)
+    rt = Runtime(encoder_cache=str(root) if root else None, trial=name)
     result = pipeline.run_trial(cfg, data, lambda m, _s: reports.append(m), rt=rt)
     return result, reports
 
@@ -163,7 +164,7 @@ def test_pretraining_does_not_depend_on_the_probes_or_the_head(data: Dataset) ->
     """Why train.probe_* and the head are out of the key: the probes run on a fork of the RNG."""
     def weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
         cfg, model = pipeline.build_for(data, cfg)
-        pipeline.pretrain(model, data, cfg, pipeline.Runtime(), lambda _m, _s: None)
+        pipeline.pretrain(model, data, cfg, Runtime(), lambda _m, _s: None)
         return model.state_dict()
 
     a = weights(_cfg(**{"train.probe_every": 1, "model.head": "flatten"}))

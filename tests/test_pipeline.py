@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from cbdtune import classify, pipeline, runtime
+from cbdtune import reports as rp
 from cbdtune.config import DataConfig, preset
 from cbdtune.data import Dataset, load_dataset
+from cbdtune.tracking import numeric
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_macro_f1_matches_definition() -> None:
     true = np.array([0, 0, 1, 1, 2, 2])
     pred = np.array([0, 1, 1, 1, 2, 0])
     # per class F1: c0 tp1 fp1 fn1 -> 0.5; c1 tp2 fp1 fn0 -> 0.8; c2 tp1 fp0 fn1 -> 2/3
-    assert math.isclose(pipeline.macro_f1(pred, true, 3), (0.5 + 0.8 + 2 / 3) / 3)
+    assert math.isclose(runtime.macro_f1(pred, true, 3), (0.5 + 0.8 + 2 / 3) / 3)
 
 
 @pytest.mark.parametrize("amp,native", [(True, True), (True, False), (False, True)])
@@ -134,7 +136,7 @@ def test_amp_runs_matmuls_in_bf16_only_where_native(monkeypatch, amp: bool, nati
     monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
     train = preset("smoke").train
     train = dataclasses.replace(train, amp=amp)
-    rt = pipeline.Runtime(device=torch.device("cpu"))
+    rt = runtime.Runtime(device=torch.device("cpu"))
     layer = torch.nn.Linear(4, 4)
     with runtime.autocast(rt, train):
         out = layer(torch.randn(2, 4))
@@ -142,7 +144,7 @@ def test_amp_runs_matmuls_in_bf16_only_where_native(monkeypatch, amp: bool, nati
 
 
 def test_native_bf16_is_false_for_meta_devices() -> None:
-    assert pipeline.native_bf16(torch.device("meta")) is False
+    assert runtime.native_bf16(torch.device("meta")) is False
 
 
 def test_cross_validated_trial_refits_on_every_training_series(gesture: Dataset,
@@ -226,3 +228,46 @@ def test_run_trial_pretrains_for_the_steps_budget(gesture: Dataset, monkeypatch)
     assert [m["epoch"] for m in probes][-1] == 4
     assert len(probes) <= math.ceil(cfg.train.pretrain_epochs / cfg.train.probe_every)
     assert steps == 12
+
+
+def _folds_agree(m: dict[str, Any], n_folds: int) -> list[str]:
+    """The ``val_*`` keys of report ``m`` whose ``_folds`` list is there, one score per fold,
+    and averages to the reported value; fails on one that is missing or disagrees."""
+    checked = []
+    for key in (rp.VAL_ACCURACY, rp.VAL_LOSS, rp.VAL_F1):
+        if key in m:
+            folds = m[rp.folds_of(key)]
+            assert isinstance(folds, list) and len(folds) == n_folds, (m[rp.STAGE], key, folds)
+            assert math.isclose(sum(folds) / n_folds, m[key], rel_tol=1e-9, abs_tol=1e-12), (
+                m[rp.STAGE], m[rp.EPOCH], key)
+            checked.append(key)
+    return checked
+
+
+@pytest.mark.parametrize("classifier,probe", [("linear_probe", "linear"), ("ridge", "ridge")])
+def test_run_trial_reports_per_fold_scores_and_caps_only_the_probes(
+        gesture: Dataset, monkeypatch, classifier: str, probe: str) -> None:
+    """Every cross-validated point a trial reports carries ``val_*_folds`` (what ASHA pairs,
+    cbdtune.stopping), whose mean is the reported value; MLflow gets the numbers alone. With
+    ``train.probe_max_series`` 60 of gesture's 120 series, the probes fit on 60, the stage and
+    the refit on all."""
+    sizes: list[int] = []
+    real_fit = classify.fit_stage
+
+    def spy(model, pool, cfg, rt, stage, n_classes, report=None):
+        sizes.append(len(pool.y))
+        return real_fit(model, pool, cfg, rt, stage, n_classes, report)
+
+    monkeypatch.setattr(classify, "fit_stage", spy)
+    cfg = preset("smoke").replace({
+        "train.num_threads": 2, "train.pretrain_epochs": 2, "train.probe_every": 1,
+        "train.classifier": classifier, "train.probe": probe, "train.classifier_epochs": 3,
+        "data.cv_folds": 4, "train.probe_max_series": 60})
+    result, reported = _run(cfg, gesture)
+    assert result.status == "completed"
+    assert sizes == [60, 60, 120]  # two probes on the subsample, the stage on every series
+    with_val = [m for m, _ in reported if rp.VAL_ACCURACY in m]
+    assert [m[rp.STAGE] for m in with_val][:2] == [rp.PRETRAIN] * 2 and with_val[-1] is result.metrics
+    for m in with_val:
+        assert _folds_agree(m, 4) == [rp.VAL_ACCURACY, rp.VAL_LOSS, rp.VAL_F1]
+    assert not any(k.endswith(rp.FOLDS_SUFFIX) for k in numeric(result.metrics))

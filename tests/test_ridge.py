@@ -10,7 +10,8 @@ from sklearn.linear_model import Ridge
 from cbdtune import classify, pipeline, reports, ridge
 from cbdtune.config import ModelConfig, preset
 from cbdtune.data import Dataset, Split
-from cbdtune.model import CBDClassifier, RidgeHead, build_head, build_model
+from cbdtune.model import CBDClassifier, RidgeHead, build_model, build_ridge_head
+from cbdtune.runtime import Runtime
 
 TINY = {"model.d_model": 16, "model.n_heads": 2, "model.encoder_layers": 2, "model.ff_dim": 32,
         "model.decoder_layers": 1, "model.cbd_blocks": 1, "model.cbd_ff_dim": 16,
@@ -40,7 +41,7 @@ def test_encode_layers_ends_with_encode_and_the_head_pools_every_depth() -> None
     layers = model.encode_layers(x)
     assert layers.shape == (5, 3, model.num_tokens, 16)  # tokens + 2 layers
     torch.testing.assert_close(layers[:, -1], model.encode(x))
-    head = build_head(cfg, model.num_tokens, ridge=True)
+    head = build_ridge_head(cfg, model.num_tokens)
     assert isinstance(head, RidgeHead) and head.n_stats == 6
     clf = CBDClassifier(model, head)
     # 3 depths x 16 channels x (mean, max, std + mean, max of 3 segments) + 2 x 3 levels
@@ -91,11 +92,11 @@ def test_a_saved_ridge_classifier_predicts_the_same_after_a_strict_load() -> Non
     cfg = preset("default").replace({**TINY, "model.level_features": True})
     cfg, model = pipeline.build_for(data, cfg)
     pool = classify.selection_pool(data, cfg)
-    chosen = classify.fit_stage(model, pool, cfg, pipeline.Runtime(), "ridge", 2)
-    clf = classify.refit(model, data.train.x, data.train.y, cfg, pipeline.Runtime(), "ridge",
+    chosen = classify.fit_stage(model, pool, cfg, Runtime(), "ridge", 2)
+    clf = classify.refit(model, data.train.x, data.train.y, cfg, Runtime(), "ridge",
                          chosen.epoch)
     rebuilt = build_model(cfg.model)
-    again = CBDClassifier(rebuilt, build_head(cfg.model, rebuilt.num_tokens, ridge=True))
+    again = CBDClassifier(rebuilt, build_ridge_head(cfg.model, rebuilt.num_tokens))
     again.load_state_dict(clf.state_dict(), strict=True)
     x = torch.as_tensor(data.test.x)
     with torch.no_grad():
@@ -175,14 +176,14 @@ def test_saved_model_labels_ignore_the_inputs_units(shared_data_dir, tmp_path, s
                                    "train.num_threads": 1, "train.pretrain_epochs": 0})
     cfg, model = pipeline.build_for(data, cfg)
     if stage == "ridge":
-        head = build_head(cfg.model, model.num_tokens, ridge=True)
+        head = build_ridge_head(cfg.model, model.num_tokens)
         points = ridge.path(head)
         both = [i for i, (blend, _) in enumerate(points) if min(blend) > 0] or range(len(points))
         epochs = list(both)[len(both) // 2] + 1
     else:
         epochs = 20  # the smoke preset's head, on an untrained encoder: ~0.7 on these 40
     torch.manual_seed(0)
-    clf = classify.refit(model, data.train.x, data.train.y, cfg, pipeline.Runtime(), stage,
+    clf = classify.refit(model, data.train.x, data.train.y, cfg, Runtime(), stage,
                          epochs)
     path = save_model(tmp_path / "model", [(cfg, clf.state_dict(), {"source": "test"})],
                       class_names=data.class_names, dataset=data.name)

@@ -12,6 +12,7 @@ from cbdtune import classify, pipeline, ridge
 from cbdtune.config import DataConfig, preset
 from cbdtune.data import Dataset, Split, load_dataset
 from cbdtune.model import RidgeHead
+from cbdtune.runtime import Runtime
 from tests.conftest import shared_data_dir
 
 TINY = {"model.d_model": 16, "model.n_heads": 2, "model.encoder_layers": 2, "model.ff_dim": 32,
@@ -44,7 +45,7 @@ def test_pendigits_trains_with_the_default_preset_at_a_tiny_budget(
     reported: list[dict] = []
     with caplog.at_level(logging.INFO, logger="cbdtune.progress"):
         result = pipeline.run_trial(cfg, data, lambda m, _s: reported.append(m),
-                                    rt=pipeline.Runtime(progress_log=True))
+                                    rt=Runtime(progress_log=True))
     assert result.status == "completed", result.reason
     assert any(m["stage"] == "pretrain" and "val_accuracy" in m for m in reported)  # the probe
     assert result.metrics["selected_stage"] == "ridge"
@@ -92,6 +93,6 @@ def test_a_long_readout_logs_each_fold(caplog: pytest.LogCaptureFixture) -> None
     cfg, model = pipeline.build_for(data, cfg)
     with caplog.at_level(logging.INFO, logger="cbdtune.progress"):
         classify.fit_stage(model, classify.selection_pool(data, cfg), cfg,
-                           pipeline.Runtime(progress_log=True), "ridge", 2)
+                           Runtime(progress_log=True), "ridge", 2)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "3/3" in text and text.count("eigenbasis") == 3, text

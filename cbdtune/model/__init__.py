@@ -16,7 +16,13 @@ from cbdtune.model.cbd import (
 from cbdtune.model.cbd_model import CBDModel, ModelOutput, build_model
 from cbdtune.model.classifier import CBDClassifier
 from cbdtune.model.encoder import Encoder, TransformerLayer, random_masking
-from cbdtune.model.heads import ClassifierHead, RidgeHead, build_head, series_stats
+from cbdtune.model.heads import (
+    ClassifierHead,
+    RidgeHead,
+    build_head,
+    build_ridge_head,
+    series_stats,
+)
 from cbdtune.model.pos_encoding import PositionalEncoding, build_pos_encoding, sinusoidal_encoding
 from cbdtune.model.temporal_decoder import TemporalDecoder
 from cbdtune.model.tokenizer import (
@@ -50,6 +56,7 @@ __all__ = [
     "bernstein_basis",
     "binomial_coefficients",
     "build_head",
+    "build_ridge_head",
     "build_model",
     "build_pos_encoding",
     "cim",

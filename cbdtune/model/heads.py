@@ -200,23 +200,33 @@ class RidgeHead(nn.Module):
         return z @ self.weight.T + self.bias  # (B, num_classes)
 
 
-def build_head(cfg: ModelConfig, num_tokens: int, *,
-               ridge: bool = False) -> ClassifierHead | RidgeHead:
-    """The head ``cfg`` asks for (``model.head``, ``head_dropout``, ``level_features``), or with
-    ``ridge`` (``train.classifier = "ridge"``) the closed-form readout, which reads
-    ``level_features`` alone of them.
+def build_head(cfg: ModelConfig, num_tokens: int) -> ClassifierHead:
+    """The head of the trained stages ``cfg`` asks for (``model.head``, ``head_dropout``,
+    ``level_features``).
 
     Raises:
         ConfigError: ``cfg.num_classes`` not set, or ``cfg.in_channels`` not set while
             ``cfg.level_features`` is on (the pipeline sets both from the dataset).
     """
+    return ClassifierHead(num_tokens, cfg.d_model, cfg.num_classes, n_stats=_n_stats(cfg),
+                          kind=cfg.head, dropout=cfg.head_dropout)
+
+
+def build_ridge_head(cfg: ModelConfig, num_tokens: int) -> RidgeHead:
+    """The ridge readout's head (cbdtune.stages.ridge), which reads ``level_features`` and
+    ``readout_segments`` alone of the head options.
+
+    Raises:
+        ConfigError: as :func:`build_head`.
+    """
+    return RidgeHead(cfg.encoder_layers + 1, cfg.d_model, cfg.num_classes,
+                     num_tokens=num_tokens, segments=cfg.readout_segments, n_stats=_n_stats(cfg))
+
+
+def _n_stats(cfg: ModelConfig) -> int:
+    """The level statistics a head reads (2 per channel, or none); checks the dataset's shape."""
     if cfg.num_classes <= 0 or (cfg.level_features and cfg.in_channels <= 0):
         name = "num_classes" if cfg.num_classes <= 0 else "in_channels"
         raise ConfigError(f"model.{name}: must be set from the dataset (> 0) before building "
                           f"the head, but got {getattr(cfg, name)}")
-    n_stats = 2 * cfg.in_channels if cfg.level_features else 0
-    if ridge:
-        return RidgeHead(cfg.encoder_layers + 1, cfg.d_model, cfg.num_classes,
-                         num_tokens=num_tokens, segments=cfg.readout_segments, n_stats=n_stats)
-    return ClassifierHead(num_tokens, cfg.d_model, cfg.num_classes, n_stats=n_stats,
-                          kind=cfg.head, dropout=cfg.head_dropout)
+    return 2 * cfg.in_channels if cfg.level_features else 0
