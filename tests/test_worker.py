@@ -262,7 +262,8 @@ def test_search_starts_one_process_per_trial_and_no_pool_warning(tmp_path: Path)
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "cbdtune.search", "--dataset", "gesture", "--space", "smoke",
-           "--num-samples", "2", "--refit-top", "1", "--refit-seeds", "2", "--storage", str(tmp_path / "ray"),
+           "--num-samples", "2", "--refit-top", "1", "--refit-seeds", "2", "--ensemble", "top",
+           "--storage", str(tmp_path / "ray"),
            "--results-dir", str(tmp_path / "results"),
            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     log = tmp_path / "search.log"
