@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from cbdtune import reports, stages
 from cbdtune.config import ExperimentConfig, TrainConfig
-from cbdtune.data import Dataset, stratified_folds, stratified_split
+from cbdtune.data import Dataset, stratified_folds
 from cbdtune.model import CBDClassifier, CBDModel
 from cbdtune.runtime import (
     Report,
@@ -79,7 +79,7 @@ def selection_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
 
 def probe_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
     """The pool of the pretraining probes: :func:`selection_pool`, or, when it holds more than
-    ``train.probe_max_series`` series, a stratified subsample of about that many (drawn with
+    ``train.probe_max_series`` series, a stratified subsample of that many (drawn with
     ``train.seed``; under CV with its own folds, with one validation split from each part).
 
     The probes only rank encoders for ASHA, and the ridge readout's eigendecomposition is
@@ -89,16 +89,31 @@ def probe_pool(data: Dataset, cfg: ExperimentConfig) -> Pool:
     cap, seed = cfg.train.probe_max_series, cfg.train.seed
     if not cap or len(pool.y) <= cap:
         return pool
-    share = cap / len(pool.y)
     if not pool.holdout:
-        keep = stratified_split(pool.y, share, seed)[1]
+        keep = stratified_subsample(pool.y, cap, seed)
         return Pool(pool.x[keep], pool.y[keep],
                     stratified_folds(pool.y[keep], cfg.data.cv_folds, seed, cfg.data.cv_repeats),
                     holdout=False)
-    parts = [idx[stratified_split(pool.y[idx], share, seed)[1]] for idx in pool.folds[0]]
-    keep, n = np.concatenate(parts), len(parts[0])
-    return Pool(pool.x[keep], pool.y[keep], [(np.arange(n), np.arange(n, len(keep)))],
-                holdout=True)
+    tr, va = pool.folds[0]
+    n = round(cap * len(tr) / len(pool.y))
+    parts = [idx[stratified_subsample(pool.y[idx], size, seed)]
+             for idx, size in ((tr, n), (va, cap - n))]
+    keep = np.concatenate(parts)
+    return Pool(pool.x[keep], pool.y[keep], [(np.arange(n), np.arange(n, cap))], holdout=True)
+
+
+def stratified_subsample(y: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` indices of ``y`` (sorted), each class's share kept: ``size`` times it, rounded
+    down, plus one for the classes of the largest remainders (Hamilton's apportionment); the
+    members drawn with ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    labels, counts = np.unique(y, return_counts=True)  # sorted: the rng is used in a fixed order
+    quota = counts * size / len(y)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:size - take.sum()]] += 1
+    parts = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(labels, take,
+                                                                          strict=True)]
+    return np.sort(np.concatenate(parts))
 
 
 # ---- a stage by name (the registry: cbdtune.stages) ---------------------------------------------

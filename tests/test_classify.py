@@ -83,13 +83,13 @@ def _dataset(n_train: int, n_val: int = 0) -> Dataset:
 
 @pytest.mark.parametrize("cv_folds,n_val", [(5, 0), (0, 300)])
 def test_probe_pool_subsamples_a_large_pool_stratified(cv_folds: int, n_val: int) -> None:
-    """Over train.probe_max_series: about that many series, each class's share kept, a draw
-    fixed by the seed; the stages' pool (selection_pool) keeps every series."""
+    """Over train.probe_max_series: that many series, each class's share kept, a draw fixed by
+    the seed; the stages' pool (selection_pool) keeps every series."""
     data = _dataset(1200, n_val)
     cfg = preset("smoke").replace({"data.cv_folds": cv_folds, "train.probe_max_series": 300})
     full, probe = classify.selection_pool(data, cfg), classify.probe_pool(data, cfg)
     assert len(full.y) == 1200 + n_val
-    assert abs(len(probe.y) - 300) <= 3  # rounded class by class
+    assert len(probe.y) == 300
     assert np.allclose(np.bincount(probe.y) / len(probe.y), [1 / 6, 1 / 3, 1 / 2], atol=0.01)
     series = probe.x[:, 0, 0].astype(int)  # each series is one of the pool's, once
     assert len(set(series)) == len(series) and np.array_equal(probe.y, full.y[series])
@@ -100,7 +100,7 @@ def test_probe_pool_subsamples_a_large_pool_stratified(cv_folds: int, n_val: int
     else:  # the validation fold draws from the validation split alone
         tr, va = probe.folds[0]
         assert (series[tr] < 1200).all() and (series[va] >= 1200).all()
-        assert abs(len(va) - 300 * n_val / (1200 + n_val)) <= 3
+        assert len(va) == 300 * n_val // (1200 + n_val)
     again = classify.probe_pool(data, cfg)
     other = classify.probe_pool(data, cfg.replace({"train.seed": 1}))
     assert np.array_equal(again.x, probe.x)
@@ -117,3 +117,10 @@ def test_probe_pool_is_the_selection_pool_under_the_cap() -> None:
             for a, b in zip(f, g, strict=True))
     with pytest.raises(ConfigError, match="probe_max_series"):
         TrainConfig(probe_max_series=-1)
+
+
+def test_stratified_subsample_takes_exactly_size_in_class_proportion() -> None:
+    y = np.array([0] * 7 + [1] * 13 + [2] * 80)
+    idx = classify.stratified_subsample(y, 10, seed=0)
+    assert len(idx) == 10 and list(np.bincount(y[idx])) == [1, 1, 8]  # 0.7, 1.3, 8.0
+    assert np.all(np.diff(idx) > 0)
