@@ -225,3 +225,46 @@ def test_search_select_registers_the_ensemble_summary_md_reports(tmp_path: Path)
     assert pred.returncode == 0, pred.stderr[-2000:]
     right, total = re.search(r"accuracy: [\d.]+ \((\d+)/(\d+)\)", pred.stderr).groups()  # type: ignore[union-attr]
     assert f"{100 * int(right) / int(total):.2f}" == shown.group(1)
+
+
+def _toy_plan(tmp_path: Path, *, ensemble: str = "select") -> SimpleNamespace:
+    """A plan of a 3-class toy dataset (30 series) whose trials stored under ``tmp_path``."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    split = SimpleNamespace(x=rng.normal(size=(30, 2, 16)).astype(np.float32), y=y)
+    data = SimpleNamespace(train=split, val=SimpleNamespace(x=split.x[:0], y=y[:0]),
+                           n_channels=2, seq_len=16, n_classes=3, name="toy")
+    base = preset("smoke").replace({"data.cv_folds": 3, "train.seed": 5})
+    return SimpleNamespace(settings=SimpleNamespace(ensemble=ensemble, refit_top=1),
+                           experiment_path=str(tmp_path), data=data, base=base)
+
+
+def test_select_picks_the_better_trial_on_the_searchs_folds_only(tmp_path: Path) -> None:
+    """Three stored trials: a confident right one, a uniform one, and one on other folds (not
+    a candidate). The selection (with the MiniRocket baseline among the candidates, here on
+    noise) keeps the right one alone; the CBD-only selection too; only it is refit."""
+    plan = _toy_plan(tmp_path)
+    y = plan.data.train.y
+    right = np.full((30, 3), 0.05)
+    right[np.arange(30), y] = 0.9
+    fold = oof.fold_assignment(stratified_folds(y, 3, seed=5), 30)
+    other = oof.fold_assignment(stratified_folds(y, 3, seed=6), 30)
+    for name, proba, f in (("good", right, fold), ("flat", np.full((30, 3), 1 / 3), fold),
+                           ("other", right, other)):
+        oof.write(oof.folder(str(tmp_path)), name, proba=proba, y=y, index=np.arange(30),
+                  fold=f, meta={})
+    rows = _rows({"model.mask_ratio": 0.3}, {"model.mask_ratio": 0.5},
+                 {"model.mask_ratio": 0.7})
+    rows["trial_id"] = ["flat", "good", "other"]
+    choice = handover.choose(plan, rows)  # type: ignore[arg-type]
+    assert choice.report is not None and choice.report["candidates"] == 3  # good, flat, baseline
+    assert choice.weights == {"good": 1.0} and choice.cbd_weights == {"good": 1.0}
+    assert list(choice.rows["trial_id"]) == ["good"] and choice.baseline is None
+    assert sum(choice.report["full"]["weights"].values()) == pytest.approx(1.0)
+
+
+def test_select_without_stored_trials_hands_over_the_top(tmp_path: Path) -> None:
+    plan = _toy_plan(tmp_path)
+    rows = _rows({"model.mask_ratio": 0.3}, {"model.mask_ratio": 0.5})
+    choice = handover.choose(plan, rows)  # type: ignore[arg-type]
+    assert choice.report is None and choice.weights == {"t0": 1.0}
