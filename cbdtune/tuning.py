@@ -215,14 +215,24 @@ def baseline_point(space: SearchSpace) -> dict[str, Any]:
 
 
 def asha_rungs(base: ExperimentConfig, space: SearchSpace | None = None) -> tuple[int, int]:
-    """``(grace_period, max_t)`` of the search's early stopping, in reports.
+    """``(grace_period, max_t)`` of the search's early stopping, in reports: rungs sit at
+    ``grace_period * 3**k <= max_t``.
 
     The first rung after a third of the pretraining probes (cross-validated probes of the frozen
-    encoder), then x3 per rung; rungs in the classifier stage compare the mean CV curve's best
-    point. ``max_t`` is one past the trial's last report, so that no trial is stopped at it.
+    encoder), then x3 per rung. Under the ridge readout (the only classifier, not searched) a
+    trial costs seconds once its pretraining is done, so the last rung is the report before the
+    last probe: a later one would only turn a finished CV value into a stopped trial (seen on
+    gesture: a trial stopped at report 12 of 13, its CV value final). Otherwise rungs continue
+    into the classifier stages, up to the trial's last report.
     """
     max_t = max_reports(base, space) + 1
-    grace = max(1, math.ceil(reports.probe_count(base.train) / 3))
+    probes = reports.probe_count(base.train)
+    grace = max(1, math.ceil(probes / 3))
+    searched = {p.key for p in space.params} if space else set()
+    ridge_only = (all(s == "ridge" for s in reports.stages(base.train))
+                  and "train.classifier" not in searched)
+    if ridge_only and probes - 1 >= grace:
+        max_t = probes - 1
     return max(1, min(grace, max_t)), max_t
 
 
@@ -232,7 +242,7 @@ def scheduler(settings: SearchSettings, base: ExperimentConfig, space: SearchSpa
     :class:`cbdtune.stopping.NoiseAwareASHA`: no trial is stopped before
     ``max(4, num_samples // 4)`` trials have completed, and a trial below a rung's cut is stopped
     only when it is below it by more than one standard error (paired fold scores when the
-    reports carry them). The time attribute is the trial's own report count: a resumed trial
+    reports carry them); rungs from :func:`asha_rungs`. The time attribute is the trial's own report count: a resumed trial
     continues it (worker.py).
     """
     from ray.tune.schedulers import FIFOScheduler
