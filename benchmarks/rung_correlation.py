@@ -157,8 +157,11 @@ def replay(trials: dict[str, list[dict[str, Any]]], grace: int, max_t: int, *,
 
 
 # Stopping rules replayed on the measured reports: the search's default and ASHA's plain one.
+# "max_t": 14 puts a second rung at report 12 (after the last probe), as the search did before.
 RULES = {"noise-aware (min_completed 4, k = 1)": {"min_completed": 4, "se_margin": 1.0},
-         "plain ASHA cut (min_completed 0, k = 0)": {"min_completed": 0, "se_margin": 0.0}}
+         "plain ASHA cut (min_completed 0, k = 0)": {"min_completed": 0, "se_margin": 0.0},
+         "plain ASHA cut, rungs 4 and 12 (the search before)": {"min_completed": 0,
+                                                               "se_margin": 0.0, "max_t": 14}}
 
 
 def _grace_max_t(space: Path) -> tuple[int, int]:
@@ -235,8 +238,8 @@ def main() -> None:
         trials = trial_reports(work / "storage" / f"rc-{dataset}")
         rows += [{"dataset": dataset, **r} for r in correlations(trials, rungs)]
         for rule, kw in RULES.items():
-            replays.append({"dataset": dataset, "rule": rule,
-                            **replay(trials, grace, max_t, **kw)})
+            kw = {"max_t": max_t, **kw}
+            replays.append({"dataset": dataset, "rule": rule, **replay(trials, grace, **kw)})
     cmd = (f"python benchmarks/rung_correlation.py --datasets {args.datasets} --num-samples "
            f"{args.num_samples} --pretrain-epochs {args.pretrain_epochs} --probe-every "
            f"{args.probe_every} --seed {args.seed} --max-concurrent {args.max_concurrent}")
