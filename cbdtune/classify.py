@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from cbdtune import reports, stages
 from cbdtune.config import ExperimentConfig, TrainConfig
 from cbdtune.data import Dataset, stratified_folds
-from cbdtune.model import CBDClassifier, CBDModel
+from cbdtune.model import CBDClassifier, CBDModel, ClassifierHead
 from cbdtune.runtime import (
     Report,
     Runtime,
@@ -157,9 +157,11 @@ class FoldRun:
         tc = cfg.train
         self.clf, self.stage, self.tc, self.rt = clf, stage.name, tc, rt
         self.trainable: nn.Module = stage.trainable(clf)
-        inputs = stage.head_inputs(inputs, clf.head)
-        if clf.head.n_stats:
-            clf.head.fit_stats(stage.train_stats(inputs, train_idx).to(rt.device))
+        head = clf.head
+        assert isinstance(head, ClassifierHead), f"{stage.name}: an epoch stage trains a ClassifierHead"
+        inputs = stage.head_inputs(inputs, head)
+        if head.n_stats:
+            head.fit_stats(stage.train_stats(inputs, train_idx).to(rt.device))
         self.forward = self.trainable
         self.wrapped = rt.wrap_model(self.trainable)
         self.opt = torch.optim.Adam([p for p in self.trainable.parameters() if p.requires_grad],

@@ -419,8 +419,9 @@ def refit_trial(cfg: ExperimentConfig, data: Dataset, *, stage: str, epochs: int
     rt = rt or Runtime(device=resolve_device(cfg.train))
     t0 = time.perf_counter()
     cfg, model = _prepare(cfg, data, rt, None)
-    reused = bool(rt.encoder_cache and cfg.train.pretrain_epochs) and _cached(
-        encoder_cache.EncoderCache(rt.encoder_cache), encoder_cache.pretrain_key(cfg, data),
+    root = rt.encoder_cache
+    reused = bool(root and cfg.train.pretrain_epochs) and _cached(
+        encoder_cache.EncoderCache(str(root)), encoder_cache.pretrain_key(cfg, data),
         model, rt) is not None
     if not reused:  # a refit reads the cache (the trial's seed is often a refit seed), never stores
         pretrain(model, data, cfg, rt, lambda _m, _s: None, probes=False)

@@ -51,7 +51,9 @@ def path(head: RidgeHead) -> list[tuple[tuple[float, float], float]]:
 def encode(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfig) -> np.ndarray:
     """The head's columns for raw series (N, C, L): (N, n_pooled [+ n_stats]), float64."""
     clf.eval()
-    columns = in_batches(lambda b: clf.head.features(*clf.features(b)), as_tensor(x), rt, tc)
+    head = clf.head
+    assert isinstance(head, RidgeHead), "the ridge readout encodes through a RidgeHead"
+    columns = in_batches(lambda b: head.features(*clf.features(b)), as_tensor(x), rt, tc)
     return columns.double().cpu().numpy()
 
 

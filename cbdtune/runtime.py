@@ -85,8 +85,9 @@ def make_loader(tensors: tuple[torch.Tensor, ...], batch_size: int, *, shuffle: 
     # drop_last only when it leaves at least one batch (gesture's 96 training series < 128).
     drop_last = drop_last and len(ds) // max(rt.world_size, 1) >= batch_size
     if rt.world_size > 1:
-        sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=shuffle, seed=seed,
+            drop_last=drop_last)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
                       generator=torch.Generator().manual_seed(seed), drop_last=drop_last)

@@ -76,6 +76,9 @@ class ClassifierHead(nn.Module):
         dropout: on the token features, in [0, 1).
     """
 
+    stats_mean: Tensor  # buffers, when n_stats > 0
+    stats_std: Tensor
+
     def __init__(self, num_tokens: int, d_model: int, num_classes: int, *, n_stats: int = 0,
                  kind: Literal["flatten", "mean", "attention"] = "flatten",
                  dropout: float = 0.0):
@@ -163,6 +166,11 @@ class RidgeHead(nn.Module):
     ``n_stats`` > 0. Logits = ((features - center) * column_weight) @ weight.T + bias:
     ``column_weight`` is 1/std of the training features times its block's weight.
     """
+
+    center: Tensor  # buffers
+    column_weight: Tensor
+    weight: Tensor
+    bias: Tensor
 
     def __init__(self, depths: int, d_model: int, num_classes: int, *, num_tokens: int,
                  segments: int = 0, n_stats: int = 0):

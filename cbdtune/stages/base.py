@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cbdtune import classify, stages
 from cbdtune.config import ExperimentConfig, ModelConfig, TrainConfig
-from cbdtune.model import CBDClassifier, CBDModel
+from cbdtune.model import CBDClassifier, CBDModel, ClassifierHead, RidgeHead
 from cbdtune.runtime import Report, Runtime
 
 
@@ -37,7 +37,7 @@ class Stage(ABC):
         return stages.spec(self.name)
 
     @abstractmethod
-    def build_head(self, cfg: ModelConfig, num_tokens: int) -> nn.Module:
+    def build_head(self, cfg: ModelConfig, num_tokens: int) -> ClassifierHead | RidgeHead:
         """A new head: what a saved classifier of this stage holds next to the encoder."""
 
     def encoder(self, model: CBDModel) -> CBDModel:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from cbdtune import classify, stages
 from cbdtune.config import ExperimentConfig, ModelConfig, TrainConfig
-from cbdtune.model import CBDClassifier, CBDModel, build_head, series_stats
+from cbdtune.model import CBDClassifier, CBDModel, ClassifierHead, build_head, series_stats
 from cbdtune.runtime import Runtime, as_tensor
 from cbdtune.stages.base import EpochStage
 
@@ -22,7 +22,7 @@ class FineTune(EpochStage):
     name = stages.FINE_TUNE
     seed_salt = 2
 
-    def build_head(self, cfg: ModelConfig, num_tokens: int) -> nn.Module:
+    def build_head(self, cfg: ModelConfig, num_tokens: int) -> ClassifierHead:
         return build_head(cfg, num_tokens)
 
     def encoder(self, model: CBDModel) -> CBDModel:

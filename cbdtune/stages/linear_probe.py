@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from cbdtune import stages
 from cbdtune.config import ExperimentConfig, ModelConfig
-from cbdtune.model import CBDModel, build_head, series_stats
+from cbdtune.model import CBDModel, ClassifierHead, build_head, series_stats
 from cbdtune.runtime import Runtime, as_tensor, encode_split
 from cbdtune.stages.base import EpochStage
 
@@ -20,7 +20,7 @@ class LinearProbe(EpochStage):
     name = stages.LINEAR_PROBE
     seed_salt = 1
 
-    def build_head(self, cfg: ModelConfig, num_tokens: int) -> nn.Module:
+    def build_head(self, cfg: ModelConfig, num_tokens: int) -> ClassifierHead:
         return build_head(cfg, num_tokens)
 
     def inputs(self, model: CBDModel, x: np.ndarray, cfg: ExperimentConfig,

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from cbdtune import classify, reports, ridge, stages
 from cbdtune.config import ExperimentConfig, ModelConfig
@@ -28,7 +27,7 @@ class Ridge(Stage):
     name = stages.RIDGE
     seed_salt = 3
 
-    def build_head(self, cfg: ModelConfig, num_tokens: int) -> nn.Module:
+    def build_head(self, cfg: ModelConfig, num_tokens: int) -> RidgeHead:
         return build_ridge_head(cfg, num_tokens)
 
     def inputs(self, model: CBDModel, x: np.ndarray, cfg: ExperimentConfig,
@@ -39,8 +38,9 @@ class Ridge(Stage):
     def fit(self, model: CBDModel, pool: classify.Pool, cfg: ExperimentConfig, rt: Runtime,
             n_classes: int, report: Report | None = None) -> classify.StageResult:
         clf = self.classifier(model, cfg, rt)
+        head = _ridge_head(clf)
         (z,) = self.inputs(model, pool.x, cfg, rt)
-        outputs = _path_outputs(clf.head, z, pool, n_classes, rt)  # per fold: (P, N_val, K)
+        outputs = _path_outputs(head, z, pool, n_classes, rt)  # per fold: (P, N_val, K)
         per_fold = [[ridge.point_scores(out[i], pool.y[va], n_classes)
                      for out, (_, va) in zip(outputs, pool.folds, strict=True)]
                     for i in range(len(outputs[0]))]
@@ -49,21 +49,26 @@ class Ridge(Stage):
         weights = None
         if pool.holdout:  # the paper's protocol tests the validation split's own classifier
             tr, _ = pool.folds[0]
-            ridge.fit(clf.head, z[tr], pool.y[tr], best, n_classes)
+            ridge.fit(head, z[tr], pool.y[tr], best, n_classes)
             weights = classify.snapshot(clf)
         found = classify.StageResult(self.name, best + 1, points[best], len(pool.folds), weights,
                                      fold_scores=classify.fold_scores(per_fold[best]))
         result = classify.calibrated(found, pool, [out[best] for out in outputs])
         if report is not None:
-            report(_report(result, clf.head, best), None)
+            report(_report(result, head, best), None)
         return result
 
     def refit(self, model: CBDModel, x: np.ndarray, y: np.ndarray, cfg: ExperimentConfig,
               rt: Runtime, epochs: int) -> CBDClassifier:
         clf = self.classifier(model, cfg, rt)
         (z,) = self.inputs(model, x, cfg, rt)
-        ridge.fit(clf.head, z, y, epochs - 1, cfg.model.num_classes)
+        ridge.fit(_ridge_head(clf), z, y, epochs - 1, cfg.model.num_classes)
         return clf
+
+
+def _ridge_head(clf: CBDClassifier) -> RidgeHead:
+    assert isinstance(clf.head, RidgeHead), "the ridge stage builds a RidgeHead"
+    return clf.head
 
 
 def _path_outputs(head: RidgeHead, z: np.ndarray, pool: classify.Pool, n_classes: int,
