@@ -122,10 +122,12 @@ def refit_and_register(plan: SearchPlan, parent: ParentRun, ranked: Any,
     members, weights = _members(choice, refits)
     # A model folder already there is this search's own, from a run that was interrupted
     # before it finished (--resume) or from the search --overwrite replaces.
+    only_baseline = all(isinstance(m, serving.BaselineMember) for m in members)
     model_dir = serving.save_model(
         plan.out_dir / "model", members, class_names=data.class_names, dataset=data.name,
-        overwrite=st.resume or st.overwrite, weights=weights,
-        layout=(data.n_channels, data.seq_len, plan.base.data.length_policy))
+        overwrite=st.resume or st.overwrite, weights=weights,  # CBD members' configs say it:
+        layout=(data.n_channels, data.seq_len, plan.base.data.length_policy)
+        if only_baseline else None)
     accuracy = None
     if data.test is not None:  # test is read once, through the code users load
         accuracy = refit.score_saved_model(model_dir, data.test.x, data.test.y)
