@@ -70,6 +70,13 @@ def test_install_wheel_ships_the_search_spaces(installed: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
+def test_install_wheel_ships_py_typed(installed: Path) -> None:
+    # PEP 561: without the marker, a type checker in a user's project ignores cbdtune's hints.
+    [site_packages] = (installed.parent / "lib").glob("python3*/site-packages")
+    assert (site_packages / "cbdtune" / "py.typed").is_file(), "py.typed is not in the wheel"
+
+
+@pytest.mark.slow
 def test_install_console_scripts_have_usage_and_version(installed: Path, tmp_path: Path) -> None:
     for script in ("cbdtune-search", "cbdtune-train", "cbdtune-data", "cbdtune-predict"):
         assert (installed / script).is_file(), f"{script} was not installed"
