@@ -34,7 +34,8 @@ def _layout_block(text: str) -> list[str]:
 
 def _listed_modules(text: str) -> set[str]:
     """Repo-relative paths the Layout names: ``cbdtune/x/`` opens a package, ``  name.py`` is
-    a module of the package opened last."""
+    a module of the package opened last, and so is each of ``  a.py, b.py`` (small modules of
+    one package may share a line)."""
     listed: set[str] = set()
     package = None
     for line in _layout_block(text):
@@ -43,9 +44,20 @@ def _listed_modules(text: str) -> set[str]:
             package = head.rstrip("/")
         elif not line.startswith(" "):
             package = None  # cluster/, benchmarks/...: not the package
-        elif package and head.endswith(".py") and line.startswith("  ") and line[2] != " ":
-            listed.add(f"{package}/{head}")
+        elif package and head.endswith((".py", ".py,")) and line.startswith("  ") \
+                and line[2] != " ":
+            listed.update(f"{package}/{name}" for name in _leading_modules(line))
     return listed
+
+
+def _leading_modules(line: str) -> list[str]:
+    """The module names a Layout line starts with: ``x.py`` or ``a.py, b.py, c.py``."""
+    names = []
+    for word in line.split():
+        names.append(word.rstrip(","))
+        if not (word.endswith(".py,") and len(word) > 4):
+            break
+    return [name for name in names if name.endswith(".py")]
 
 
 def _package_modules() -> set[str]:
@@ -71,6 +83,15 @@ def test_readme_layout_parser_sees_a_missing_module() -> None:
     text = README.read_text()
     without = text.replace("\n  ridge.py ", "\n  (removed) ", 1)
     assert without != text and "cbdtune/ridge.py" not in _listed_modules(without)
+
+
+def test_readme_layout_parser_reads_modules_sharing_a_line() -> None:
+    layout = ("## Layout\n```\ncbdtune/pkg/   a package\n  a.py, b.py   the first two; c.py\n"
+              "  d.py         one, naming e.py\ncluster/\n  f.py, g.py\n```\n")
+    assert _listed_modules("\n" + layout) == {"cbdtune/pkg/a.py", "cbdtune/pkg/b.py",
+                                                "cbdtune/pkg/d.py"}
+    without = README.read_text().replace(" save.py ", " (removed) ", 1)
+    assert "cbdtune/serving/save.py" not in _listed_modules(without)
 
 
 @pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: p.relative_to(REPO).as_posix())
