@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import load_average, machine  # noqa: E402
 
-from cbdtune import classify, pipeline  # noqa: E402
+from cbdtune import classify, pipeline, runtime  # noqa: E402
 from cbdtune.config import DataConfig, preset  # noqa: E402
 from cbdtune.data import load_dataset  # noqa: E402
 
@@ -73,7 +73,7 @@ def one_run(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     assert result.classifier is not None and data.test is not None
     sel, clf = result.selected, result.classifier
     assert sel.oof_proba is not None and sel.oof_proba_raw is not None
-    rt, tc = pipeline.Runtime(), cfg.train
+    rt, tc = runtime.Runtime(), cfg.train
     after = classify.predict_proba(clf, data.test.x, rt, tc)
     clf.temperature.fill_(1.0)
     before = classify.predict_proba(clf, data.test.x, rt, tc)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import load_average, machine  # noqa: E402
 
-from cbdtune import classify, pipeline, ridge  # noqa: E402
+from cbdtune import classify, pipeline, ridge, runtime  # noqa: E402
 from cbdtune.config import DataConfig, preset  # noqa: E402
 from cbdtune.data import load_dataset, stratified_folds  # noqa: E402
 from cbdtune.runtime import macro_f1  # noqa: E402
@@ -106,7 +106,7 @@ def one_size(n: int, x: np.ndarray, y: np.ndarray, model: Any, cfg: Any, impls: 
              n_classes: int, twice_max: int) -> list[dict[str, Any]]:
     idx = subsample(y, n)
     xs, ys = x[idx], y[idx]
-    rt = pipeline.Runtime()
+    rt = runtime.Runtime()
     clf = classify.new_classifier(model, cfg, "ridge", rt)
     z, enc_s, _ = measured(lambda: ridge.encode(clf, xs, rt, cfg.train), trace=False)
     twice = n <= twice_max

@@ -68,7 +68,7 @@ def preset_ensemble(dataset: str, seed: int, args: argparse.Namespace) -> dict[s
     """(a): the space's base config (the preset), CV + refit at ``seed``, two more refits."""
     import numpy as np
 
-    from cbdtune import classify, pipeline
+    from cbdtune import classify, pipeline, runtime
     from cbdtune.data import load_dataset
     from cbdtune.space import load_space
 
@@ -76,7 +76,7 @@ def preset_ensemble(dataset: str, seed: int, args: argparse.Namespace) -> dict[s
         {"data.dataset": dataset, "data.data_dir": args.data_dir or "", "train.seed": seed,
          "train.num_threads": args.threads}, where="benchmark")
     data = load_dataset(cfg.data, seed=seed)
-    rt = pipeline.Runtime(device=pipeline.resolve_device(cfg.train))
+    rt = runtime.Runtime(device=runtime.resolve_device(cfg.train))
     t0 = time.perf_counter()
     result = pipeline.run_trial(cfg, data, _quiet, rt=rt)
     if result.classifier is None or result.selected is None:

@@ -132,9 +132,9 @@ def cbd_seed(cfg: Any, seed: int, cv_folds: int, args: argparse.Namespace
     (b)'s refit test probabilities (for ``--ensemble seeds``; None if (b) did not run)."""
     from cbdtune import classify, pipeline
     from cbdtune.data import load_dataset
+    from cbdtune.runtime import Runtime, resolve_device
 
-    rt = pipeline.Runtime(device=pipeline.resolve_device(cfg.train),
-                          encoder_cache=args.encoder_cache)
+    rt = Runtime(device=resolve_device(cfg.train), encoder_cache=args.encoder_cache)
     rows, proba = [], None
     split_cfg = cfg.replace({"data.cv_folds": 0})
     split_data = load_dataset(split_cfg.data, seed=seed)

@@ -195,7 +195,7 @@ class EncoderCache:
         blob = buf.getvalue()
         meta = {**meta, "format": FORMAT_VERSION, "key": key, "bytes": len(blob),
                 "sha256": hashlib.sha256(blob).hexdigest(),
-                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         self.fs.create_dir(self._path(key), recursive=True)
         self._write(self._path(key, ENCODER_FILE), blob)
         self._write(self._path(key, META_FILE), json.dumps(meta, indent=1).encode())

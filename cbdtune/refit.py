@@ -107,7 +107,7 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
     """Run every refit of :func:`plan` as a Ray task; one progress line as each one ends."""
     import ray
 
-    from cbdtune.worker import TrialSettings, make_trainer, refit_here
+    from cbdtune.worker import TrialSettings, fit_trainer, make_trainer, refit_here
 
     run_settings = TrialSettings(**trainer_args)
 
@@ -118,7 +118,7 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
             return refit_here(cfg, refs[0], **job, encoder_cache=run_settings.encoder_cache,
                               cpus=run_settings.cpus_per_worker)
         trainer = make_trainer(cfg, data_ref=refs[0], name=name, refit=job, **trainer_args)
-        return trainer.fit().return_value
+        return fit_trainer(trainer)
 
     remote = ray.remote(num_cpus=run_settings.trial_resources()["cpu"])(one)
     jobs = plan(top, base, seeds)

@@ -37,9 +37,14 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 from cbdtune.config import ConfigError, ExperimentConfig, field_type, load_yaml, preset
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+    import sys
 
     import optuna
+
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:  # Python 3.10 has it here only
+        from importlib.abc import Traversable
 
 _KINDS = ("float", "int", "categorical")
 # The shipped spaces are package data (cbdtune/search_spaces/*.yaml), so an installed cbdtune
@@ -64,6 +69,13 @@ class Param:
     choices: tuple[Any, ...] = ()
     when: tuple[Condition, ...] = ()  # all must hold for the parameter to be sampled
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of a float or int parameter."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a {self.kind} parameter has no range")
+        return self.low, self.high
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -83,7 +95,8 @@ class SearchSpace:
 
         What :meth:`define_by_run` would sample if Optuna proposed ``values``.
         """
-        fixed, out = self.base.to_dict(), {}
+        fixed = self.base.to_dict()
+        out: dict[str, Any] = {}
         for p in self.params:
             if _holds(p.when, out, fixed, self.keys):
                 out[p.key] = values[p.key]
@@ -107,7 +120,7 @@ class SearchSpace:
                 raise ConfigError(f"{self.path}: {p.key}: --sampler grid needs categorical or int "
                                   "parameters without 'when'; use tpe or random for this space")
             out[OPTUNA_PREFIX + p.key] = (list(p.choices) if p.kind == "categorical"
-                                          else list(range(int(p.low), int(p.high) + 1)))  # type: ignore[arg-type]
+                                          else list(range(int(p.bounds[0]), int(p.bounds[1]) + 1)))
         return out
 
     def define_by_run(self, trial: optuna.Trial) -> dict[str, Any] | None:
@@ -138,9 +151,10 @@ class SearchSpace:
             if p.kind == "categorical":
                 out[p.key] = od.CategoricalDistribution(list(p.choices))
             elif p.kind == "float":
-                out[p.key] = od.FloatDistribution(p.low, p.high, log=p.log)  # type: ignore[arg-type]
+                out[p.key] = od.FloatDistribution(*p.bounds, log=p.log)
             else:
-                out[p.key] = od.IntDistribution(int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
+                low, high = p.bounds
+                out[p.key] = od.IntDistribution(int(low), int(high), log=p.log)
         return out
 
 
@@ -149,8 +163,9 @@ def _suggest(trial: optuna.Trial, p: Param) -> Any:
     if p.kind == "categorical":
         return trial.suggest_categorical(name, list(p.choices))
     if p.kind == "float":
-        return trial.suggest_float(name, p.low, p.high, log=p.log)  # type: ignore[arg-type]
-    return trial.suggest_int(name, int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
+        return trial.suggest_float(name, *p.bounds, log=p.log)
+    low, high = p.bounds
+    return trial.suggest_int(name, int(low), int(high), log=p.log)
 
 
 def _holds(when: tuple[Condition, ...], sampled: Mapping[str, Any], fixed: Mapping[str, Any],
@@ -269,25 +284,30 @@ def _param(key: str, spec: dict[str, Any], where: str) -> Param:
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{at}: categorical needs a non-empty list 'choices'")
         return Param(key, "categorical", choices=tuple(choices), when=when)
-    low, high, log = spec.get("low"), spec.get("high"), spec.get("log", False)
-    for name, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{at}: {name} must be a number, but got {value!r}")
-        if kind == "int" and not float(value).is_integer():
-            raise ConfigError(f"{at}: {name} must be an integer for type int, but got {value!r}")
+    low, high = (_bound(spec.get(name), name, kind, at) for name in ("low", "high"))
+    log = spec.get("log", False)
     if not isinstance(log, bool):
         raise ConfigError(f"{at}: log must be true or false, but got {log!r}")
     if low > high:
-        raise ConfigError(f"{at}: low ({low}) must not exceed high ({high})")
+        raise ConfigError(f"{at}: low ({low:g}) must not exceed high ({high:g})")
     if log and low <= 0:
-        raise ConfigError(f"{at}: log scale needs low > 0, but got {low}")
+        raise ConfigError(f"{at}: log scale needs low > 0, but got {low:g}")
     tp = field_type(key)
     numeric = {int, float} | {a for a in get_args(tp) if a in (int, float)}
     if get_origin(tp) is Literal or tp is bool or tp is str or not numeric & {int, float}:
         raise ConfigError(f"{at}: a {kind} range on a non-numeric field; use categorical")
     if kind == "float" and tp is int:  # a float would reach the config as 3.7 and be refused
         raise ConfigError(f"{at}: an integer key needs type: int")
-    return Param(key, kind, low=float(low), high=float(high), log=log, when=when)
+    return Param(key, kind, low=low, high=high, log=log, when=when)
+
+
+def _bound(value: Any, name: str, kind: str, at: str) -> float:
+    """A range's ``low`` or ``high`` as read from the file, checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{at}: {name} must be a number, but got {value!r}")
+    if kind == "int" and not float(value).is_integer():
+        raise ConfigError(f"{at}: {name} must be an integer for type int, but got {value!r}")
+    return float(value)
 
 
 def _parse_when(raw: Any, at: str) -> tuple[Condition, ...]:
@@ -345,16 +365,16 @@ def _check_reachable(q: Param, value: Any, at: str) -> None:
         raise ConfigError(f"{at}: {q.key}: {value!r} is never sampled; it takes "
                           f"{'integers' if q.kind == 'int' else 'numbers'} in "
                           f"[{q.low:g}, {q.high:g}]")
-    if not q.low <= value <= q.high:  # type: ignore[operator]
+    if not q.bounds[0] <= value <= q.bounds[1]:
         raise ConfigError(f"{at}: {q.key}: {value!r} is never sampled; it is outside its range "
                           f"[{q.low:g}, {q.high:g}]")
 
 
 def _check_against_config(base: ExperimentConfig, p: Param, where: str) -> None:
-    values = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+    values = list(p.choices) if p.kind == "categorical" else list(p.bounds)
     for value in values:
         if p.kind == "int":
-            value = int(value)  # type: ignore[arg-type]
+            value = int(value)
         try:
             base.replace({p.key: value}, where=where)
         except ConfigError as exc:

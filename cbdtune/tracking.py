@@ -374,16 +374,16 @@ def log_dataset(mlflow_client: Any, run_id: str, data: Any, *, context: str = "t
     folder it was read from. MLflow stores at most 36 characters of digest, so the input carries
     the first 32 hex digits of :func:`dataset_digest`.
     """
-    import mlflow.data
     from mlflow.data.http_dataset_source import HTTPDatasetSource
+    # The defining module: mlflow.data re-exports it by setattr, which a type checker cannot see.
+    from mlflow.data.numpy_dataset import from_numpy
     from mlflow.entities import DatasetInput, InputTag
 
     text = data.source or data.location
     url = next((w for w in text.split() if w.startswith(("http://", "https://"))), None)
     digest = dataset_digest(data)
-    dataset = mlflow.data.from_numpy(data.train.x, targets=data.train.y, name=data.name,
-                                     digest=digest[:32],
-                                     source=HTTPDatasetSource(url) if url else text)
+    dataset = from_numpy(data.train.x, targets=data.train.y, name=data.name, digest=digest[:32],
+                         source=HTTPDatasetSource(url) if url else text)
     tags = [InputTag("mlflow.data.context", context), InputTag("source", text[:1000])]
     # What mlflow.log_input does (fluent.py, _create_dataset_input), with an explicit run id
     # instead of an active run and the global tracking URI.

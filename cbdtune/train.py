@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_in_process(cfg: ExperimentConfig, data: Any) -> dict[str, Any]:
-    from cbdtune.pipeline import Runtime, resolve_device, run_trial
+    from cbdtune.pipeline import run_trial
+    from cbdtune.runtime import Runtime, resolve_device
 
     history: list[dict[str, Any]] = []
     tty = sys.stderr.isatty()  # bars on a terminal; a file (> log 2>&1) gets log lines
@@ -61,7 +62,7 @@ def run_with_trainer(cfg: ExperimentConfig, data: Any, args: argparse.Namespace)
     removed afterwards (a single run is not resumed, and ``~/ray_results`` stays clean)."""
     import ray
 
-    from cbdtune.worker import connect, make_trainer
+    from cbdtune.worker import connect, fit_trainer, make_trainer
 
     connect(args.address)
     gpus = _gpus_per_worker(args)
@@ -70,7 +71,7 @@ def run_with_trainer(cfg: ExperimentConfig, data: Any, args: argparse.Namespace)
         trainer = make_trainer(cfg, data_ref=ray.put(data), name=f"train-{uuid.uuid4().hex[:8]}",
                                workers=args.workers, gpus_per_worker=gpus,
                                cpus_per_worker=args.cpus_per_worker, storage_path=tmp)
-        return trainer.fit().return_value or {}
+        return fit_trainer(trainer)
 
 
 def _gpus_per_worker(args: argparse.Namespace) -> float:

@@ -37,7 +37,8 @@ from cbdtune import encoder_cache, reports
 from cbdtune.config import ConfigError, ExperimentConfig
 from cbdtune.data import Dataset, load_dataset
 from cbdtune.encoder_cache import NOTE_KEY
-from cbdtune.pipeline import Runtime, refit_trial, run_trial
+from cbdtune.pipeline import refit_trial, run_trial
+from cbdtune.runtime import Runtime
 
 CHECKPOINT_FILE = "state.pt"
 LOOP_KEY = "train_loop_config"  # the trial's hyperparameters in a Tune config (dotted keys)
@@ -370,8 +371,23 @@ def make_trainer(cfg: ExperimentConfig, *, data_ref: Any | None, name: str,
     )
     loop_config = _loop_config(cfg, data_ref, encoder_cache=encoder_cache, trial=trial,
                                refit=refit, oof=oof)
-    return TorchTrainer(train_fn or train_fn_per_worker, train_loop_config=loop_config,
-                        scaling_config=scaling, run_config=run_config)
+    # Train V2 (Ray 2.60's default) keeps rank 0's return value; ray.train's static names are
+    # Train V1's, rebound at import, whose loop must return None.
+    return TorchTrainer(train_fn or train_fn_per_worker,  # type: ignore[arg-type]
+                        train_loop_config=loop_config, scaling_config=scaling,
+                        run_config=run_config)
+
+
+def fit_trainer(trainer: TorchTrainer) -> dict[str, Any]:
+    """``trainer.fit()``; returns rank 0's return value (its history and final metrics), or
+    ``{}`` when it returned none.
+
+    Raises:
+        ray.train.TrainingFailedError: the run failed past ``max_failures``.
+    """
+    result = trainer.fit()
+    # Train V2's Result; the static ray.train.Result is Train V1's, without return_value.
+    return result.return_value or {}  # type: ignore[attr-defined]
 
 
 def _loop_config(cfg: ExperimentConfig, data_ref: Any | None, *, encoder_cache: str | None,
@@ -437,10 +453,10 @@ def train_driver_fn(config: dict[str, Any], data_ref: list[Any] | None = None,
     trainer = make_trainer(
         cfg, data_ref=ref, name=f"trial_id={trial_id}", trial=trial,
         callbacks=[TuneReportCallback()] if in_tune else None, oof=keep, **run.trainer_args())
-    result = trainer.fit()
+    out = fit_trainer(trainer)
     # Inside Tune the worker's reports already reached Tune; a returned dict would be one more
     # result. Called directly, the caller gets rank 0's history and final metrics.
-    return None if in_tune else (result.return_value or {})
+    return None if in_tune else out
 
 
 def multi_driver_fn(config: dict[str, Any], datasets: list[dict[str, Any]] | None = None,
@@ -467,7 +483,7 @@ def multi_driver_fn(config: dict[str, Any], datasets: list[dict[str, Any]] | Non
                                data_ref=ref, name=f"trial_id={trial_id}-{slug}",
                                trial=f"{search}/{trial_id}" if search else trial_id,
                                **run.trainer_args())
-        return trainer.fit().return_value or {}
+        return fit_trainer(trainer)
 
     entries = (datasets or [{}])[0]
     with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:

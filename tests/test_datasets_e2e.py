@@ -22,7 +22,8 @@ import torch
 from cbdtune import predict
 from cbdtune.config import preset
 from cbdtune.data import Dataset, load_dataset
-from cbdtune.pipeline import Runtime, run_trial
+from cbdtune.pipeline import run_trial
+from cbdtune.runtime import Runtime
 from cbdtune.serving import save_model
 
 REPO = Path(__file__).resolve().parents[1]

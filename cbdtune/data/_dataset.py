@@ -14,6 +14,8 @@ import numpy as np
 
 from cbdtune.config import CbdtuneError
 
+ValOrigin = Literal["carved", "archive", "none"]  # where Dataset.val came from
+
 
 class DataError(CbdtuneError):
     """A data problem the user can fix: one line saying what, which file/line, and what to do."""
@@ -89,7 +91,7 @@ class Dataset:
     class_names: list[str]
     source: str
     location: str
-    val_origin: Literal["carved", "archive", "none"] = "carved"
+    val_origin: ValOrigin = "carved"
 
     def __post_init__(self) -> None:
         k = len(self.class_names)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cbdtune.config import DataConfig
-from cbdtune.data._dataset import DataError, Dataset, Split
+from cbdtune.data._dataset import DataError, Dataset, Split, ValOrigin
 from cbdtune.data._fetch import cache_dir, locate
 from cbdtune.data._lengths import fix_length
 from cbdtune.data._readers import RawSplit, read_pt, read_ts
@@ -54,7 +54,7 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
     fetch_name = info.name if _fetched(info, folder) else None  # else: a hint names the folder
     if info.format == "ts":
         parts, class_names = _read_ts_pair(info, folder, fetch_name)
-        names = ("train", "test")
+        names: tuple[str, ...] = ("train", "test")
     else:
         parts, names, class_names = _read_pt_folder(folder)
     read = dict(zip(names, parts, strict=True))
@@ -72,7 +72,7 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0, download: bool = True) -> Da
 
 
 def _train_and_val(splits: dict[str, Split], cfg: DataConfig, seed: int,
-                   folder: Path) -> tuple[Split, Split, str]:
+                   folder: Path) -> tuple[Split, Split, ValOrigin]:
     """The training and validation splits, and where the validation split comes from."""
     train = splits["train"]
     if cfg.cv_folds:  # cross-validation runs on every training series, the archive's val too

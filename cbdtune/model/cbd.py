@@ -223,6 +223,8 @@ class SER(nn.Module):
     comes from (after CIM [P] or before [C]) is the caller's choice (``energy_from``).
     """
 
+    binom: Tensor  # buffer (num_terms,)
+
     def __init__(self, num_freqs: int, K: int, *, terms: str = "0..K", coefficients: str = "linear",
                  norm: str = "softmax"):
         super().__init__()
@@ -259,6 +261,9 @@ class SpectralUnit(nn.Module):
     FFT forward and ~10x in backward on CPU. [C] takes ``.abs()`` of the irfft output; [P] does
     not, and neither do we (no switch for it).
     """
+
+    dft: Tensor  # buffers
+    idft: Tensor
 
     def __init__(self, cfg: ModelConfig, num_tokens: int):
         super().__init__()
