@@ -110,7 +110,7 @@ class ProgressCallback(Callback):
             parts.append(f"({reason[:120]})")
         parts.append(f"(best {now.best_value:.4f}, trial {now.best_trial})"
                      if now.best_trial else "(none completed yet)")
-        seconds = last.get("time_total_s")
+        seconds = last.get(reports.TIME_TOTAL_S)
         if _finite(seconds):
             parts.append(f"{seconds:.0f} s")
         return " ".join(parts)

@@ -33,7 +33,7 @@ RESULT_COLUMNS = (reports.VAL_ACCURACY, reports.VAL_ACCURACY_SE, reports.VAL_F1,
                   reports.CV_FOLDS, reports.TEST_ACCURACY, reports.TEST_F1,
                   reports.SELECTED_STAGE, reports.SELECTED_EPOCH,
                   *(reports.stage_metric(stage) for stage in reports.STAGES),
-                  reports.ITERATION, "time_total_s", reports.REASON,
+                  reports.ITERATION, reports.TIME_TOTAL_S, reports.REASON,
                   reports.ENCODER_REUSED, reports.ENCODER_KEY, reports.ENCODER_SOURCE)
 
 
@@ -50,7 +50,7 @@ def trial_row(trial_id: str, params: dict[str, Any], last: dict[str, Any] | None
     """A trial's row; a multi-dataset search's ``datasets`` (slugs) add each one's
     ``<slug>.<key>`` columns (:data:`cbdtune.reports.PER_DATASET`)."""
     last = last or {}
-    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "reason": reason}
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, reports.REASON: reason}
     row.update({f"param.{k}": v for k, v in params.items()})
     per_dataset = [reports.dataset_metric(s, k) for s in datasets for k in reports.PER_DATASET]
     for col in (*RESULT_COLUMNS, *per_dataset):
@@ -61,10 +61,11 @@ def trial_row(trial_id: str, params: dict[str, Any], last: dict[str, Any] | None
 
 def ranked(df: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     """Completed trials, best first: by ``metric``, ties broken by the lower ``val_loss``."""
+    loss = reports.VAL_LOSS
     done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
     if done.empty or metric not in done:
         return done.iloc[0:0]
-    keys = [metric] + (["val_loss"] if "val_loss" in done and metric != "val_loss" else [])
+    keys = [metric] + ([loss] if loss in done and metric != loss else [])
     return done.sort_values(keys, ascending=[mode == "min"] + [True] * (len(keys) - 1),
                             kind="stable")
 
@@ -282,19 +283,14 @@ def selection_section(df: pd.DataFrame, metric: str) -> str:
     """Does the selection metric rank trials as the test split does? Spearman's rho over the
     completed trials (each trial's test accuracy is its own refit's, read once, never used)."""
     done = df[df["status"] == "completed"] if "status" in df else df.iloc[0:0]
-    if len(done) < MIN_COMPLETED or metric not in done or "test_accuracy" not in done:
+    if len(done) < MIN_COMPLETED or metric not in done or reports.TEST_ACCURACY not in done:
         return ""
     from scipy.stats import spearmanr
 
-    rho, p = spearmanr(done[metric], done["test_accuracy"])
+    rho, p = spearmanr(done[metric], done[reports.TEST_ACCURACY])
     lines = ["", "## Selection against test", "",
              f"Spearman correlation between {metric} and test accuracy over the {len(done)} "
              f"completed trials: {rho:.3f} (p = {p:.3g})."]
-    if "rung_" + metric in done and done["rung_" + metric].notna().sum() >= MIN_COMPLETED:
-        rung = done.dropna(subset=["rung_" + metric])
-        r2, p2 = spearmanr(rung["rung_" + metric], rung[metric])
-        lines.append(f"ASHA's first-rung {metric} against the final one over {len(rung)} "
-                     f"completed trials: {r2:.3f} (p = {p2:.3g}).")
     return "\n".join(lines) + "\n"
 
 
@@ -383,17 +379,17 @@ def _isnan(v: Any) -> bool:
 
 def _summary(df: pd.DataFrame, best: pd.Series | None, imp: dict[str, float] | str, metric: str,
              mode: str, command: str, header: dict[str, Any]) -> str:
-    lines = ["# Search summary", "", "```", command, "```", ""]
+    lines, test = ["# Search summary", "", "```", command, "```", ""], reports.TEST_ACCURACY
     lines += [f"- {k}: {v}" for k, v in header.items()]
     counts = df["status"].value_counts().to_dict() if "status" in df else {}
     lines += [f"- trials: {len(df)} ({', '.join(f'{n} {s}' for s, n in counts.items())})", ""]
     if best is not None:
         lines += ["## Best trial (selected on validation; test read once)", "",
                   f"trial `{best['trial_id']}`: {metric} = {best[metric]:.4f}"
-                  + (f", test_accuracy = {best['test_accuracy']:.4f}"
-                     if "test_accuracy" in best and not _isnan(best["test_accuracy"]) else ""),
+                  + (f", {test} = {best[test]:.4f}"
+                     if test in best and not _isnan(best[test]) else ""),
                   ""]
-    cols = ["trial_id", "status", metric, "test_accuracy", "time_total_s"]
+    cols = ["trial_id", "status", metric, test, reports.TIME_TOTAL_S]
     cols += [c for c in df.columns if c.startswith("param.")]
     shown = df[[c for c in dict.fromkeys(cols) if c in df]]
     if metric in shown:

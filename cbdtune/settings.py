@@ -33,7 +33,8 @@ Ensemble = Literal["select", "top"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
-COSTS: tuple[str, ...] = ("time_total_s",)  # Tune fills it in every result; a 2nd objective only
+# Tune fills it in every result; a 2nd objective only.
+COSTS: tuple[str, ...] = (reports.TIME_TOTAL_S,)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # The tuple fields and the flag each is given by on the command line, comma-separated.
 LIST_FLAGS = {"datasets": "dataset", "metrics": "metric", "modes": "mode"}

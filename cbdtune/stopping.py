@@ -14,9 +14,10 @@ keeps whoever reaches it first. :class:`NoiseAwareASHA` changes two things:
 2. At a rung, a trial below the cut is stopped only when it is clearly below it:
 
    - *paired*, when the report carries the per-fold scores (``<metric>_folds``, see
-     :data:`FOLDS_SUFFIX`) of both the trial and the trial at the cut: every trial is scored on the
-     same folds (the pairing assumes fold ``i`` is the same split in every trial), so the
-     per-fold differences ``d_i`` remove the folds' shared difficulty. Stopped when
+     :data:`cbdtune.reports.FOLDS_SUFFIX`; one float per CV fold, in fold order) of both the
+     trial and the trial at the cut: every trial is scored on the same folds (the pairing
+     assumes fold ``i`` is the same split in every trial), so the per-fold differences ``d_i``
+     remove the folds' shared difficulty. Stopped when
      ``mean(d) + k * se(d) < 0`` (a paired t statistic below ``-k``; ``se(d)`` is the
      standard error of the mean difference). Optuna's ``WilcoxonPruner`` is the same idea with a
      signed-rank test; with the 5 folds of ``data.cv_folds``'s default a one-sided signed-rank
@@ -59,13 +60,6 @@ from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from cbdtune import reports
 
-# Report key suffix of the per-fold scores at the point a report's metric describes:
-# ``val_accuracy_folds`` = [fold 0's val_accuracy, fold 1's, ...], one float per CV fold in fold
-# order, next to ``val_accuracy`` (their mean) and ``val_accuracy_se``. A list, not ``.fold<i>``
-# keys: one key whatever the fold count, and MLflow's logging skips it (tracking.numeric).
-# TODO(reports.py should own this name once the pipeline reports fold scores).
-FOLDS_SUFFIX = "_folds"
-
 DEFAULT_SE_MARGIN = 1.0  # k: see the module docstring
 _EPS = 1e-9  # a difference smaller than this is float rounding, not a difference
 
@@ -75,11 +69,6 @@ KEPT_WITHIN_NOISE = "kept_within_noise"  # below the cut, but not clearly
 KEPT_AT_CUT = "kept_at_or_above_cut"
 KEPT_EARLY = "kept_before_min_completed"
 DECISIONS = (STOPPED, KEPT_WITHIN_NOISE, KEPT_AT_CUT, KEPT_EARLY)
-
-
-def folds_of(metric: str) -> str:
-    """``"val_accuracy_folds"``: the report key of ``metric``'s per-fold scores."""
-    return f"{metric}{FOLDS_SUFFIX}"
 
 
 def default_min_completed(num_samples: int | None) -> int:
@@ -132,7 +121,7 @@ def read_entry(result: Mapping[str, Any], metric: str, sign: float) -> RungEntry
     if value is None:
         return None
     se = _number(result.get(reports.se_of(metric)))
-    raw = result.get(folds_of(metric))
+    raw = result.get(reports.folds_of(metric))
     folds = [_number(f) for f in raw] if isinstance(raw, (list, tuple)) else []
     paired = len(folds) >= 2 and None not in folds
     return RungEntry(value=sign * value, se=se if se is not None and se >= 0 else None,

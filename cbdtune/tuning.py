@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbdtune import reports, results, tracking
+from cbdtune import reports, results, stages, tracking
 from cbdtune.config import CbdtuneError, ExperimentConfig, preset
 from cbdtune.plan import SearchPlan, encoder_root
 from cbdtune.settings import SearchSettings
@@ -130,8 +130,8 @@ def max_reports(cfg: ExperimentConfig, space: SearchSpace | None = None) -> int:
     for p in space.params if space else ():
         if p.key.startswith("train.") and p.key.endswith("epochs") and p.high is not None:
             cfg = cfg.replace({p.key: int(p.high)})
-        if p.key == "train.classifier" and "both" in (p.choices or ()):
-            cfg = cfg.replace({p.key: "both"})
+        if p.key == "train.classifier" and stages.BOTH in (p.choices or ()):
+            cfg = cfg.replace({p.key: stages.BOTH})
     return reports.report_budget(cfg)
 
 
@@ -219,19 +219,19 @@ def asha_rungs(base: ExperimentConfig, space: SearchSpace | None = None) -> tupl
     ``grace_period * 3**k <= max_t``.
 
     The first rung after a third of the pretraining probes (cross-validated probes of the frozen
-    encoder), then x3 per rung. Under the ridge readout (the only classifier, not searched) a
-    trial costs seconds once its pretraining is done, so the last rung is the report before the
-    last probe: a later one would only turn a finished CV value into a stopped trial (seen on
-    gesture: a trial stopped at report 12 of 13, its CV value final). Otherwise rungs continue
-    into the classifier stages, up to the trial's last report.
+    encoder), then x3 per rung. Under a closed-form readout (ridge; the only classifier, not
+    searched) a trial costs seconds once its pretraining is done, so the last rung is the report
+    before the last probe: a later one would only turn a finished CV value into a stopped trial
+    (seen on gesture: a trial stopped at report 12 of 13, its CV value final). Otherwise rungs
+    continue into the classifier stages, up to the trial's last report.
     """
     max_t = max_reports(base, space) + 1
     probes = reports.probe_count(base.train)
     grace = max(1, math.ceil(probes / 3))
     searched = {p.key for p in space.params} if space else set()
-    ridge_only = (all(s == "ridge" for s in reports.stages(base.train))
-                  and "train.classifier" not in searched)
-    if ridge_only and probes - 1 >= grace:
+    closed_form = (all(stages.spec(s).closed_form for s in reports.stages(base.train))
+                   and "train.classifier" not in searched)
+    if closed_form and probes - 1 >= grace:
         max_t = probes - 1
     return max(1, min(grace, max_t)), max_t
 

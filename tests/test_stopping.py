@@ -25,7 +25,6 @@ from cbdtune.stopping import (
     clearly_worse,
     cut_entry,
     default_min_completed,
-    folds_of,
 )
 
 METRIC = reports.VAL_ACCURACY
@@ -43,7 +42,7 @@ def _result(it: int, value: float, se: float | None = None, folds: list[float] |
     if se is not None:
         out[reports.se_of(metric)] = se
     if folds is not None:
-        out[folds_of(metric)] = folds
+        out[reports.folds_of(metric)] = folds
     return out
 
 
