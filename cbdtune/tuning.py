@@ -65,7 +65,7 @@ def connect(plan: SearchPlan) -> Cluster:
     st = plan.settings
     where = join(st.address)
     fits = check_resources(st)  # trainers at once; a multi-dataset trial runs one per dataset
-    at_once = st.max_concurrent or min(max(1, fits // len(plan.datasets)), st.num_samples)
+    at_once = trials_at_once(st, fits, len(plan.datasets), multi=plan.multi)
     log.info("search %s: %d trials, %d at once, on a %s Ray (%s); storage %s", plan.name,
              st.num_samples, at_once, where, ray.cluster_resources(), plan.experiment_path)
     if st.resume and (st.time_budget or st.verbose):
@@ -73,6 +73,25 @@ def connect(plan: SearchPlan) -> Cluster:
                     "--time-budget and --verbose keep the values of its first run")
     refs = {slug: ray.put(data) for slug, data in plan.datasets.items()}
     return Cluster(where=where, max_concurrent=at_once, data_refs=refs)
+
+
+def trials_at_once(settings: SearchSettings, fits: int, datasets: int, *, multi: bool) -> int:
+    """How many trials run at once: ``--max-concurrent``, else as many as fit (at most
+    ``num_samples``).
+
+    A trial of one CPU worker reserves its CPUs (:func:`tuner`), so Ray never runs more than
+    ``fits`` of them on a fixed cluster; a larger ``--max-concurrent`` would only have the
+    searcher suggest configurations that wait, without the results of those running. It is
+    lowered to ``fits`` then (not with ``--allow-autoscale``: nodes may come).
+    """
+    if not settings.max_concurrent:
+        return min(max(1, fits // datasets), settings.num_samples)
+    if (multi or settings.allow_autoscale or settings.max_concurrent <= fits
+            or not trial_settings(settings, None).in_trial):
+        return settings.max_concurrent
+    log.warning("--max-concurrent %d: %d trials fit at once (each reserves %g CPU); %d at once",
+                settings.max_concurrent, fits, settings.cpus_per_worker, fits)
+    return fits
 
 
 def check_resources(settings: SearchSettings) -> int:
