@@ -22,6 +22,9 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+# How series of other lengths are fitted to the model's (cbdtune.data._lengths); a model's
+# contract.json names it too (cbdtune.serving).
+LengthPolicy = Literal["pad", "resample"]
 # The metric the search optimises and its direction: defined once, imported by search and tests.
 METRIC = "val_accuracy"
 MODE = "max"
@@ -51,7 +54,7 @@ class DataConfig:
     cv_folds: int = 5
     cv_repeats: int = 1
     val_fraction: float = 0.2  # only with cv_folds = 0
-    length_policy: Literal["pad", "resample"] = "pad"  # variable-length series, see cbdtune.data
+    length_policy: LengthPolicy = "pad"  # variable-length series, see cbdtune.data
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "data.dataset", "must not be empty")

@@ -21,14 +21,12 @@ is an error (it holds no data); a single all-NaN channel becomes zeros.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
+from cbdtune.config import LengthPolicy
 from cbdtune.data._dataset import DataError
 from cbdtune.data._readers import RawSplit
-
-LengthPolicy = Literal["pad", "resample"]
 
 
 def fix_length(parts: Sequence[RawSplit], policy: LengthPolicy, *,
