@@ -374,8 +374,8 @@ def log_dataset(mlflow_client: Any, run_id: str, data: Any, *, context: str = "t
     folder it was read from. MLflow stores at most 36 characters of digest, so the input carries
     the first 32 hex digits of :func:`dataset_digest`.
     """
+    # from_numpy from its own module: mlflow.data re-exports it by setattr, unseen by mypy.
     from mlflow.data.http_dataset_source import HTTPDatasetSource
-    # The defining module: mlflow.data re-exports it by setattr, which a type checker cannot see.
     from mlflow.data.numpy_dataset import from_numpy
     from mlflow.entities import DatasetInput, InputTag
 
