@@ -106,7 +106,7 @@ class _InplaceDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: float, relu: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, p: float, relu: bool) -> Tensor:
         ctx.mark_dirty(x)
         ctx.scale, ctx.relu = 1.0 / (1.0 - p), relu
         keep = dropout_keep_mask(x.shape, p, x.dtype)
@@ -118,7 +118,7 @@ class _InplaceDropout(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (saved,) = ctx.saved_tensors
         if ctx.relu:
             g = torch.ops.aten.threshold_backward(grad, saved, 0.0)

@@ -117,7 +117,7 @@ def conv_detokenized_len(num_tokens: int, pools: int = CONV_BLOCKS) -> int:
 
 class _PairMax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         L = x.shape[-1]
         n = L // 2 + 1
         padded = F.pad(x, (1, 2 * n - L - 1), value=float("-inf"))  # (..., 2n)
@@ -129,7 +129,7 @@ class _PairMax(torch.autograd.Function):
         return torch.maximum(even, odd)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         (take_odd,) = ctx.saved_tensors
         to_odd = grad * take_odd
         padded = torch.stack((grad - to_odd, to_odd), dim=-1).flatten(-2)  # (..., 2n)

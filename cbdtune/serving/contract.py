@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cbdtune import __version__
-from cbdtune.config import CbdtuneError
+from cbdtune.config import CbdtuneError, LengthPolicy
 from cbdtune.serving.folder import CONTRACT_FILE, ModelError, first_line, open_regular
 
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ class ModelContract:
     dataset: str
     in_channels: int
     seq_len: int
-    length_policy: str
+    length_policy: LengthPolicy  # read from JSON as any value, checked by problem()
     class_names: list[str]
     members: list[dict[str, Any]]
     normalisation: str = NORMALISATION

@@ -116,7 +116,7 @@ class CBDEnsemble:
                 raise InputError(f"{where(i)}: {case.shape[1]} time step(s), too few to "
                                  f"{policy} to {length}; give series of at least {shortest} "
                                  f"steps")
-            out[i] = to_length(case, length, policy)  # type: ignore[arg-type]
+            out[i] = to_length(case, length, policy)
         return out
 
     def predict_proba(self, x: Any) -> np.ndarray:

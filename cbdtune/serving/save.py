@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cbdtune.config import LengthPolicy
 from cbdtune.serving.contract import CBD, ModelContract, weights_problem
 from cbdtune.serving.folder import CONTRACT_FILE, ModelError
 from cbdtune.serving.members import (
@@ -23,7 +24,7 @@ from cbdtune.serving.members import (
 def save_model(path: str | Path, members: Sequence[Member | BaselineMember], *,
                class_names: Sequence[str], dataset: str, overwrite: bool = False,
                weights: Sequence[float] | None = None,
-               layout: tuple[int, int, str] | None = None) -> Path:
+               layout: tuple[int, int, LengthPolicy] | None = None) -> Path:
     """Write a model directory (module docstring) for one or more trained members.
 
     The directory is written under a temporary name next to ``path`` and renamed into place, so
@@ -106,7 +107,7 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> None:
 
 
 def _check_members(members: Sequence[Member | BaselineMember], class_names: Sequence[str],
-                   layout: tuple[int, int, str] | None) -> tuple[int, int, str]:
+                   layout: tuple[int, int, LengthPolicy] | None) -> tuple[int, int, LengthPolicy]:
     """The inputs' ``(in_channels, seq_len, length_policy)``, checked against every member."""
     if not members:
         raise ModelError("save_model: no members; give at least one (config, state_dict, meta)")
