@@ -88,7 +88,8 @@ def make_tuner(cfg: Any, data_ref: Any, storage: str, *, name: str, trials: int 
     from ray import tune
 
     from cbdtune.search import DRIVER_MEMORY
-    from cbdtune.worker import TrialSettings, train_driver_fn
+    from cbdtune.session import TrialSettings
+    from cbdtune.worker import train_driver_fn
 
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, data_ref=[data_ref], base=cfg.to_dict()),
@@ -139,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from cbdtune.config import preset
     from cbdtune.data import load_dataset
-    from cbdtune.worker import connect
+    from cbdtune.session import connect
 
     cfg = preset(args.preset).replace({"data.dataset": args.dataset, "train.seed": args.seed,
                                        "train.num_threads": 1, "train.device": "cpu"})
     data = load_dataset(cfg.data, seed=cfg.train.seed)
     # "local": a fresh Ray of our own; "auto" would join any Ray another process runs here.
-    # connect() also sets the 0.25 s Train poll interval (worker.TRAIN_POLL_ENV) for the workers.
+    # connect() also sets the 0.25 s Train poll interval (session.TRAIN_POLL_ENV) for the workers.
     connect("local")
     data_ref = ray.put(data)
 

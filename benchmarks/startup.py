@@ -138,7 +138,7 @@ def tune_seconds_per_trial(cfg: Any, data_ref: Any, storage: str, trials: int) -
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from cbdtune import worker
+    from cbdtune import session
     from cbdtune.config import preset
     from cbdtune.data import load_dataset
 
@@ -146,7 +146,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                for m in IMPORTS}
     cfg = preset("smoke").replace({"data.dataset": "gesture", "train.pretrain_epochs": 0,
                                    "train.classifier_epochs": 1, "train.num_threads": 1})
-    worker.connect()
+    session.connect()
     data_ref = ray.put(load_dataset(cfg.data, seed=cfg.train.seed))
     fns = {"bare train function": bare_fn, "cbdtune worker, no epochs": cbdtune_fn}
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in fns}
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3, help="trials per Tune run (default 3)")
     p.add_argument("--out", default=str(ROOT / "results" / "startup.md"))
     args = p.parse_args(argv)
-    from cbdtune.worker import TRAIN_POLL_ENV
+    from cbdtune.session import TRAIN_POLL_ENV
 
     for k, v in TRAIN_POLL_ENV.items():  # as a search sets it for its trials
         os.environ.setdefault(k, v)

@@ -118,7 +118,7 @@ class ProgressCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
         """The encoder cache's warnings a trial sent with this result (a broken entry found
-        and rebuilt, ``cbdtune.worker.cache_notes``): its own log lines stay in Ray's
+        and rebuilt, ``cbdtune.session.cache_notes``): its own log lines stay in Ray's
         session folder."""
         note = result.get(NOTE_KEY)
         if note:

@@ -107,7 +107,8 @@ def run(top: pd.DataFrame, base: ExperimentConfig, data_ref: Any, *, seeds: int,
     """Run every refit of :func:`plan` as a Ray task; one progress line as each one ends."""
     import ray
 
-    from cbdtune.worker import TrialSettings, fit_trainer, make_trainer, refit_here
+    from cbdtune.session import TrialSettings
+    from cbdtune.worker import fit_trainer, make_trainer, refit_here
 
     run_settings = TrialSettings(**trainer_args)
 

@@ -62,7 +62,8 @@ def run_with_trainer(cfg: ExperimentConfig, data: Any, args: argparse.Namespace)
     removed afterwards (a single run is not resumed, and ``~/ray_results`` stays clean)."""
     import ray
 
-    from cbdtune.worker import connect, fit_trainer, make_trainer
+    from cbdtune.session import connect
+    from cbdtune.worker import fit_trainer, make_trainer
 
     connect(args.address)
     gpus = _gpus_per_worker(args)

@@ -60,7 +60,7 @@ def connect(plan: SearchPlan) -> Cluster:
     (for every trial, refit and worker)."""
     import ray
 
-    from cbdtune.worker import connect as join
+    from cbdtune.session import connect as join
 
     st = plan.settings
     where = join(st.address)
@@ -121,8 +121,8 @@ def check_resources(settings: SearchSettings) -> int:
 
 def trial_settings(settings: SearchSettings, storage: str | None) -> Any:
     """The run-level settings every trial of this search runs with (the worker's
-    :class:`~cbdtune.worker.TrialSettings`, built from the search's settings only)."""
-    from cbdtune.worker import TrialSettings
+    :class:`~cbdtune.session.TrialSettings`, built from the search's settings only)."""
+    from cbdtune.session import TrialSettings
 
     return TrialSettings(workers=settings.workers_per_trial,
                          cpus_per_worker=settings.cpus_per_worker,
@@ -302,7 +302,7 @@ def tuner(plan: SearchPlan, cluster: Cluster, parent: tracking.RunRef) -> Any:
     st = plan.settings
     # A trial of one CPU worker works in its own process and reserves the worker's CPUs; a
     # TorchTrainer's driver (several workers, a GPU, several datasets) must not hold the CPUs
-    # its workers need (worker.TrialSettings.trial_resources).
+    # its workers need (session.TrialSettings.trial_resources).
     cpus = {"cpu": 0.0} if plan.multi else trial_settings(st, None).trial_resources()
     trainable = ray_tune.with_resources(_driver(plan, cluster),
                                         {**cpus, "memory": DRIVER_MEMORY})
@@ -316,7 +316,7 @@ def tuner(plan: SearchPlan, cluster: Cluster, parent: tracking.RunRef) -> Any:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if st.resume:
         # The scheduler's rungs come back through SchedulerStateCallback's state; a resumed unfinished
-        # trial continues its own training_iteration (the worker reports it: worker.Reporter).
+        # trial continues its own training_iteration (the worker reports it: session.Reporter).
         return ray_tune.Tuner.restore(plan.experiment_path, trainable, resume_errored=True,
                                       param_space=settings)
     asha = scheduler(st, plan.base, plan.space)

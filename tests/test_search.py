@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 
 from cbdtune import parent_run, plan, search, tuning
+from cbdtune.session import free_port
 from cbdtune.space import load_space
-from cbdtune.worker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
@@ -896,12 +896,12 @@ def test_search_ctrl_c_in_refit_or_registration_is_killed_and_resume_finishes(
 
 def _no_ray(monkeypatch) -> None:
     """Starting or joining Ray fails the test."""
-    from cbdtune import worker
+    from cbdtune import session
 
     def connect(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(worker, "connect", connect)
+    monkeypatch.setattr(session, "connect", connect)
 
 
 def _small_cmd(tmp_path: Path, *extra: str) -> list[str]:

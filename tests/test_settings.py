@@ -86,7 +86,7 @@ def test_cli_defaults_are_the_settings_defaults_and_round_trip() -> None:
 
 
 def test_trial_settings_come_from_the_search_settings_only() -> None:
-    from cbdtune.worker import TrialSettings
+    from cbdtune.session import TrialSettings
 
     settings = SearchSettings(datasets=("gesture",), workers_per_trial=2, gpus_per_worker=0.25)
     space = search.param_space(settings, "/s/train")
@@ -112,7 +112,7 @@ class _Sent:
     def __call__(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
         import torch
 
-        from cbdtune.worker import CHECKPOINT_FILE
+        from cbdtune.session import CHECKPOINT_FILE
 
         self.metrics.append(metrics)
         if checkpoint is not None:  # read it while its temporary folder exists
@@ -122,7 +122,7 @@ class _Sent:
 def test_reporter_restored_from_a_checkpoint_continues_the_iteration() -> None:
     """A trial resumed from its checkpoint reports training_iteration after the checkpoint's,
     so ASHA does not judge it again at its first rung (it restarted at 1 before)."""
-    from cbdtune.worker import Reporter
+    from cbdtune.session import Reporter
 
     sent = _Sent()
     first = Reporter([], {"worker_node": "a"}, rank=0, send=sent)
@@ -174,33 +174,33 @@ def gesture_small():
 
 def test_connect_starts_a_ray_of_its_own_unless_an_address_is_given(monkeypatch) -> None:
     """It joined any Ray running on the machine (address="auto") before falling back."""
-    from cbdtune import worker
+    from cbdtune import session
 
     calls: list[str] = []
-    monkeypatch.setattr(worker.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(worker.ray, "init", lambda **kw: calls.append(kw["address"]))
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", lambda **kw: calls.append(kw["address"]))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert worker.connect() == "local"
-    assert worker.connect("auto") == "cluster"
+    assert session.connect() == "local"
+    assert session.connect("auto") == "cluster"
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what `ray job submit` sets
-    assert worker.connect() == "cluster"
+    assert session.connect() == "cluster"
     assert calls == ["local", "auto", "http://127.0.0.1:8265"]
 
 
 def test_connect_tells_a_local_rays_workers_where_its_state_api_is(monkeypatch) -> None:
     """Ray Train's placement-group cleaner looks the state API up from its worker; with two Rays
     on one machine that fails unless RAY_API_SERVER_ADDRESS names this one's dashboard."""
-    from cbdtune import worker
+    from cbdtune import session
 
     calls: list[dict] = []
-    monkeypatch.setattr(worker.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(worker.ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    worker.connect()
+    session.connect()
     local = calls[-1]
     port = local["dashboard_port"]
     assert local["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
-    worker.connect("auto")  # a cluster's own dashboard: nothing chosen here
+    session.connect("auto")  # a cluster's own dashboard: nothing chosen here
     assert "dashboard_port" not in calls[-1]
     assert "RAY_API_SERVER_ADDRESS" not in (calls[-1]["runtime_env"] or {}).get("env_vars", {})

@@ -213,7 +213,8 @@ def test_define_by_run_trial_config_is_nested_for_the_driver() -> None:
 
     from cbdtune import search, tuning
     from cbdtune.config import ExperimentConfig
-    from cbdtune.worker import TrialSettings, train_driver_fn
+    from cbdtune.session import TrialSettings
+    from cbdtune.worker import train_driver_fn
 
     space = load_space("default")
     args = search.parser().parse_args(["--dataset", "gesture", "--workers-per-trial", "2"])
@@ -323,7 +324,7 @@ def test_search_conditional_space_skips_params_whose_condition_fails(tmp_path: P
     import ray
 
     from cbdtune import search
-    from cbdtune.worker import TRAIN_POLL_ENV
+    from cbdtune.session import TRAIN_POLL_ENV
 
     path = tmp_path / "cond.yaml"
     path.write_text("preset: smoke\ntrain.pretrain_epochs: 2\ntrain.classifier_epochs: 3\n"

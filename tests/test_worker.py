@@ -13,7 +13,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from cbdtune import worker
+from cbdtune import session, worker
 from cbdtune.config import DataConfig, preset
 from cbdtune.data import load_dataset
 from cbdtune.pipeline import run_trial
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": worker.TRAIN_POLL_ENV})
+             runtime_env={"env_vars": session.TRAIN_POLL_ENV})
     yield
     ray.shutdown()
 
@@ -98,7 +98,7 @@ def crash_once_fn(loop_config: dict[str, Any]) -> Any:
     resumed_from = None
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / worker.CHECKPOINT_FILE, weights_only=True)
+            state = torch.load(Path(d) / session.CHECKPOINT_FILE, weights_only=True)
             resumed_from = int(state["epoch"])
     reported: list[int] = []
     iterations: list[int] = []
@@ -152,7 +152,7 @@ _LISTENERS = """
 import json, time
 import ray
 import psutil  # Ray ships it (ray/thirdparty_files), on sys.path once ray is imported
-from cbdtune.worker import connect
+from cbdtune.session import connect
 connect(None)
 time.sleep(5)  # the dashboard agent and the metrics exporter come up after ray.init returns
 me = psutil.Process()
@@ -203,9 +203,9 @@ def test_cache_notes_send_a_rebuilt_entry_with_the_next_report_once(tmp_path: Pa
                                                       "source": "s/t0"})
     (tmp_path / ec.ENCODERS / key / ec.ENCODER_FILE).write_bytes(b"cut short")
     sent: list[dict[str, Any]] = []
-    with worker.cache_notes() as notes:
-        report = worker.Reporter([], {}, rank=1, send=lambda m, **kw: sent.append(m),
-                                 notes=notes)
+    with session.cache_notes() as notes:
+        report = session.Reporter([], {}, rank=1, send=lambda m, **kw: sent.append(m),
+                                  notes=notes)
         assert cache.get(key) is None  # found broken, removed
         report({"epoch": 1}, None)
         report({"epoch": 2}, None)
@@ -218,8 +218,8 @@ def test_cache_notes_send_a_rebuilt_entry_with_the_next_report_once(tmp_path: Pa
 def test_trial_settings_in_trial_only_for_one_cpu_worker() -> None:
     """One CPU worker runs in the Tune trial and reserves its CPUs there; DDP or a GPU goes
     through a TorchTrainer, whose workers reserve them (the trial reserves none)."""
-    one = worker.TrialSettings(workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0,
-                               max_failures=0, storage_path=None, encoder_cache=None)
+    one = session.TrialSettings(workers=1, cpus_per_worker=2.0, gpus_per_worker=0.0,
+                                max_failures=0, storage_path=None, encoder_cache=None)
     assert one.in_trial and one.trial_resources() == {"cpu": 2.0}
     for other in ({"workers": 2}, {"gpus_per_worker": 0.25}):
         run = dataclasses.replace(one, **other)
