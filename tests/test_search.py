@@ -103,9 +103,11 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 @pytest.mark.ray
 def test_search_smoke_against_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
     """2-trial smoke search: parquet, summary, 1 parent + 2 nested runs read via MlflowClient;
-    the best configuration refit with 2 seeds, registered, and its model, loaded in a fresh
-    process by `cbdtune.predict`, reproduces the search's ensemble test accuracy exactly."""
-    cmd = _search_cmd(tmp_path, mlflow_server, "--refit-top", "1", "--refit-seeds", "2")
+    the best configuration refit with 2 seeds (``--ensemble top``: selection may hand over the
+    baseline alone), registered, and its model, loaded in a fresh process by `cbdtune.predict`,
+    reproduces the search's ensemble test accuracy exactly."""
+    cmd = _search_cmd(tmp_path, mlflow_server, "--refit-top", "1", "--refit-seeds", "2",
+                      "--ensemble", "top")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout and "test_accuracy" in proc.stdout
