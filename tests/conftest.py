@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,16 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 def _shared_data_dir_fixture() -> Path:
     """:func:`shared_data_dir` as a fixture."""
     return shared_data_dir()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module, restored after it: on 2 busy cores the tests'
+    tiny models ran several times slower with two. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -161,8 +161,8 @@ def _gesture_subset(shared_data_dir) -> Dataset:
 
 @pytest.mark.parametrize("levels", [False, True])
 @pytest.mark.parametrize("stage", ["ridge", "linear_probe"])
-def test_saved_model_labels_ignore_the_inputs_units(shared_data_dir, tmp_path, stage: str,
-                                                    levels: bool) -> None:
+def test_saved_model_labels_ignore_the_inputs_units(shared_data_dir, tmp_path, one_torch_thread,
+                                                    stage: str, levels: bool) -> None:
     """A saved smoke model on gesture (z-normalised: its levels are rounding) gives the same
     labels when the inputs are shifted by 1e-3 or scaled by 1e-3 or 1e3. The ridge is fit at a
     point that weighs the levels as much as the tokens (what CV picked on gesture before the
@@ -170,7 +170,6 @@ def test_saved_model_labels_ignore_the_inputs_units(shared_data_dir, tmp_path, s
     x 1e-3 under an absolute eps of 1e-5 about as many."""
     from cbdtune.serving import CBDEnsemble, save_model
 
-    torch.set_num_threads(1)
     data = _gesture_subset(shared_data_dir)
     cfg = preset("smoke").replace({"model.level_features": levels, "train.classifier": stage,
                                    "train.num_threads": 1, "train.pretrain_epochs": 0})
