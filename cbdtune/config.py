@@ -175,6 +175,10 @@ class TrainConfig:
     # turns it into epochs for the training set it gets (pipeline.steps_to_epochs); the number of
     # probes stays ceil(pretrain_epochs / probe_every), the count ASHA's rungs are set from.
     pretrain_steps: int = 0
+    # A ceiling on the pretraining steps either budget gives (0 = none): the epochs are cut to
+    # the most whose steps fit (at least 1). The default preset's 1,000 at batch 128 leave 100
+    # epochs to any dataset of up to 1,407 series; PenDigits' 7,494 (58 steps an epoch) get 17.
+    pretrain_max_steps: int = 0
     drop_last: bool = True  # [C] pretraining drops the last partial batch (one is always kept);
     #                         False keeps it: 253 series at batch 128 give 2 steps, not 1
     pretrain_lr: float = 1e-4  # [P] AdamW
@@ -218,7 +222,8 @@ class TrainConfig:
         for name in ("batch_size", "probe_every"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}", f"must be >= 1, but got {value}")
-        for name in ("pretrain_epochs", "pretrain_steps", "classifier_epochs", "probe_epochs",
+        for name in ("pretrain_epochs", "pretrain_steps", "pretrain_max_steps",
+                     "classifier_epochs", "probe_epochs",
                      "plateau_patience", "early_stop_patience", "num_threads",
                      "probe_max_series"):
             value = getattr(self, name)
@@ -310,7 +315,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "model.ser_norm": "tempered", "model.pos_encoding": "learned", "model.head": "flatten",
         "model.head_dropout": 0.1, "model.level_features": True,
-        "train.classifier": "ridge", "train.probe": "ridge",
+        "train.classifier": "ridge", "train.probe": "ridge", "train.pretrain_max_steps": 1000,
     },
     "smoke": {
         "model.d_model": 32, "model.n_heads": 2, "model.encoder_layers": 2, "model.ff_dim": 64,

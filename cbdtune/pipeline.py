@@ -190,16 +190,21 @@ def _fidelity_probe(model: CBDModel, data: Dataset, cfg: ExperimentConfig,
 
 
 def steps_to_epochs(cfg: ExperimentConfig, n_train: int) -> ExperimentConfig:
-    """``train.pretrain_steps`` as the epochs over ``n_train`` series that reach it (at least that
-    many steps), probed as often as ``pretrain_epochs``/``probe_every`` says (the report count
-    ASHA was set up with, or fewer). The result has ``pretrain_steps`` 0: resolved once."""
+    """The pretraining budget as epochs over ``n_train`` series: ``train.pretrain_steps`` as the
+    epochs that reach it (at least that many steps), then cut to ``train.pretrain_max_steps``
+    (the most epochs whose steps fit, at least 1); probed as often as ``pretrain_epochs`` /
+    ``probe_every`` says (the report count ASHA was set up with, or fewer). The result has
+    ``pretrain_steps`` and ``pretrain_max_steps`` 0: resolved once."""
     tc = cfg.train
-    if not tc.pretrain_steps:
+    if not (tc.pretrain_steps or tc.pretrain_max_steps):
         return cfg
-    epochs = math.ceil(tc.pretrain_steps / batches_per_epoch(n_train, tc.batch_size, tc.drop_last))
+    per_epoch = batches_per_epoch(n_train, tc.batch_size, tc.drop_last)
+    epochs = math.ceil(tc.pretrain_steps / per_epoch) if tc.pretrain_steps else tc.pretrain_epochs
+    if tc.pretrain_max_steps:
+        epochs = min(epochs, max(1, tc.pretrain_max_steps // per_epoch))
     every = math.ceil(epochs / max(1, reports.probe_count(tc)))
-    return replace(cfg, train=replace(tc, pretrain_steps=0, pretrain_epochs=epochs,
-                                      probe_every=every))
+    return replace(cfg, train=replace(tc, pretrain_steps=0, pretrain_max_steps=0,
+                                      pretrain_epochs=epochs, probe_every=every))
 
 
 def build_for(data: Dataset, cfg: ExperimentConfig) -> tuple[ExperimentConfig, CBDModel]:

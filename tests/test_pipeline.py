@@ -209,6 +209,20 @@ def test_steps_budget_becomes_epochs_for_the_data_and_keeps_the_probe_count() ->
     assert pipeline.steps_to_epochs(preset("paper"), 96) == preset("paper")  # 0: epochs [C]
 
 
+def test_a_step_ceiling_cuts_the_epochs_of_a_large_training_set_only() -> None:
+    cfg = preset("default")
+    assert cfg.train.pretrain_max_steps == 1000 and cfg.train.pretrain_epochs == 100
+    assert pipeline.steps_to_epochs(cfg, 1407).train.pretrain_epochs == 100  # 10 steps an epoch
+    pendigits = pipeline.steps_to_epochs(cfg, 7494).train  # 58 steps an epoch
+    assert (pendigits.pretrain_epochs, pendigits.pretrain_max_steps) == (17, 0)
+    assert 17 * 58 <= 1000 < 18 * 58
+    assert math.ceil(17 / pendigits.probe_every) <= 10  # no more probes than ASHA was set for
+    both = cfg.replace({"train.pretrain_steps": 5000})  # a steps budget is cut the same way
+    assert pipeline.steps_to_epochs(both, 640).train.pretrain_epochs == 200  # 5 an epoch
+    tiny = cfg.replace({"train.pretrain_max_steps": 3})
+    assert pipeline.steps_to_epochs(tiny, 7494).train.pretrain_epochs == 1  # never 0 epochs
+
+
 def test_run_trial_pretrains_for_the_steps_budget(gesture: Dataset, monkeypatch) -> None:
     """120 training series at batch 32 are 3 steps per epoch (drop_last): 10 steps take 4 epochs,
     12 optimizer steps (the budget rounds up to whole epochs)."""
