@@ -30,7 +30,6 @@ folds + refit, 71 s. TODO: a default that scales with N is for the search that u
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from cbdtune import classify
 from cbdtune.config import CbdtuneError
 
 KERNEL_LENGTH = 9  # MiniRocket's kernels (paper, Section 3.1)
@@ -194,7 +194,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: int, *, s
         seen[va] += 1
     best = min(range(len(ALPHAS)), key=lambda a: (-acc[:, a].mean(), mse[:, a].mean(), a))
     scores = sums[best] / seen[:, None]
-    temperature = fit_temperature(scores, y)
+    temperature = classify.fit_temperature(scores, y)
     return OutOfFold(proba=softmax(scores / temperature), scores=scores, alpha=ALPHAS[best],
                      temperature=temperature, fold_accuracy=tuple(float(v) for v in acc[:, best]))
 
@@ -252,25 +252,6 @@ def load(folder: str | Path) -> MiniRocketMember:
     return member
 
 
-def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T in [1e-3, 1e3] minimising the log-loss of ``softmax(scores / T)``.
-
-    The log-loss is convex in 1/T (a softmax's log-likelihood is linear-minus-log-sum-exp in it),
-    so a bounded scalar search on log T finds the minimum.
-    """
-    from scipy.optimize import minimize_scalar
-
-    rows = np.arange(len(y))
-
-    def loss(log_t: float) -> float:
-        p = softmax(scores / math.exp(log_t))[rows, y]
-        return float(-np.mean(np.log(np.clip(p, 1e-15, 1.0))))
-
-    res = minimize_scalar(loss, bounds=(math.log(1e-3), math.log(1e3)), method="bounded",
-                          options={"xatol": 1e-4})
-    return float(math.exp(res.x))
-
-
 # ---- pieces ------------------------------------------------------------------------------------
 
 
@@ -323,25 +304,14 @@ def _targets(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 def _ridge_path(z: np.ndarray, t: np.ndarray,
                 alphas: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Ridge weights (F, K) and intercepts (K,) on centred columns ``z`` (N, F) for every alpha,
-    from one eigendecomposition of the smaller Gram matrix (N x N or F x F)."""
-    zc = z - z.mean(axis=0)
+    """Ridge weights (F, K) and intercepts (K,) on columns ``z`` (N, F) for every alpha: the
+    readout's solver (:func:`cbdtune.ridge.solutions`, one eigendecomposition) on centred
+    columns, the intercepts from the means."""
+    from cbdtune.ridge import solutions
+
+    mean = z.mean(axis=0)
     t_mean = t.mean(axis=0)
-    tc = t - t_mean
-    out = []
-    if zc.shape[0] <= zc.shape[1]:  # w = Z^T (Z Z^T + a I)^-1 T
-        s2, u = np.linalg.eigh(zc @ zc.T)
-        uty = u.T @ tc
-        for a in alphas:
-            w = zc.T @ (u @ (uty / (np.clip(s2, 0, None) + a)[:, None]))
-            out.append((w, t_mean - z.mean(axis=0) @ w))
-    else:  # w = (Z^T Z + a I)^-1 Z^T T
-        s2, v = np.linalg.eigh(zc.T @ zc)
-        vtzt = v.T @ (zc.T @ tc)
-        for a in alphas:
-            w = v @ (vtzt / (np.clip(s2, 0, None) + a)[:, None])
-            out.append((w, t_mean - z.mean(axis=0) @ w))
-    return out
+    return [(w, t_mean - mean @ w) for w in solutions(z - mean, t, tuple(alphas))]
 
 
 def _checked_series(x: np.ndarray, where: str) -> np.ndarray:

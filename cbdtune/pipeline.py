@@ -202,9 +202,11 @@ def steps_to_epochs(cfg: ExperimentConfig, n_train: int) -> ExperimentConfig:
     epochs = math.ceil(tc.pretrain_steps / per_epoch) if tc.pretrain_steps else tc.pretrain_epochs
     if tc.pretrain_max_steps:
         epochs = min(epochs, max(1, tc.pretrain_max_steps // per_epoch))
+    resolved = replace(tc, pretrain_steps=0, pretrain_max_steps=0)
+    if epochs == tc.pretrain_epochs:  # the cap does not bind (or no pretraining at all)
+        return replace(cfg, train=resolved)
     every = math.ceil(epochs / max(1, reports.probe_count(tc)))
-    return replace(cfg, train=replace(tc, pretrain_steps=0, pretrain_max_steps=0,
-                                      pretrain_epochs=epochs, probe_every=every))
+    return replace(cfg, train=replace(resolved, pretrain_epochs=epochs, probe_every=every))
 
 
 def build_for(data: Dataset, cfg: ExperimentConfig) -> tuple[ExperimentConfig, CBDModel]:

@@ -155,9 +155,10 @@ def _split_blocks(head: RidgeHead | None, z: np.ndarray) -> tuple[np.ndarray, np
     return z[:, :n_pooled], z[:, n_pooled:]
 
 
-def _solutions(z: np.ndarray, targets: np.ndarray, alphas: tuple[float, ...]) -> list[np.ndarray]:
+def solutions(z: np.ndarray, targets: np.ndarray, alphas: tuple[float, ...]) -> list[np.ndarray]:
     """Ridge weights (p, K) on centred columns ``z`` for every alpha (scikit-learn's ``Ridge``
-    with an intercept), from one eigendecomposition."""
+    with an intercept), from one eigendecomposition: the plain path, without level blocks
+    (the MiniRocket baseline's, :mod:`cbdtune.baselines`)."""
     yc = targets - targets.mean(axis=0)
     empty = np.zeros((len(z), 0))
     u, s, _ = _eigenbasis(z)

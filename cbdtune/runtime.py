@@ -110,20 +110,22 @@ def for_epoch(loader: DataLoader, epoch: int, seed: int) -> DataLoader:
     return loader
 
 
-def progress_bar(total: int, desc: str, rt: Runtime, initial: int = 0) -> Any:
-    """A tqdm bar (``rt.progress``), else a :class:`ProgressLog` (``rt.progress_log``), else None.
+def progress_bar(total: int, desc: str, rt: Runtime, initial: int = 0,
+                 unit: str = "epoch") -> Any:
+    """A tqdm bar (``rt.progress``), else a :class:`ProgressLog` (``rt.progress_log``), else None;
+    ``unit`` names what it counts (epochs, folds).
 
     Callers set the postfix before ``update`` so that a log line carries the epoch's numbers.
     """
     if not rt.is_chief:
         return None
     if not rt.progress:
-        return ProgressLog(total, desc, initial) if rt.progress_log else None
+        return ProgressLog(total, desc, initial, unit) if rt.progress_log else None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, file=sys.stderr)
 
 
 class ProgressLog:
@@ -133,8 +135,9 @@ class ProgressLog:
 
     log = logging.getLogger("cbdtune.progress")
 
-    def __init__(self, total: int, desc: str, initial: int = 0) -> None:
+    def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "epoch") -> None:
         self.total, self.desc, self.n, self.logged = total, desc, initial, initial
+        self.unit = unit
         self.every = max(1, math.ceil(total / 10))
         self.postfix = ""
         self.t0 = time.perf_counter()
@@ -153,8 +156,8 @@ class ProgressLog:
 
     def _line(self) -> None:
         self.logged = self.n
-        self.log.info("%s: epoch %d/%d %s (%.1f s)", self.desc, self.n, self.total, self.postfix,
-                      time.perf_counter() - self.t0)
+        self.log.info("%s: %s %d/%d %s (%.1f s)", self.desc, self.unit, self.n, self.total,
+                      self.postfix, time.perf_counter() - self.t0)
 
 
 @functools.cache  # a property of the hardware, asked once per batch by autocast

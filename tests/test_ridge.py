@@ -53,7 +53,7 @@ def test_the_path_is_sklearns_ridge_at_every_alpha() -> None:
     rng = np.random.default_rng(0)
     z, targets = rng.standard_normal((30, 50)), rng.standard_normal((30, 3))
     z -= z.mean(axis=0)
-    for alpha, w in zip(ridge.ALPHAS[::6], ridge._solutions(z, targets, ridge.ALPHAS[::6]),
+    for alpha, w in zip(ridge.ALPHAS[::6], ridge.solutions(z, targets, ridge.ALPHAS[::6]),
                         strict=True):
         ref = Ridge(alpha=alpha, fit_intercept=True, solver="svd").fit(z, targets)
         np.testing.assert_allclose(w.T, ref.coef_, rtol=1e-6, atol=1e-9)

@@ -74,7 +74,8 @@ def _ridge_head(clf: CBDClassifier) -> RidgeHead:
 def _path_outputs(head: RidgeHead, z: np.ndarray, pool: classify.Pool, n_classes: int,
                   rt: Runtime) -> list[np.ndarray]:
     """Every fold's held-out scores (P, N_val, K) at every point of the path, with progress."""
-    bar = progress_bar(len(pool.folds), f"ridge readout ({len(pool.y)} series)", rt)
+    bar = progress_bar(len(pool.folds), f"ridge readout ({len(pool.y)} series)", rt,
+                       unit="fold")
     log = _progress_note(bar)
     outputs = []
     for tr, va in pool.folds:
