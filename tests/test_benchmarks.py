@@ -17,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import pretrain_gap  # noqa: E402
+import readout_choice  # noqa: E402
 import reproduce  # noqa: E402
 import search_efficiency as eff  # noqa: E402
 import selection  # noqa: E402
@@ -191,3 +192,34 @@ def test_reuse_benchmark_budget_override_and_no_machine_path(tmp_path: Path) -> 
     assert space.keys == load_space("default").keys  # the same knobs searched
     assert eff.shown(["--seeds", "3", "--work-dir", str(tmp_path)]) == ["--seeds", "3",
                                                                        "--work-dir", "W"]
+
+
+def test_trial_cost_quick_tables_each_budget(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "trial_cost.py"), "--quick", "--dataset",
+         "JapaneseVowels", "--budget", "preset=", "--budget", "one_step=train.pretrain_max_steps=1",
+         "--name", "jv"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(proc.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+    assert out.parent != REPO / "results"  # --quick writes to a temporary folder
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith(("| preset", "| one_step"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert row[2] == "1" and row[7] == "completed"  # one epoch; the trial finished
+        assert 0.0 < float(row[8]) <= 100.0 and 0.0 < float(row[9].rstrip(" |")) <= 100.0
+
+
+def test_readout_choice_names_the_selected_blend() -> None:
+    from cbdtune.ridge import ALPHAS
+
+    def meta(epoch: int, levels: bool = True, stage: str = "ridge") -> dict:
+        return {"stage": stage, "epoch": epoch, "config": {"model.level_features": levels}}
+
+    n = len(ALPHAS)
+    assert readout_choice.choice(meta(1)) == "tokens"
+    assert readout_choice.choice(meta(n + 1)) == "tokens + levels"
+    assert readout_choice.choice(meta(3 * n + 1)) == readout_choice.choice(meta(4 * n)) == (
+        "levels alone")
+    assert readout_choice.choice(meta(4 * n, levels=False)) == "tokens"  # one blend without levels
+    assert readout_choice.choice(meta(7, stage="fine_tune")) == "fine_tune"
