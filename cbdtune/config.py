@@ -178,7 +178,7 @@ class TrainConfig:
     # A ceiling on the pretraining steps either budget gives (0 = none): the epochs are cut to
     # the most whose steps fit (at least 1). The default preset's 1,000 at batch 128 leave 100
     # epochs to any dataset of up to 1,407 series; PenDigits' 7,494 (58 steps an epoch) get 17
-    # (results/pendigits.md: a trial in 6.5 min instead of 16, the same test accuracy at seed 0).
+    # (results/pendigits.md: a trial in 6 min instead of 17, the same test accuracy at seed 0).
     pretrain_max_steps: int = 0
     drop_last: bool = True  # [C] pretraining drops the last partial batch (one is always kept);
     #                         False keeps it: 253 series at batch 128 give 2 steps, not 1
