@@ -19,7 +19,7 @@ import argparse
 import json
 import shlex
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
