@@ -855,7 +855,8 @@ def test_search_ctrl_c_in_refit_or_registration_is_killed_and_resume_finishes(
     settings = search.SearchSettings(
         datasets=("gesture",), space=SMOKE, num_samples=1, refit_top=1, refit_seeds=1,
         scheduler="none", storage=str(tmp_path / "ray"), results_dir="results",
-        mlflow_uri=uri, experiment=EXPERIMENT, name="cc", data_dir=os.environ["CBDTUNE_DATA_DIR"])
+        mlflow_uri=uri, experiment=EXPERIMENT, name="cc", data_dir=os.environ["CBDTUNE_DATA_DIR"],
+        ensemble="top")  # select may hand over MiniRocket alone: then no CBD refit runs
     real_refit, real_log_model = refit.run, serving.log_model
 
     def sigint_in_refit(*args, **kwargs):
