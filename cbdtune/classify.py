@@ -376,25 +376,27 @@ def predict_proba(clf: CBDClassifier, x: np.ndarray, rt: Runtime, tc: TrainConfi
     return in_batches(clf, as_tensor(x), rt, tc).softmax(-1).cpu().numpy()
 
 
-# ---- input augmentation for fine-tuning ----------------------------------------------------------
+# ---- input augmentation (fine-tuning: train.augment_*; pretraining: train.pretrain_augment) ----
 
 
-def augmenter(tc: TrainConfig) -> Callable[[Tensor], Tensor] | None:
-    """Random jitter, per-channel scaling and window crop of raw series, or None when all are off.
+def augmenter(jitter: float = 0.0, scale: float = 0.0,
+              crop: float = 0.0) -> Callable[[Tensor], Tensor] | None:
+    """Random jitter (x each series' std), per-channel scaling (std of the factor around 1) and
+    window crop (share of the length cut, then stretched) of raw series, or None when all are 0.
 
     Draws from torch's global generator (seeded per trial), so a run is reproducible.
     """
-    if not (tc.augment_jitter or tc.augment_scale or tc.augment_crop):
+    if not (jitter or scale or crop):
         return None
 
     def augment(x: Tensor) -> Tensor:  # (B, C, L)
-        if tc.augment_crop:
-            x = window_crop(x, tc.augment_crop)
+        if crop:
+            x = window_crop(x, crop)
         std = x.std(dim=-1, keepdim=True, correction=0)
-        if tc.augment_scale:
-            x = x * (1 + tc.augment_scale * torch.randn(*x.shape[:2], 1, device=x.device))
-        if tc.augment_jitter:
-            x = x + tc.augment_jitter * std * torch.randn_like(x)
+        if scale:
+            x = x * (1 + scale * torch.randn(*x.shape[:2], 1, device=x.device))
+        if jitter:
+            x = x + jitter * std * torch.randn_like(x)
         return x
 
     return augment

@@ -180,6 +180,10 @@ class TrainConfig:
     # epochs to any dataset of up to 1,407 series; PenDigits' 7,494 (58 steps an epoch) get 17
     # (results/pendigits.md: a trial in 6 min instead of 17, the same test accuracy at seed 0).
     pretrain_max_steps: int = 0
+    # Augmentation of the pretraining batches (0 = none, [P] and [C]): each batch is jittered,
+    # scaled per channel and window-cropped at this strength (classify.augmenter), and the masked
+    # model reconstructs the augmented series. Issue 23's ablation: results/pretrain_ablation.md.
+    pretrain_augment: float = 0.0
     drop_last: bool = True  # [C] pretraining drops the last partial batch (one is always kept);
     #                         False keeps it: 253 series at batch 128 give 2 steps, not 1
     pretrain_lr: float = 1e-4  # [P] AdamW
@@ -234,7 +238,8 @@ class TrainConfig:
             _check(value > 0, f"train.{name}", f"must be > 0, but got {value}")
         _check(self.weight_decay >= 0, "train.weight_decay",
                f"must be >= 0, but got {self.weight_decay}")
-        for name in ("label_smoothing", "augment_jitter", "augment_scale", "augment_crop"):
+        for name in ("label_smoothing", "augment_jitter", "augment_scale", "augment_crop",
+                     "pretrain_augment"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name}", f"expected a float in [0, 1), but got {value}")
         for name in ("beta1", "beta2", "plateau_factor"):

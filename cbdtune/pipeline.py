@@ -88,10 +88,14 @@ def pretrain_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimi
                    epoch: int) -> dict[str, float]:
     """One epoch of masked pretraining; returns the mean of every loss term."""
     model.train()
+    s = cfg.train.pretrain_augment
+    augment = classify.augmenter(jitter=s, scale=s, crop=s)
     sums: dict[str, float] = {}
     n = 0
     for (xb,) in for_epoch(loader, epoch, cfg.train.seed):
         xb = xb.to(rt.device, non_blocking=True)
+        if augment is not None:  # input and reconstruction target alike
+            xb = augment(xb)
         with autocast(rt, cfg.train):
             out = model(xb, generator=gen)
             terms = dual_constraint_loss(xb, out, cfg.loss)
@@ -209,14 +213,19 @@ def steps_to_epochs(cfg: ExperimentConfig, n_train: int) -> ExperimentConfig:
     return replace(cfg, train=replace(resolved, pretrain_epochs=epochs, probe_every=every))
 
 
-def build_for(data: Dataset, cfg: ExperimentConfig) -> tuple[ExperimentConfig, CBDModel]:
-    """Fill the dataset's shape (and a budget in steps: :func:`steps_to_epochs`) into the config
-    and build the model (seeded)."""
+def for_data(cfg: ExperimentConfig, data: Dataset) -> ExperimentConfig:
+    """The config a trial on ``data`` runs: the dataset's shape filled in and a budget in steps
+    resolved (:func:`steps_to_epochs`)."""
     mc = replace(cfg.model, in_channels=data.n_channels, seq_len=data.seq_len,
                  num_classes=data.n_classes)
-    cfg = steps_to_epochs(replace(cfg, model=mc), len(data.train.x))
+    return steps_to_epochs(replace(cfg, model=mc), len(data.train.x))
+
+
+def build_for(data: Dataset, cfg: ExperimentConfig) -> tuple[ExperimentConfig, CBDModel]:
+    """:func:`for_data`'s config and the model it builds (seeded)."""
+    cfg = for_data(cfg, data)
     seed_everything(cfg.train.seed)
-    return cfg, build_model(mc)
+    return cfg, build_model(cfg.model)
 
 
 def _prepare(cfg: ExperimentConfig, data: Dataset, rt: Runtime,

@@ -118,7 +118,7 @@ def keep_oof(cfg: ExperimentConfig, data: Dataset, result: Any, *, where: str,
     search's ensemble selection. A trial with none (a stage that keeps none) writes nothing."""
     from cbdtune import oof
     from cbdtune.classify import selection_pool
-    from cbdtune.pipeline import steps_to_epochs
+    from cbdtune.pipeline import for_data
 
     chosen = result.selected
     if chosen is None or chosen.oof_proba is None:
@@ -126,11 +126,8 @@ def keep_oof(cfg: ExperimentConfig, data: Dataset, result: Any, *, where: str,
     proba = chosen.oof_proba.detach().cpu().numpy()
     rows = np.flatnonzero(np.isfinite(proba).all(axis=1))  # one validation split: its rows
     pool = selection_pool(data, cfg)
-    shaped = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, in_channels=data.n_channels, seq_len=data.seq_len,
-        num_classes=data.n_classes))
     key = str(result.metrics.get(reports.ENCODER_KEY) or "") or encoder_cache.pretrain_key(
-        steps_to_epochs(shaped, len(data.train.x)), data)
+        for_data(cfg, data), data)
     meta = {"config": cfg.to_dict(), "encoder_key": key, "seed": cfg.train.seed,
             "cv_folds": cfg.data.cv_folds, "cv_repeats": cfg.data.cv_repeats,
             "stage": chosen.stage, "epoch": chosen.epoch, "temperature": chosen.temperature,

@@ -79,10 +79,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_the_declared_split_of_fields() -> None:
     assert set(ec.NOT_IN_KEY) <= set(valid_keys()), "NOT_IN_KEY names a key the config lacks"
     train = {k for k in ec.pretraining_fields() if k.startswith("train.")}
-    assert train == {f"train.{n}" for n in ("seed", "batch_size", "pretrain_epochs",
-                                             "pretrain_steps", "pretrain_max_steps", "drop_last",
-                                             "pretrain_lr",
-                                             "weight_decay", "beta1", "beta2", "amp")}
+    assert train == {f"train.{n}" for n in (
+        "seed", "batch_size", "pretrain_epochs", "pretrain_steps", "pretrain_max_steps",
+        "pretrain_augment", "drop_last", "pretrain_lr", "weight_decay", "beta1", "beta2", "amp")}
     model = {k for k in valid_keys() if k.startswith("model.")}
     assert model - set(ec.pretraining_fields()) == {
         "model.head", "model.head_dropout", "model.level_features",  # the classifier's

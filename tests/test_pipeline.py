@@ -244,6 +244,40 @@ def test_run_trial_pretrains_for_the_steps_budget(gesture: Dataset, monkeypatch)
     assert steps == 12
 
 
+def test_pretraining_augmentation_feeds_model_and_target_one_augmented_batch(
+        gesture: Dataset, monkeypatch) -> None:
+    """train.pretrain_augment: the masked model reads and reconstructs the same augmented batch
+    (not the raw series); 0 leaves the batches as loaded; a seed repeats its draws."""
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # (what the model read, the target)
+    real_loss = pipeline.dual_constraint_loss
+
+    def spy(xb, out, loss_cfg):
+        batches.append((model_inputs[-1], xb))
+        return real_loss(xb, out, loss_cfg)
+
+    monkeypatch.setattr(pipeline, "dual_constraint_loss", spy)
+    raw = torch.as_tensor(gesture.train.x, dtype=torch.float32)
+
+    def first_batch(strength: float) -> torch.Tensor:
+        batches.clear()
+        model_inputs.clear()
+        cfg = preset("smoke").replace({"train.pretrain_epochs": 1, "train.num_threads": 2,
+                                       "train.pretrain_augment": strength})
+        cfg, model = pipeline.build_for(gesture, cfg)
+        model.register_forward_pre_hook(lambda _, args: model_inputs.append(args[0]))
+        pipeline.pretrain(model, gesture, cfg, runtime.Runtime(), lambda *a: None, probes=False)
+        seen, target = batches[0]
+        assert seen is target, "the reconstruction target is not what the model read"
+        return seen
+
+    model_inputs: list[torch.Tensor] = []
+    plain = first_batch(0.0)
+    assert any(torch.equal(plain[0], series) for series in raw), "0 changed the batch"
+    augmented = first_batch(0.3)
+    assert not any(torch.allclose(augmented[0], series) for series in raw)
+    assert torch.equal(first_batch(0.3), augmented), "the same seed drew other augmentations"
+
+
 def _folds_agree(m: dict[str, Any], n_folds: int) -> list[str]:
     """The ``val_*`` keys of report ``m`` whose ``_folds`` list is there, one score per fold,
     and averages to the reported value; fails on one that is missing or disagrees."""

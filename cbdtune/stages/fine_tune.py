@@ -46,4 +46,4 @@ class FineTune(EpochStage):
         return series_stats(inputs[0][idx])
 
     def augment(self, tc: TrainConfig) -> Callable[[Tensor], Tensor] | None:
-        return classify.augmenter(tc)
+        return classify.augmenter(tc.augment_jitter, tc.augment_scale, tc.augment_crop)
