@@ -43,11 +43,17 @@ def _tokens(dataset: str, min_tokens: int) -> tuple[int, int]:
     return steps, num_tokens(ModelConfig(seq_len=steps, min_tokens=min_tokens))
 
 
-def variant_rows(label: str, df: Any, min_tokens: int) -> list[dict[str, Any]]:
+def variant_rows(label: str, df: Any, min_tokens: int,
+                 randoms: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per dataset of a run. A run without (r) rows (a change to pretraining alone,
+    which an encoder that is not pretrained does not see) is paired with ``randoms[dataset]``:
+    the (r) rows of an earlier variant, same seeds and folds."""
     out = []
     for dataset, g in df.groupby("dataset", sort=False):
         b = g[g["protocol"] == CV_REFIT].set_index("seed")
         r = g[g["protocol"] == RANDOM].set_index("seed")
+        if r.empty and randoms and dataset in randoms:
+            r = randoms[dataset]
         seeds = sorted(set(b.index) & set(r.index))
         steps, tokens = _tokens(dataset, min_tokens)
         gain = mean_std([b.loc[s, "test_accuracy"] - r.loc[s, "test_accuracy"] for s in seeds])
@@ -74,6 +80,15 @@ def minirocket(frames: list[Any]) -> dict[str, tuple[float, float, int]]:
     return out
 
 
+def _read(p: argparse.ArgumentParser, folder: Path, name: str, what: str) -> Any:
+    import pandas as pd
+
+    path = folder / f"{name}.csv"
+    if not path.is_file():
+        p.error(f"{what}: {path} not found; run selection.py first")
+    return pd.read_csv(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -84,18 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", action="append", default=[], help="a command to state")
     p.add_argument("--note", action="append", default=[], help="a line for the header")
     p.add_argument("--name", default="token_rate")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "results",
+                   help="where the runs' NAME.csv are and the table is written")
+    p.add_argument("--title", default="Token rate and the random-encoder control")
+    p.add_argument("--minirocket", action="append", default=[], metavar="NAME",
+                   help="a selection.py run to take MiniRocket from when no variant has it")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    rows, frames = [], []
+    rows: list[dict[str, Any]] = []
+    frames, randoms = [], {}
     for spec in args.variant:
         label, _, name = spec.rpartition("=")
         name, _, m = name.partition("@")
-        path = ROOT / "results" / f"{name}.csv"
-        if not path.is_file():
-            p.error(f"--variant {spec}: {path.relative_to(ROOT)} not found; run selection.py first")
-        frames.append(pd.read_csv(path))
-        rows += variant_rows(label, frames[-1], int(m or 1))
-    mr = minirocket(frames)
-    lines = [f"# Token rate and the random-encoder control ({args.name})", "",
+        frames.append(_read(p, args.results_dir, name, f"--variant {spec}"))
+        rows += variant_rows(label, frames[-1], int(m or 1), randoms)
+        for dataset, g in frames[-1][frames[-1]["protocol"] == RANDOM].groupby("dataset"):
+            randoms.setdefault(dataset, g.set_index("seed"))
+    mr = minirocket(frames + [_read(p, args.results_dir, n, f"--minirocket {n}")
+                              for n in args.minirocket])
+    lines = [f"# {args.title} ({args.name})", "",
              *[f"- command: `{c}`" for c in args.command], *args.note, "",
              "| dataset (steps) | variant | tokens | seeds | CBD pretrained % | random encoder % "
              "| gain, points (paired) | readout CV chose: pretrained / random "
@@ -112,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {r['readout_pretrained']} / {r['readout_random']} | {r['minirocket']} "
                      f"| {r['minus_minirocket']:+.2f} "
                      f"| {r['time_pretrained_s']:.0f} / {r['time_random_s']:.0f} |")
-    (ROOT / "results" / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    pd.DataFrame(rows).to_csv(ROOT / "results" / f"{args.name}.csv", index=False)
+    (args.results_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    pd.DataFrame(rows).to_csv(args.results_dir / f"{args.name}.csv", index=False)
     print("\n".join(lines))
     return 0
 

@@ -223,3 +223,29 @@ def test_readout_choice_names_the_selected_blend() -> None:
         "levels alone")
     assert readout_choice.choice(meta(4 * n, levels=False)) == "tokens"  # one blend without levels
     assert readout_choice.choice(meta(7, stage="fine_tune")) == "fine_tune"
+
+
+def test_token_rate_table_pairs_a_run_without_random_rows_with_an_earlier_one(
+        tmp_path: Path, monkeypatch) -> None:
+    """A pretraining-only change (no (r) rows of its own) takes the random encoder of an
+    earlier variant, same dataset and seeds; the gain is paired by seed; MiniRocket may come
+    from a run of its own."""
+    import token_rate
+
+    def rows(protocol: str, accs: list[float]) -> list[dict]:
+        return [{"dataset": "toy", "seed": s, "protocol": protocol, "test_accuracy": a,
+                 "epoch": 1, "time_s": 1.0} for s, a in enumerate(accs)]
+
+    pd.DataFrame(rows(selection.CV_REFIT, [0.80, 0.90]) + rows(selection.RANDOM, [0.70, 0.80])
+                 ).to_csv(tmp_path / "base.csv", index=False)
+    pd.DataFrame(rows(selection.CV_REFIT, [0.85, 0.95])).to_csv(tmp_path / "aug.csv",
+                                                                index=False)
+    pd.DataFrame(rows(selection.MR_ALL, [0.90, 0.92])).to_csv(tmp_path / "mr.csv", index=False)
+    monkeypatch.setattr(token_rate, "_tokens", lambda dataset, m: (16, 2))  # no dataset on disk
+    assert token_rate.main(["--variant", "base=base", "--variant", "aug=aug",
+                            "--minirocket", "mr", "--results-dir", str(tmp_path),
+                            "--name", "t"]) == 0
+    table = pd.read_csv(tmp_path / "t.csv").set_index("variant")
+    assert table.loc["base", "gain_mean"] == pytest.approx(10.0)
+    assert table.loc["aug", "gain_mean"] == pytest.approx(15.0)  # (85-70, 95-80) paired
+    assert table.loc["aug", "minus_minirocket"] == pytest.approx(90.0 - 91.0)

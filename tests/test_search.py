@@ -3,6 +3,7 @@ resume after SIGINT, and bad input refused before Ray starts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -190,28 +191,47 @@ def test_search_two_objectives_smoke_lists_the_pareto_front(tmp_path: Path) -> N
     assert parent.data.params["metric"] == "val_accuracy,time_total_s"
 
 
-@pytest.mark.ray
-def test_search_ray_job_submit_succeeds(tmp_path: Path) -> None:
-    """`ray start --head` on loopback + `ray job submit -- python -m cbdtune.search` SUCCEEDED."""
-    env = {**_env(), "RAY_AUTH_MODE": "token"}
+@contextlib.contextmanager
+def _ray_head(env: dict[str, str], log: Path) -> Iterator[int]:
+    """A Ray head of this test's own on loopback (``ray start --head --block``); yields its
+    dashboard port. Ending the ``--block`` command stops that head's processes and no other
+    Ray's (``ray stop`` would stop every Ray on the machine: a user's searches included)."""
     port, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
-    start = subprocess.run(
-        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stderr[-2000:]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head did not start in 180 s"
+            time.sleep(0.5)
+        yield dash
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+@pytest.mark.ray
+def test_search_ray_job_submit_succeeds(tmp_path: Path) -> None:
+    """A Ray head on loopback + `ray job submit -- python -m cbdtune.search` SUCCEEDED."""
+    env = {**_env(), "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with _ray_head(env, tmp_path / "head.log") as dash:
         job = subprocess.run(
             [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
              *_search_cmd(tmp_path, uri)],  # the job runs `python -m cbdtune.search ...`
             capture_output=True, text=True, env=env, timeout=600)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr)
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    assert "succeeded" in (job.stdout + job.stderr)
     df = _check_outputs(tmp_path, uri, 2)
     assert len(df) == 2
 
