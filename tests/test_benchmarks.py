@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -249,3 +250,28 @@ def test_token_rate_table_pairs_a_run_without_random_rows_with_an_earlier_one(
     assert table.loc["base", "gain_mean"] == pytest.approx(10.0)
     assert table.loc["aug", "gain_mean"] == pytest.approx(15.0)  # (85-70, 95-80) paired
     assert table.loc["aug", "minus_minirocket"] == pytest.approx(90.0 - 91.0)
+
+
+def test_cross_selected_point_ignores_the_fold_it_predicts() -> None:
+    """Fold 0 alone prefers point 1, folds 1 and 2 point 0: fold 0 is read at point 0 (its
+    peers' choice); each of folds 1 and 2 at point 1 (fold 0's 1.0 tips the mean of its peers);
+    ties go to the lower loss."""
+    import oof_honesty
+
+    acc = np.array([[0.5, 1.0], [0.9, 0.6], [0.9, 0.6]])
+    loss = np.zeros_like(acc)
+    assert oof_honesty.cross_selected(acc, loss).tolist() == [0, 1, 1]
+    acc = np.array([[0.5, 0.5], [0.5, 0.5]])
+    assert oof_honesty.cross_selected(acc, np.array([[1.0, 0.5], [1.0, 0.5]])).tolist() == [1, 1]
+
+
+def test_oof_honesty_quick_tables_both_kinds(tmp_path: Path) -> None:
+    proc = _run_script("oof_honesty.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = [json.loads(f.read_text()) for f in (tmp_path / "oof_honesty_runs").glob("*.json")]
+    for kind in ("selected", "cross"):
+        assert 0 <= row[f"{kind}_weight_minirocket"] <= 1
+        assert 0 < row[f"{kind}_ensemble_test"] <= 1
+    for model in ("cbd", "minirocket"):
+        assert all(0 < row[f"{model}_{kind}_oof"] <= 1 for kind in ("selected", "cross"))
+    assert "| gesture | 1 |" in (tmp_path / "oof_honesty.md").read_text()
