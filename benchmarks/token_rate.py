@@ -67,8 +67,23 @@ def variant_rows(label: str, df: Any, min_tokens: int,
                     "readout_pretrained": _blend_counts(b.loc[seeds]),
                     "readout_random": _blend_counts(r.loc[seeds]),
                     "time_pretrained_s": float(b.loc[seeds, "time_s"].mean()),
-                    "time_random_s": float(r.loc[seeds, "time_s"].mean())})
+                    "time_random_s": float(r.loc[seeds, "time_s"].mean()),
+                    "by_seed": dict(b["test_accuracy"])})
     return out
+
+
+def paired_change(rows: list[dict[str, Any]]) -> None:
+    """Each row's pretrained accuracy minus its dataset's first row's, paired by seed (points,
+    mean ± std): ``vs_first`` (empty on the first row itself)."""
+    first: dict[str, dict[int, float]] = {}
+    for r in rows:
+        base = first.setdefault(r["dataset"], r["by_seed"])
+        seeds = sorted(set(base) & set(r["by_seed"]))
+        if base is r["by_seed"] or not seeds:
+            r["vs_first"] = ""
+            continue
+        m, sd = mean_std([r["by_seed"][s] - base[s] for s in seeds])
+        r["vs_first"] = f"{m:+.2f}" + (f" ± {sd:.2f}" if len(seeds) > 1 else "")
 
 
 def minirocket(frames: list[Any]) -> dict[str, tuple[float, float, int]]:
@@ -119,22 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# {args.title} ({args.name})", "",
              *[f"- command: `{c}`" for c in args.command], *args.note, "",
              "| dataset (steps) | variant | tokens | seeds | CBD pretrained % | random encoder % "
-             "| gain, points (paired) | readout CV chose: pretrained / random "
+             "| gain, points (paired) | vs the dataset's first row, points (paired) "
+             "| readout CV chose: pretrained / random "
              "| MiniRocket % | pretrained − MiniRocket | time s: pretrained / random |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(dict.fromkeys(r["dataset"] for r in rows))
     rows.sort(key=lambda r: order.index(r["dataset"]))  # stable: variants in the given order
+    paired_change(rows)
     for r in rows:
         m = mr.get(r["dataset"])
         r["minirocket"] = fmt_ms(m[0], m[1]) if m else "-"
         r["minus_minirocket"] = r["pretrained_mean"] - m[0] if m else float("nan")
         lines.append(f"| {r['dataset']} ({r['steps']}) | {r['variant']} | {r['tokens']} "
-                     f"| {r['seeds']} | {r['pretrained']} | {r['random']} | {r['gain']} "
+                     f"| {r['seeds']} | {r['pretrained']} | {r['random']} | {r['gain']} | {r['vs_first']} "
                      f"| {r['readout_pretrained']} / {r['readout_random']} | {r['minirocket']} "
                      f"| {r['minus_minirocket']:+.2f} "
                      f"| {r['time_pretrained_s']:.0f} / {r['time_random_s']:.0f} |")
     (args.results_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    pd.DataFrame(rows).to_csv(args.results_dir / f"{args.name}.csv", index=False)
+    pd.DataFrame([{k: v for k, v in r.items() if k != "by_seed"} for r in rows]).to_csv(args.results_dir / f"{args.name}.csv", index=False)
     print("\n".join(lines))
     return 0
 

@@ -250,6 +250,7 @@ def test_token_rate_table_pairs_a_run_without_random_rows_with_an_earlier_one(
     assert table.loc["base", "gain_mean"] == pytest.approx(10.0)
     assert table.loc["aug", "gain_mean"] == pytest.approx(15.0)  # (85-70, 95-80) paired
     assert table.loc["aug", "minus_minirocket"] == pytest.approx(90.0 - 91.0)
+    assert table.loc["aug", "vs_first"] == "+5.00 ± 0.00"  # (85-80, 95-90)
 
 
 def test_cross_selected_point_ignores_the_fold_it_predicts() -> None:
