@@ -276,3 +276,21 @@ def test_oof_honesty_quick_tables_both_kinds(tmp_path: Path) -> None:
     for model in ("cbd", "minirocket"):
         assert all(0 < row[f"{model}_{kind}_oof"] <= 1 for kind in ("selected", "cross"))
     assert "| gesture | 1 |" in (tmp_path / "oof_honesty.md").read_text()
+
+
+def test_split_shift_sees_training_series_that_resemble_each_other_more_than_the_test() -> None:
+    """Training series in near-identical pairs: leave-one-out 1-NN finds each one's twin (100%);
+    test series drawn away from every pair are labelled by chance."""
+    import split_shift
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 1, 30))
+    x_train = np.concatenate([centers, centers + 1e-3 * rng.normal(size=centers.shape)])
+    y_train = np.tile(np.arange(20) % 2, 2)
+    x_test = rng.normal(size=(200, 1, 30))
+    y_test = rng.integers(0, 2, 200)
+    r = split_shift.shift(x_train, y_train, x_test, y_test)
+    assert r["loo"] == 1.0
+    assert 0.35 < r["test"] < 0.65
+    assert split_shift.nearest(x_train[:, 0], x_train[:, 0], exclude_self=True, chunk=7).tolist() \
+        == [*range(20, 40), *range(20)]
