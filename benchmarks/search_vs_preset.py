@@ -182,7 +182,8 @@ def collect(runs: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(runs.glob("*_seed*.json")):
         row = json.loads(path.read_text())
-        if row.get("settings") == want and row["dataset"] in args.datasets:
+        if (row.get("settings") == want and row["dataset"] in args.datasets
+                and row["seed"] in args.seeds):
             rows.append(row)
     return rows
 
@@ -254,6 +255,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=1, help="torch threads for (a)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    p.add_argument("--table-only", action="store_true",
+                   help="run no cell: write the table from the cells already finished")
     args = p.parse_args(argv)
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -266,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = args.out_dir / f"{NAME}_runs"
     runs.mkdir(parents=True, exist_ok=True)
-    for dataset in args.datasets:
+    for dataset in args.datasets if not args.table_only else []:
         for seed in args.seeds:
             run_cell(dataset, seed, args, runs)
-    write(collect(runs, args), args, argv)
+    write(collect(runs, args), args, [a for a in argv if a != "--table-only"])
     return 0
 
 
