@@ -106,7 +106,7 @@ def minirocket_model(data: Any, pool: Any, seed: int) -> dict[str, Any]:
     from cbdtune import baselines as bl
     from cbdtune.handover import n_kernels_for
 
-    x, y, k = bl._padded(bl._checked_series(data.train.x, "MiniRocket")), pool.y, data.n_classes
+    x, y, k = bl.padded(bl._checked_series(data.train.x, "MiniRocket")), pool.y, data.n_classes
     n_kernels = n_kernels_for(len(y))
     targets = bl._targets(y, k)
     outputs = []

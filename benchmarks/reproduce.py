@@ -204,19 +204,20 @@ def minirocket_seed(data: Any, seed: int, fit_on: str, threads: int, *,
     import numpy as np
     from aeon.classification.convolution_based import MiniRocketClassifier
 
+    from cbdtune.baselines import padded  # MiniRocket refuses fewer than 9 steps (PenDigits: 8)
     from cbdtune.runtime import macro_f1
 
-    x, y = data.train.x, data.train.y
+    x, y = padded(data.train.x), data.train.y
     # numba refuses more threads than the CPUs this process may run on (taskset, cgroups)
     threads = max(1, min(threads, len(os.sched_getaffinity(0))))
     if fit_on == "train+val":
-        x, y = np.concatenate([x, data.val.x]), np.concatenate([y, data.val.y])
+        x, y = np.concatenate([x, padded(data.val.x)]), np.concatenate([y, data.val.y])
     if warm_up:  # numba compiles MiniRocket's kernels on first use (~30 s): keep it out of the time
         MiniRocketClassifier(random_state=seed, n_jobs=threads).fit(x, y).predict(x[:8])
     clf = MiniRocketClassifier(random_state=seed, n_jobs=threads)
     t0 = time.perf_counter()
     clf.fit(x, y)
-    pred = np.asarray(clf.predict(data.test.x)).astype(np.int64)
+    pred = np.asarray(clf.predict(padded(data.test.x))).astype(np.int64)
     elapsed = time.perf_counter() - t0
     return {"method": f"MiniRocket (fit on {fit_on})", "stage": "", "protocol": HONEST,
             "val_accuracy": math.nan, "epoch": 0,

@@ -89,7 +89,7 @@ class MiniRocketMember:
 
     def scores(self, x: np.ndarray, *, n_jobs: int = 1) -> np.ndarray:
         """Ridge scores (N, K) for series (N, C, L) of the fitted channels and length."""
-        x = _padded(_checked_series(x, "MiniRocket member"))
+        x = padded(_checked_series(x, "MiniRocket member"))
         if x.shape[1:] != (self.n_channels, self.length):
             raise BaselineError(f"MiniRocket member: series are [C, L]={list(x.shape[1:])} but it "
                                 f"was fitted on {[self.n_channels, self.length]}; bring them to "
@@ -176,7 +176,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: int, *, s
     """Out-of-fold ridge scores at every alpha, the alpha with the best mean fold accuracy, and
     the temperature that makes its scores' softmax fit best (arguments as
     :func:`minirocket_baseline`)."""
-    x, y = _padded(_checked_series(x, "MiniRocket baseline")), _checked_labels(y, len(x), n_classes)
+    x, y = padded(_checked_series(x, "MiniRocket baseline")), _checked_labels(y, len(x), n_classes)
     _check_folds(folds, len(y))
     sums = np.zeros((len(ALPHAS), len(y), n_classes))
     seen = np.zeros(len(y))
@@ -203,7 +203,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: int, *, s
 def refit(x: np.ndarray, y: np.ndarray, n_classes: int, *, alpha: float, temperature: float,
           seed: int = 0, n_kernels: int = N_KERNELS, n_jobs: int = 1) -> MiniRocketMember:
     """The transform and the ridge at ``alpha`` fitted on every series (N, C, L) of ``x``."""
-    x, y = _padded(_checked_series(x, "MiniRocket baseline")), _checked_labels(y, len(x), n_classes)
+    x, y = padded(_checked_series(x, "MiniRocket baseline")), _checked_labels(y, len(x), n_classes)
     transform = _fitted_transform(x, seed, n_kernels, n_jobs)
     z = _transform(transform, x)
     center, scale = _standardiser(z)
@@ -326,7 +326,7 @@ def _checked_series(x: np.ndarray, where: str) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _padded(x: np.ndarray) -> np.ndarray:
+def padded(x: np.ndarray) -> np.ndarray:
     """Series shorter than MiniRocket's kernel, edge-padded at the end to its 9 steps."""
     short = KERNEL_LENGTH - x.shape[2]
     return np.pad(x, ((0, 0), (0, 0), (0, short)), mode="edge") if short > 0 else x
