@@ -294,3 +294,17 @@ def test_split_shift_sees_training_series_that_resemble_each_other_more_than_the
     assert 0.35 < r["test"] < 0.65
     assert split_shift.nearest(x_train[:, 0], x_train[:, 0], exclude_self=True, chunk=7).tolist() \
         == [*range(20, 40), *range(20)]
+
+
+def test_minirocket_seed_takes_series_shorter_than_its_kernel() -> None:
+    """PenDigits has 8 steps; aeon's MiniRocket needs 9: the benchmarks edge-pad as the search's
+    baseline does (``baselines.padded``) instead of failing after the CBD rows."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    x = rng.normal(size=(40, 2, 8)).astype(np.float32) + y[:, None, None]
+    split = SimpleNamespace(x=x, y=y)
+    data = SimpleNamespace(train=split, test=split, val=split, n_classes=2)
+    row = reproduce.minirocket_seed(data, 0, "train", 1, warm_up=False)
+    assert row["test_accuracy"] > 0.9
