@@ -26,7 +26,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # a private Ray: plain ray.init() joins one another process runs on this machine (a search)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": session.TRAIN_POLL_ENV})
     yield
     ray.shutdown()
