@@ -373,13 +373,20 @@ def fit(tuner: Any) -> Any:
     """
     if threading.current_thread() is not threading.main_thread():
         return tuner.fit()  # Tune installs no handler off the main thread
-    saved = {sig: signal.getsignal(sig) for sig in _TUNE_SIGNALS}
+    saved = {sig: _not_tunes(signal.getsignal(sig)) for sig in _TUNE_SIGNALS}
     try:
         return tuner.fit()
     finally:
         for sig, handler in saved.items():
             fallback = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             signal.signal(sig, handler if handler is not None else fallback)
+
+
+def _not_tunes(handler: Any) -> Any:
+    """``handler``, or None when it is Tune's own: one left installed by an earlier Tune run in
+    this process that ended without going through :func:`fit` (putting it back would swallow
+    Ctrl-C again)."""
+    return None if str(getattr(handler, "__module__", "")).startswith("ray.") else handler
 
 
 def interrupted(settings: SearchSettings, df: Any, wall: float) -> bool:

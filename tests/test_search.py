@@ -974,3 +974,29 @@ def test_cli_read_only_encoder_cache_exits_2_before_ray(tmp_path: Path, capsys,
             search.cli(_small_cmd(tmp_path, "--no-reuse"))
     finally:
         encoders.chmod(0o755)
+
+
+def test_fit_puts_back_pythons_sigint_handler_not_a_stale_one_of_tunes(monkeypatch) -> None:
+    """A Tune handler left by an earlier run in this process is not what ``tuning.fit`` restores:
+    after it, Ctrl-C raises KeyboardInterrupt again."""
+    def stale(signum, frame) -> None:  # as Tune's, which only sets an event
+        pass
+
+    stale.__module__ = "ray.tune.tune"
+
+    class Tuner:
+        def fit(self) -> str:
+            signal.signal(signal.SIGINT, stale)  # what Tune installs for its run
+            return "done"
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, stale)
+        assert tuning.fit(Tuner()) == "done"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        user = lambda signum, frame: None  # noqa: E731 - a handler the user set stays theirs
+        signal.signal(signal.SIGINT, user)
+        tuning.fit(Tuner())
+        assert signal.getsignal(signal.SIGINT) is user
+    finally:
+        signal.signal(signal.SIGINT, previous)
