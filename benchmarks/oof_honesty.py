@@ -40,20 +40,20 @@ NAME = "oof_honesty"
 KINDS = ("selected", "cross")
 
 
+def best_point(accuracy: np.ndarray, loss: np.ndarray) -> int:
+    """The path point of the best mean accuracy ((P,) arrays), ties to the lower mean loss, then
+    the first point (the readout's own rule)."""
+    return int(np.lexsort((np.arange(len(accuracy)), loss, -accuracy))[0])
+
+
 def cross_selected(accuracy: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """For each fold f of a path scored per fold and point ((F, P) arrays), the point the other
-    folds select: the best mean accuracy over them, ties to the lower mean loss, then the first
-    point (the readout's own rule)."""
-    n_folds, n_points = accuracy.shape
+    folds select (:func:`best_point` over their means); a single fold keeps its own."""
+    n_folds = accuracy.shape[0]
     if n_folds < 2:
-        return np.zeros(n_folds, dtype=int) + int(np.lexsort((np.arange(n_points), loss[0],
-                                                               -accuracy[0]))[0])
-    picks = []
-    for f in range(n_folds):
-        rest = np.arange(n_folds) != f
-        order = np.lexsort((np.arange(n_points), loss[rest].mean(0), -accuracy[rest].mean(0)))
-        picks.append(int(order[0]))
-    return np.array(picks)
+        return np.full(n_folds, best_point(accuracy[0], loss[0]))
+    rest = [np.arange(n_folds) != f for f in range(n_folds)]
+    return np.array([best_point(accuracy[r].mean(0), loss[r].mean(0)) for r in rest])
 
 
 def oof_both(outputs: list[np.ndarray], folds: list[Any], y: np.ndarray,
@@ -66,7 +66,7 @@ def oof_both(outputs: list[np.ndarray], folds: list[Any], y: np.ndarray,
               for out, (_, va) in zip(outputs, folds, strict=True)]
     acc = np.array([[s["accuracy"] for s in row] for row in scores])
     loss = np.array([[s["loss"] for s in row] for row in scores])
-    best = int(np.lexsort((np.arange(acc.shape[1]), loss.mean(0), -acc.mean(0)))[0])
+    best = best_point(acc.mean(0), loss.mean(0))
     picks = {"selected": np.full(len(folds), best), "cross": cross_selected(acc, loss)}
     oof = {}
     for kind, points in picks.items():
@@ -123,9 +123,9 @@ def minirocket_model(data: Any, pool: Any, seed: int) -> dict[str, Any]:
 
 
 def _proba(scores: np.ndarray, temperature: float) -> np.ndarray:
-    s = scores / temperature
-    e = np.exp(s - s.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    from cbdtune.baselines import softmax
+
+    return softmax(scores / temperature)
 
 
 def cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
