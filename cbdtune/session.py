@@ -12,9 +12,11 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,11 @@ from cbdtune.config import ConfigError
 from cbdtune.encoder_cache import NOTE_KEY
 
 CHECKPOINT_FILE = "state.pt"
+# A trial's checkpoints at most this often: each report of a fast (ridge) trial came seconds
+# apart, and with Tune's CheckpointConfig(num_to_keep) every second checkpoint forced an
+# experiment snapshot ("Experiment state snapshotting has been triggered multiple times in the
+# last 5.0 seconds"). A retried trial repeats at most this much work after its checkpoint.
+CHECKPOINT_EVERY_S = 30.0
 LOOP_KEY = "train_loop_config"  # the trial's hyperparameters in a Tune config (dotted keys)
 
 
@@ -106,11 +113,14 @@ class Reporter:
         send: where reports go; default ``ray.train.report``, looked up at each call.
         notes: the encoder cache's warnings to send with the next report (:func:`cache_notes`).
         checkpoint_cls: the checkpoint class ``send`` takes; default ``ray.train.Checkpoint``.
+        checkpoint_every_s: a payload is checkpointed when at least this long has passed since
+            the last checkpoint (the first always is); the other reports go without one.
     """
 
     def __init__(self, history: list[dict[str, Any]], extra: dict[str, Any], rank: int,
                  send: Callable[..., None] | None = None,
-                 notes: list[str] | None = None, checkpoint_cls: Any | None = None) -> None:
+                 notes: list[str] | None = None, checkpoint_cls: Any | None = None,
+                 checkpoint_every_s: float = 0.0) -> None:
         self.history = list(history)
         self.extra = extra
         self.rank = rank
@@ -118,6 +128,8 @@ class Reporter:
         self.notes = notes if notes is not None else []
         # Tune's Checkpoint is a class of its own: Tune refuses ray.train's in tune.report.
         self.checkpoint_cls = checkpoint_cls
+        self.checkpoint_every_s = checkpoint_every_s
+        self._last_checkpoint = -math.inf
 
     def __call__(self, metrics: dict[str, Any], payload: dict[str, Any] | None) -> None:
         metrics = {**metrics, **self.extra}
@@ -127,9 +139,11 @@ class Reporter:
         self.history.append(dict(metrics))
         out = {**metrics, reports.ITERATION: len(self.history)}
         send = self.send or ray.train.report
-        if payload is None or self.rank != 0:  # every rank reports; rank 0 alone checkpoints
+        due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
+        if payload is None or self.rank != 0 or not due:  # rank 0 alone checkpoints
             send(out)
             return
+        self._last_checkpoint = time.monotonic()
         with tempfile.TemporaryDirectory() as d:
             torch.save({**payload, "history": self.history}, Path(d) / CHECKPOINT_FILE)
             checkpoint_cls = self.checkpoint_cls or ray.train.Checkpoint

@@ -33,6 +33,7 @@ from cbdtune.data import Dataset, load_dataset
 from cbdtune.pipeline import refit_trial, run_trial
 from cbdtune.runtime import Runtime
 from cbdtune.session import (
+    CHECKPOINT_EVERY_S,
     CHECKPOINT_FILE,
     LOOP_KEY,
     Reporter,
@@ -77,7 +78,8 @@ def _train_fn(loop_config: dict[str, Any], notes: list[str],
              "resumed_from_stage": state[reports.STAGE] if state else "",
              "resumed_from_epoch": int(state[reports.EPOCH]) if state else -1}
     report = Reporter(state.get("history", []) if state else [], where, rank,  # [4]
-                      send=session.send, notes=notes, checkpoint_cls=session.checkpoint_cls)
+                      send=session.send, notes=notes, checkpoint_cls=session.checkpoint_cls,
+                      checkpoint_every_s=CHECKPOINT_EVERY_S)
 
     # [3] DDP only when data-parallel; the model is already on `device`.
     rt = Runtime(device=device, rank=rank, world_size=session.world,

@@ -143,6 +143,27 @@ def test_reporter_restored_from_a_checkpoint_continues_the_iteration() -> None:
     assert again.state is None
 
 
+def test_reporter_checkpoints_at_most_every_interval(monkeypatch) -> None:
+    """Fast reports carry no checkpoint until the interval has passed since the last one (each
+    forced one of Tune's experiment snapshots); every report is still sent and counted."""
+    from cbdtune import session
+
+    clock = iter([0.0, 0.0, 10.0, 29.0, 31.0, 31.0])
+    monkeypatch.setattr(session.time, "monotonic", lambda: next(clock))
+    sent, checkpointed = _Sent(), []
+
+    def send(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        checkpointed.append(checkpoint is not None)
+        sent(metrics, checkpoint)
+
+    report = session.Reporter([], {}, rank=0, send=send, checkpoint_every_s=30.0)
+    for epoch in (2, 4, 6, 8):
+        report({reports.STAGE: reports.PRETRAIN, reports.EPOCH: epoch}, {"epoch": epoch})
+    assert checkpointed == [True, False, False, True]  # at 0 s, then 31 s (10 and 29 too soon)
+    assert [m[reports.ITERATION] for m in sent.metrics] == [1, 2, 3, 4]
+    assert sent.state is not None and len(sent.state["history"]) == 4
+
+
 @pytest.mark.parametrize(("classifier", "budget"), [("both", 2 + 2 * 3 + 1),
                                                     ("ridge", 2 + 2 + 1)])
 def test_report_budget_is_the_count_a_trial_reports(gesture_small, classifier: str,
