@@ -20,9 +20,6 @@ Writes results/calibration.md with the command, machine and versions at the top.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import load_average, machine  # noqa: E402
+from _machine import load_average, provenance  # noqa: E402
 
 from cbdtune import classify, pipeline, runtime  # noqa: E402
 from cbdtune.config import DataConfig, preset  # noqa: E402
@@ -111,11 +108,8 @@ def write(args: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]],
           load_start: str) -> None:
     lines = [
         "# Calibration: the fitted temperature, before and after (default preset)", "",
-        f"- command: `{shlex.join(['python', 'benchmarks/calibration.py', *argv])}`",
-        f"- machine: {machine()} (2-core CPU shared machine); load average at start "
-        f"{load_start}, at the end {load_average()}; one torch thread",
-        f"- torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "numpy"), load_start=load_start),
+        "- one torch thread",
         f"- budget: default preset with train.pretrain_epochs={args.pretrain_epochs} (the "
         "preset's 100 scaled down), one fidelity probe, 5-fold CV, ridge readout; seeds "
         f"{args.seeds}", "",

@@ -19,9 +19,7 @@ with the spread over K of each) and results/k_ablation.png (the two curves).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -30,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 K, NORM = "param.model.bernstein_order", "param.model.ser_norm"
@@ -129,13 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: no trial of the ablation completed; see the search's output")
     header = [
         "# Bernstein order K ablation (paper Table 5 style), as a grid search", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
+        *provenance(__file__, argv, packages=("torch", "ray")),
         f"- search: `{shlex.join(['python', *cmd[1:11]])} ...` (own Ray, storage and MLflow "
         "store in a temporary folder)",
-        f"- machine: {machine()}; load average at the end {load_average()} (the machine is "
-        f"shared); python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
-        f"wall {wall:.0f} s for {len(df)} completed trials",
+        f"- wall {wall:.0f} s for {len(df)} completed trials",
         "- space: cbdtune/search_spaces/k_ablation.yaml (paper preset, linear probe, half its "
         "pretraining epochs, the probe stopped 30 epochs after its best point); CV = "
         "5-fold mean accuracy at the CV-chosen epoch count (s.e. over folds); test = the refit "

@@ -22,18 +22,15 @@ refit at its all-folds point, as the search refits). The test split is read once
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
-from reproduce import claimed, fmt_ms, mean_std, write_done
+from _cells import cell_path, claimed, fmt_ms, mean_std, write_done
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "oof_honesty"
@@ -205,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     for dataset in args.datasets:
         for seed in range(args.seeds):
-            done = runs / f"{dataset}_seed{seed}.json"
+            done = cell_path(runs, dataset, seed)
             with claimed(done) as mine:
                 if mine:
                     write_done(done, cell(dataset, seed, args))
@@ -218,15 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str],
           load_start: str) -> None:
-    import torch
-
     header = [
         "# Out-of-fold predictions for the ensemble selection: selected vs cross-selected", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at start {load_start}, at the end "
-        f"{load_average()} (the machine is shared)",
-        f"- torch {torch.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, load_start=load_start),
         f"- CBD: the base config of space {args.space} (ridge readout), one model per seed; "
         "MiniRocket: the search's baseline (same folds, kernels by size); accuracies in %, "
         "mean ± sample std over seeds", "",

@@ -26,34 +26,23 @@ Writes results/overhead.md with the command, machine, versions and date at the t
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("in-process", "TorchTrainer", "Tune + TorchTrainer")
 
 
 def header(title: str, argv: list[str], notes: list[str], load_start: str) -> list[str]:
-    import ray
-    import torch
-
-    load = load_average()
     return [
         f"# {title}", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average (1, 5, 15 min) at start {load_start}, at the end "
-        f"{load} (the machine is shared)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "ray"), load_start=load_start),
         *[f"- {n}" for n in notes], "",
     ]
 

@@ -26,10 +26,6 @@ side by side take different tasks). Writes results/pretrain_gap.md, .csv and .pn
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -37,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
-from reproduce import claimed, write_done
+from _cells import finished, run_cells
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -85,16 +81,6 @@ def one_task(base: Any, dataset: str, seed: int, args: argparse.Namespace) -> di
         print(f"{dataset:26s} seed {seed} {name:10s}: CV {r['val']:.4f} test {r['test']:.4f} "
               f"({r['epochs']} epochs, {r['time_s']:.0f} s)", flush=True)
     return out
-
-
-def run_tasks(base: Any, runs_dir: Path, settings: dict[str, Any],
-              args: argparse.Namespace) -> None:
-    for seed in range(args.seeds):
-        for dataset in args.datasets:
-            done = runs_dir / f"{dataset}_seed{seed}.json"
-            with claimed(done) as mine:
-                if mine:
-                    write_done(done, {"settings": settings, **one_task(base, dataset, seed, args)})
 
 
 # ---- the table and the figure ------------------------------------------------------------------
@@ -159,14 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads, "set": sorted(args.set)}
     base = base_config(args)
     load_start = load_average()
-    run_tasks(base, runs_dir, settings, args)
+    cells = [(d, s) for s in range(args.seeds) for d in args.datasets]
+    run_cells(cells, runs_dir, lambda d, s: one_task(base, d, s, args), settings)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for dataset in args.datasets:
-        for seed in range(args.seeds):
-            path = runs_dir / f"{dataset}_seed{seed}.json"
-            run = json.loads(path.read_text()) if path.exists() else None
-            if run is not None and run["settings"] == settings:
-                runs.setdefault(dataset, []).append(run)
+    for (dataset, _), run in finished(cells, runs_dir, settings).items():
+        runs.setdefault(dataset, []).append(run)
     lines = header(args, argv, base, load_start) + table(runs)
     (out_dir / "pretrain_gap.md").write_text("\n".join(lines) + "\n\n![CV accuracy against "
                                              "pretraining steps](pretrain_gap.png)\n")
@@ -176,17 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def header(args: argparse.Namespace, argv: list[str], base: Any, load_start: str) -> list[str]:
-    import torch
-
     m, tc = base.model, base.train
     return [
         "# Does pretraining teach? Pretrained vs random encoder, by pretraining steps", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at start {load_start}, at the end "
-        f"{load_average()} (the machine is shared)",
-        f"- torch {torch.__version__}, python {platform.python_version()}, "
-        f"{args.threads} torch thread(s)",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, load_start=load_start),
+        f"- {args.threads} torch thread(s)",
         f"- config: space {args.space}'s fixed part (preset and budget): d_model {m.d_model}, "
         f"{m.encoder_layers} encoder layers, ff {m.ff_dim}, batch {tc.batch_size}, pretrain lr "
         f"{tc.pretrain_lr}; linear probe, {tc.classifier_epochs} epochs (early stop "

@@ -24,10 +24,7 @@ Writes results/readout_scale.md with the command, machine and versions at the to
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import load_average, machine  # noqa: E402
+from _machine import load_average, provenance  # noqa: E402
 
 from cbdtune import classify, pipeline, ridge, runtime  # noqa: E402
 from cbdtune.config import DataConfig, preset  # noqa: E402
@@ -158,11 +155,8 @@ def write(args: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]],
           load_start: str) -> None:
     lines = [
         "# The ridge readout as N grows (PenDigits, default preset)", "",
-        f"- command: `{shlex.join(['python', 'benchmarks/readout_scale.py', *argv])}`",
-        f"- machine: {machine()} (2-core CPU shared machine); load average at start "
-        f"{load_start}, at the end {load_average()}; one torch thread; numpy's BLAS as installed",
-        f"- torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "numpy"), load_start=load_start),
+        "- one torch thread; numpy's BLAS as installed",
         f"- before: cbdtune/ridge.py at {args.before}; after: this commit's", "",
         "path = the whole path (4 blends x 21 alphas) on 5 folds, the cost of one fidelity "
         "probe or the ridge stage; fit = the refit at the selected point on all N. Peak = "

@@ -38,9 +38,8 @@ on) and tested on the same test split; its time is fit + predict.
 
 Each (dataset, seed) lands in results/reproduce_runs/<dataset>_seed<k>.json when it finishes; a
 rerun skips those (so a stopped run resumes), and processes started side by side take different
-tasks (a ``.claim`` file with the PID marks a task in progress). Every process ends by writing
-the table from all finished tasks with the same settings, so the last one to finish writes the
-complete table.
+tasks (benchmarks/_cells.py). Every process ends by writing the table from all finished tasks
+with the same settings, so the last one to finish writes the complete table.
 
 Writes results/reproduce.md (the table, with the paper's numbers beside ours) and
 results/reproduce.csv (one row per dataset, seed, method and protocol).
@@ -49,22 +48,18 @@ results/reproduce.csv (one row per dataset, seed, method and protocol).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
 import math
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _cells import finished, fmt_ms, mean_std, nothing_to_table, run_cells
+from _machine import provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -229,18 +224,6 @@ def minirocket_seed(data: Any, seed: int, fit_on: str, threads: int, *,
 # ---- tables ----------------------------------------------------------------------------------
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; NaN for a single value), in %."""
-    import numpy as np
-
-    v = 100 * np.asarray(values, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
-
-
-def fmt_ms(mean: float, std: float) -> str:
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if std == std else "")
-
-
 def reference(dataset: str, row: dict[str, Any]) -> str:
     stage = row["stage"]
     if row["method"].startswith("MiniRocket") and dataset in ANCHOR_MINIROCKET:
@@ -294,55 +277,10 @@ def gaps(summary: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-# ---- sharing the work between processes ---------------------------------------------------------
-
-
-def _claim(path: Path) -> bool:
-    """Take a (dataset, seed) task by creating ``path`` holding our PID; False if a live process
-    holds it. A claim left by a process that is gone (killed) is taken over."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        text = path.read_text().strip()
-        try:
-            os.kill(int(text), 0)
-            return False  # its process is alive
-        except ValueError:
-            return False  # just created by another process, PID not yet written
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-            return _claim(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
-@contextlib.contextmanager
-def claimed(done: Path) -> Iterator[bool]:
-    """A (dataset, seed) task whose result lands in ``done``: yields True when this process took
-    it (not finished, and no live process holds its claim), and frees the claim after."""
-    claim = done.with_suffix(".claim")
-    if done.exists() or not _claim(claim):
-        yield False  # finished earlier, or another process runs it now
-        return
-    try:
-        yield True
-    finally:
-        claim.unlink(missing_ok=True)
-
-
-def write_done(done: Path, payload: dict[str, Any]) -> None:
-    """``payload`` as JSON at ``done``, atomically: a reader sees all of it or no file."""
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(done)
-
-
 # ---- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5, as the paper)")
@@ -362,26 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.epochs_scale <= 0:
         p.error("--seeds must be >= 1 and --epochs-scale > 0")
+    if args.quick:
+        args.datasets, args.seeds = ["gesture"], 1
+    return p, args
 
-    import pandas as pd
-    import ray
-    import torch
 
-    try:
-        import aeon
-        aeon_version = aeon.__version__
-    except ImportError:
-        aeon_version = "not installed"
-        args.no_minirocket = True
-
+def base_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Any, str]:
+    """The configuration every cell runs (the space's fixed values at the stated budget, the
+    paper's validation-split protocol) and where it came from."""
     from cbdtune.config import parse_overrides, preset
-    from cbdtune.data import load_dataset
-    from cbdtune.runtime import native_bf16, resolve_device
     from cbdtune.space import load_space
 
     if args.quick:
         base, source = preset("smoke").replace({"train.classifier": "both"}), "preset smoke"
-        args.datasets, args.seeds = ["gesture"], 1
     else:
         space = load_space(args.space)
         if space.params:
@@ -397,75 +328,44 @@ def main(argv: list[str] | None = None) -> int:
     if budget.get("data.cv_folds", 0):
         p.error("--set data.cv_folds: this script reproduces the paper's validation-split protocol "
                 "(data.cv_folds=0); benchmarks/selection.py compares cross-validation")
-    base = base.replace({**budget, "data.cv_folds": 0})
-    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
-                                    else ROOT / "results"))
+    return base.replace({**budget, "data.cv_folds": 0}), str(source)
 
-    runs_dir = out_dir / "reproduce_runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"config": str(source), "epochs_scale": args.epochs_scale, "threads": args.threads,
-                "set": sorted(args.set), "minirocket": not args.no_minirocket and args.minirocket_fit}
-    # seed-major, so that a run stopped early still leaves every dataset with some seeds
-    tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]
-    warmed: set[str] = set()
-    for i, (dataset, seed) in enumerate(tasks, 1):
-        done = runs_dir / f"{dataset}_seed{seed}.json"
-        with claimed(done) as mine:
-            if not mine:
-                continue
-            cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
-            data = load_dataset(cfg.data, seed=seed)
-            t0 = time.perf_counter()
-            found = cbd_seed(cfg, data)
-            if not args.no_minirocket:
-                found.append(minirocket_seed(data, seed, args.minirocket_fit, args.threads,
-                                             warm_up=dataset not in warmed))
-                warmed.add(dataset)
-            for r in found:
-                print(f"{dataset:26s} seed {seed}  {r['method']:34s} {r['protocol']:29s} "
-                      f"test {r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
-            write_done(done, {"settings": settings, "rows": found})
-            print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
-                  f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
 
-    rows, missing = [], []
-    for dataset, seed in sorted(tasks, key=lambda t: (args.datasets.index(t[0]), t[1])):
-        path = runs_dir / f"{dataset}_seed{seed}.json"
-        run = json.loads(path.read_text()) if path.exists() else None
-        if run is None or run["settings"] != settings:
-            missing.append(f"{dataset} seed {seed}")
-            continue
-        rows += [{"dataset": dataset, "seed": seed, **r} for r in run["rows"]]
-    if missing:
-        print(f"not in the table (running elsewhere, not run, or run with other settings): "
-              f"{', '.join(missing)}", file=sys.stderr)
-    if not rows:
-        busy = any(runs_dir.glob("*.claim"))
-        print("no finished runs to tabulate" + ("; another process is still running tasks"
-                                                if busy else ""), file=sys.stderr)
-        return 0 if busy else 1
-    df = pd.DataFrame(rows)
-    df["epochs_scale"] = args.epochs_scale
-    first = ["dataset", "seed", "method", "protocol", "stage", "test_accuracy", "test_f1",
-             "val_accuracy", "epoch"]
-    df = df[first + [c for c in df.columns if c not in first]]
-    summary = summarise(df)
+def one_cell(base: Any, args: argparse.Namespace, warmed: set[str]
+             ) -> Callable[[str, int], dict[str, Any]]:
+    """``run_one`` for :func:`run_cells`: CBD's rows, then MiniRocket's (warmed up once per
+    dataset and process), printed as they come."""
+    from cbdtune.data import load_dataset
 
-    load = load_average()
+    def run_one(dataset: str, seed: int) -> dict[str, Any]:
+        cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
+        data = load_dataset(cfg.data, seed=seed)
+        found = cbd_seed(cfg, data)
+        if not args.no_minirocket:
+            found.append(minirocket_seed(data, seed, args.minirocket_fit, args.threads,
+                                         warm_up=dataset not in warmed))
+            warmed.add(dataset)
+        for r in found:
+            print(f"{dataset:26s} seed {seed}  {r['method']:34s} {r['protocol']:29s} "
+                  f"test {r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
+        return {"rows": found}
+
+    return run_one
+
+
+def header(argv: list[str], args: argparse.Namespace, base: Any, source: str) -> list[str]:
+    from cbdtune.runtime import native_bf16, resolve_device
+
     tc = base.train
     precision = ("bf16 autocast (`train.amp`; this CPU has native bf16)"
                  if tc.amp and native_bf16(resolve_device(tc)) else "fp32")
-    lines = [
+    return [
         "# Reproduction: CBD (paper configuration) vs the paper and MiniRocket", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at the end {load} (the machine is shared)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, aeon {aeon_version}, python "
-        f"{platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "ray", "aeon")),
         f"- config: {source}; {tc.pretrain_epochs} pretraining epochs, {tc.classifier_epochs} "
         f"epochs per classifier stage (epochs scale {args.epochs_scale:g} of the config's"
         f"{' budget: REDUCED' if args.epochs_scale != 1 else ''}), {args.threads} torch threads, "
-        f"device {base.train.device}, precision {precision}"
+        f"device {tc.device}, precision {precision}"
         + (f", overrides {' '.join(args.set)}" if args.set else ""),
         f"- seeds 0..{args.seeds - 1}: `train.seed` and the stratified validation split carved "
         "from the archive's train split; mean ± sample std (ddof 1) of test accuracy in %",
@@ -479,10 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         "'selected on validation' = run_trial's result (pretraining counted once)",
         "- reference: the paper's Table 1 (spec section 6; authors' protocol, 5 seeds) beside our "
         "authors'-protocol rows; issue 7's anchors (this kind of machine) beside the others", "",
+    ]
+
+
+def write(df: Any, out_dir: Path, head: list[str]) -> None:
+    lines = head + [
         "| dataset | method | protocol | test acc % | n | val acc % | test macro-F1 % | time s "
         "| reference |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    summary = summarise(df)
     for r in summary:
         lines.append(f"| {r['dataset']} | {r['method']} | {r['protocol']} "
                      f"| {fmt_ms(r['mean'], r['std'])} | {r['n']} | {r['val']} | {r['f1']} "
@@ -491,9 +397,39 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "reproduce.md").write_text("\n".join(lines) + "\n")
     df.to_csv(out_dir / "reproduce.csv", index=False)
-    table_start = next(i for i, line in enumerate(lines) if line.startswith("| dataset"))
-    print("\n" + "\n".join(lines[table_start:]))
+    print("\n" + "\n".join(lines[len(head):]))
     print(f"\nwrote {out_dir / 'reproduce.md'} and {out_dir / 'reproduce.csv'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p, args = parse_args(argv)
+    import pandas as pd
+
+    try:
+        import aeon  # noqa: F401  (MiniRocket's)
+    except ImportError:
+        args.no_minirocket = True
+    base, source = base_config(p, args)
+    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
+                                    else ROOT / "results"))
+    runs_dir = out_dir / "reproduce_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"config": source, "epochs_scale": args.epochs_scale, "threads": args.threads,
+                "set": sorted(args.set), "minirocket": not args.no_minirocket and args.minirocket_fit}
+    # seed-major, so that a run stopped early still leaves every dataset with some seeds
+    cells = [(d, s) for s in range(args.seeds) for d in args.datasets]
+    run_cells(cells, runs_dir, one_cell(base, args, warmed=set()), settings)
+    runs = finished(cells, runs_dir, settings)
+    rows = [{"dataset": d, "seed": s, **r} for (d, s), run in runs.items() for r in run["rows"]]
+    if not rows:
+        return nothing_to_table(runs_dir)
+    df = pd.DataFrame(rows)
+    df["epochs_scale"] = args.epochs_scale
+    first = ["dataset", "seed", "method", "protocol", "stage", "test_accuracy", "test_f1",
+             "val_accuracy", "epoch"]
+    df = df[first + [c for c in df.columns if c not in first]]
+    write(df, out_dir, header(argv, args, base, source))
     return 0
 
 

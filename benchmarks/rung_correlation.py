@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, machine, provenance  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = "val_accuracy"
@@ -240,19 +238,18 @@ def main() -> None:
         for rule, kw in RULES.items():
             kw = {"max_t": max_t, **kw}
             replays.append({"dataset": dataset, "rule": rule, **replay(trials, grace, **kw)})
-    cmd = (f"python benchmarks/rung_correlation.py --datasets {args.datasets} --num-samples "
-           f"{args.num_samples} --pretrain-epochs {args.pretrain_epochs} --probe-every "
-           f"{args.probe_every} --seed {args.seed} --max-concurrent {args.max_concurrent}")
+    command, _, versions, date = provenance(__file__, [
+        "--datasets", args.datasets, "--num-samples", str(args.num_samples), "--pretrain-epochs",
+        str(args.pretrain_epochs), "--probe-every", str(args.probe_every), "--seed",
+        str(args.seed), "--max-concurrent", str(args.max_concurrent)], packages=("torch", "ray"))
     example = " ".join(shlex.quote(c) for c in search_command("DATASET", Path("SPACE"),
                                                                Path("W"), args)[1:])
     header = [
         "# Rank correlation of each report with the trial's final CV value (no early stopping)",
-        "", f"- command: `{cmd}`", f"- each search: `python {example}`",
+        "", command, f"- each search: `python {example}`",
         f"- machine: {machine()} (2-core CPU shared machine); load average "
         f"{'when the tables were computed from the runs' if args.reuse_runs else 'at start'} "
-        f"{load}",
-        f"- python {platform.python_version()}, date "
-        f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"{load}", versions, date,
         f"- budget: the default space with train.pretrain_epochs={args.pretrain_epochs}, "
         f"train.probe_every={args.probe_every} (the default's number of probes at half its "
         f"epochs); {args.num_samples} trials per dataset, seed {args.seed}, no encoder reuse",

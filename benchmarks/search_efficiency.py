@@ -38,11 +38,9 @@ Writes results/search_efficiency.md (table), .png (curves) and .csv (the curves'
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -52,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 from cbdtune import reports as schema  # the pipeline's report names
 
@@ -253,9 +251,6 @@ def shown(argv: list[str]) -> list[str]:
 
 
 def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[str]:
-    import ray
-    import torch
-
     from cbdtune.config import parse_overrides
     from cbdtune.space import load_space
 
@@ -266,10 +261,7 @@ def header(args: argparse.Namespace, argv: list[str], load_start: str) -> list[s
              else "pretrained-encoder reuse vs none")
     lines = [
         f"# Search efficiency on {args.dataset}: {title}", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *shown(argv)])}`",
-        f"- machine: {machine()}; load average at start {load_start} (the machine is shared)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, shown(argv), packages=("torch", "ray"), load_start=load_start),
         f"- space: {Path(space.path).name}"
         + (f" with {' '.join(args.set)} (a smaller budget)" if args.set else "")
         + f" (searched: {', '.join(space.keys)}); each trial "

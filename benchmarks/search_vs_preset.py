@@ -35,18 +35,15 @@ under ``<out-dir>/search_vs_preset_runs/work/``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
-from reproduce import claimed, fmt_ms, mean_std, write_done
+from _cells import cell_path, claimed, fmt_ms, mean_std, write_done
+from _machine import provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements", "JapaneseVowels",
@@ -151,7 +148,7 @@ def minirocket_cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[s
 
 
 def run_cell(dataset: str, seed: int, args: argparse.Namespace, runs: Path) -> None:
-    done = runs / f"{dataset}_seed{seed}.json"
+    done = cell_path(runs, dataset, seed)
     with claimed(done) as mine:
         if not mine:
             print(f"{dataset} seed {seed}: finished or claimed, skipped", flush=True)
@@ -217,16 +214,10 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[str]) -> None:
     import pandas as pd
-    import ray
-    import torch
 
     header = [
         "# The search against the preset it starts from (issue 21, item 7)", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at the end {load_average()} (the machine is "
-        "shared)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "ray")),
         f"- search: space {args.space}, {args.num_samples} trials, `--ensemble select`, "
         f"`--refit-seeds {REFIT_SEEDS}`" + (f", `--time-budget {args.time_budget}`"
                                              if args.time_budget else "")

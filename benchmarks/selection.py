@@ -43,28 +43,25 @@ test); (c) is (b)'s plus the two extra refits; MiniRocket is fit + predict.
     python benchmarks/selection.py --protocols br --preset default   # with the random control
 
 Each (dataset, seed) lands in results/selection_runs/<dataset>_seed<k>.json when it finishes; a
-rerun skips those, processes started side by side take different tasks (PID ``.claim`` files,
-``reproduce.claimed``), and every process ends by writing the table from all finished tasks with
-the same settings. Writes results/selection.md (per dataset and protocol, mean ± sample std over
+rerun skips those, processes started side by side take different tasks (benchmarks/_cells.py),
+and every process ends by writing the table from all finished tasks with the same settings. Writes results/selection.md (per dataset and protocol, mean ± sample std over
 seeds) and results/selection.csv (one row per dataset, seed and protocol).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
-import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
-from reproduce import claimed, fmt_ms, mean_std, minirocket_seed, write_done
+from _cells import finished, fmt_ms, mean_std, nothing_to_table, run_cells
+from _machine import provenance  # benchmarks/ is on sys.path when a script runs
+from reproduce import minirocket_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -277,11 +274,7 @@ def write_table(df: Any, out_dir: Path, header: list[str], name: str) -> None:
     print(f"\nwrote {out_dir / f'{name}.md'} and {out_dir / f'{name}.csv'}")
 
 
-def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
-           aeon_version: str) -> list[str]:
-    import ray
-    import torch
-
+def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int) -> list[str]:
     from cbdtune.runtime import native_bf16, resolve_device
 
     tc = base.train
@@ -289,11 +282,7 @@ def header(args: argparse.Namespace, argv: list[str], base: Any, cv_folds: int,
     precision = "bf16 autocast" if tc.amp and native_bf16(resolve_device(tc)) else "fp32"
     return [
         "# Model selection: validation split vs CV + refit vs a refit ensemble, and MiniRocket", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at the end {load_average()} (the machine is shared)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, aeon {aeon_version}, python "
-        f"{platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "ray", "aeon")),
         f"- config: preset {args.preset}; {tc.pretrain_epochs} pretraining epochs, "
         + ("classifier ridge (closed form, no epochs)" if tc.classifier == "ridge" else
            f"{tc.classifier_epochs} classifier epochs, classifier {tc.classifier}")
@@ -386,49 +375,27 @@ def base_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[A
     return base, base.data.cv_folds
 
 
-def run_tasks(tasks: list[tuple[str, int]], base: Any, cv_folds: int, runs_dir: Path,
-              settings: dict[str, Any], args: argparse.Namespace) -> None:
-    """Run every (dataset, seed) not finished and not claimed by a live process."""
-    warmed: set[str] = set()
-    for i, (dataset, seed) in enumerate(tasks, 1):
-        done = runs_dir / f"{dataset}_seed{seed}.json"
-        with claimed(done) as mine:
-            if not mine:
-                continue
-            t0 = time.perf_counter()
-            cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
-            found, split_data, cv_data, proba = cbd_seed(cfg, seed, cv_folds, args)
-            if not args.no_minirocket:
-                found += minirocket_rows(split_data, cv_data, seed, args.threads,
-                                         warm_up=dataset not in warmed)
-                warmed.add(dataset)
-            for r in found:
-                print(f"{dataset:26s} seed {seed}  {r['protocol']:58s} test "
-                      f"{r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
-            extra = {} if proba is None else {"cv_proba": proba.round(6).tolist(),
-                                              "test_y": cv_data.test.y.tolist()}
-            write_done(done, {"settings": settings, "rows": found, **extra})
-            print(f"[{i}/{len(tasks)}] {dataset} seed {seed} done in "
-                  f"{time.perf_counter() - t0:.0f} s -> {done}", flush=True)
+def one_cell(base: Any, cv_folds: int, args: argparse.Namespace, warmed: set[str]
+             ) -> Callable[[str, int], dict[str, Any]]:
+    """``run_one`` for :func:`run_cells`: CBD's protocols, then MiniRocket's (warmed up once per
+    dataset and process), printed as they come; with the refit ensemble's members' test
+    probabilities when (c) runs."""
 
+    def run_one(dataset: str, seed: int) -> dict[str, Any]:
+        cfg = base.replace({"data.dataset": dataset, "train.seed": seed})
+        found, split_data, cv_data, proba = cbd_seed(cfg, seed, cv_folds, args)
+        if not args.no_minirocket:
+            found += minirocket_rows(split_data, cv_data, seed, args.threads,
+                                     warm_up=dataset not in warmed)
+            warmed.add(dataset)
+        for r in found:
+            print(f"{dataset:26s} seed {seed}  {r['protocol']:58s} test "
+                  f"{r['test_accuracy']:.4f}  ({r['time_s']:.1f} s)", flush=True)
+        extra = {} if proba is None else {"cv_proba": proba.round(6).tolist(),
+                                          "test_y": cv_data.test.y.tolist()}
+        return {"rows": found, **extra}
 
-def collect(tasks: list[tuple[str, int]], runs_dir: Path, settings: dict[str, Any]
-            ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
-    """The rows of every finished task run with these settings, in dataset then seed order, and
-    the runs themselves by (dataset, seed)."""
-    rows, missing, runs = [], [], {}
-    for dataset, seed in sorted(tasks, key=lambda t: ([d for d, _ in tasks].index(t[0]), t[1])):
-        path = runs_dir / f"{dataset}_seed{seed}.json"
-        run = json.loads(path.read_text()) if path.exists() else None
-        if run is None or run["settings"] != settings:
-            missing.append(f"{dataset} seed {seed}")
-            continue
-        rows += [{"dataset": dataset, "seed": seed, **r} for r in run["rows"]]
-        runs[(dataset, seed)] = run
-    if missing:
-        print(f"not in the table (running elsewhere, not run, or run with other settings): "
-              f"{', '.join(missing)}", file=sys.stderr)
-    return rows, runs
+    return run_one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,10 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     try:
-        import aeon
-        aeon_version = aeon.__version__
+        import aeon  # noqa: F401  (MiniRocket's)
     except ImportError:
-        aeon_version, args.no_minirocket = "not installed", True
+        args.no_minirocket = True
     base, cv_folds = base_config(p, args)
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
                                     else ROOT / "results"))
@@ -454,15 +420,13 @@ def main(argv: list[str] | None = None) -> int:
                 **({"encoder_cache": True} if args.encoder_cache else {})}
     # seed-major, so that a run stopped early still leaves every dataset with some seeds
     tasks = [(d, s) for s in range(args.seeds) for d in args.datasets]
-    run_tasks(tasks, base, cv_folds, runs_dir, settings, args)
-    rows, runs = collect(tasks, runs_dir, settings)
+    run_cells(tasks, runs_dir, one_cell(base, cv_folds, args, warmed=set()), settings)
+    runs = finished(tasks, runs_dir, settings)
+    rows = [{"dataset": d, "seed": s, **r} for (d, s), run in runs.items() for r in run["rows"]]
     if args.ensemble == "seeds":
         rows += seed_ensembles(runs, args.seeds)
     if not rows:
-        busy = any(runs_dir.glob("*.claim"))
-        print("no finished runs to tabulate" + ("; another process is still running tasks"
-                                                if busy else ""), file=sys.stderr)
-        return 0 if busy else 1
+        return nothing_to_table(runs_dir)
     first = ["dataset", "seed", "protocol", "test_accuracy", "test_f1", "estimate",
              "estimate_se", "stage", "epoch", "n_models", "members"]
     df = pd.DataFrame(rows)
@@ -472,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     df = df.sort_values(["protocol", "seed"], kind="stable").sort_values(
         "dataset", key=lambda d: d.map(args.datasets.index), kind="stable")
     df["protocol"] = df["protocol"].astype(str)
-    write_table(df, out_dir, header(args, argv, base, cv_folds, aeon_version), args.name)
+    write_table(df, out_dir, header(args, argv, base, cv_folds), args.name)
     return 0
 
 

@@ -13,14 +13,11 @@ dataset; no seed (1-NN has none).
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
-from _machine import machine  # benchmarks/ is on sys.path when a script runs
+from _machine import provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "split_shift"
@@ -63,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lines = [
         "# Does CV on the training series predict the test split? 1-NN, leave-one-out vs test",
-        "", f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        "", *provenance(__file__, argv, packages=("numpy",)),
         "- series as loaded (variable lengths brought to the training length, as every model "
         "here reads them); accuracies in %", "",
         "| dataset | train series | test series | 1-NN leave-one-out on train | 1-NN train → test "

@@ -38,10 +38,7 @@ Writes results/startup.md with the command, machine, versions and date at the to
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -50,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 from overhead import make_tuner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,16 +164,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, argv: list[str], load_start: str,
            found: dict[str, Any]) -> list[str]:
-    import ray
-    import torch
-
     lines = [
         "# A trial's fixed cost: TorchTrainer start-up and teardown", "",
-        f"- command: `{shlex.join(['python', f'benchmarks/{Path(__file__).name}', *argv])}`",
-        f"- machine: {machine()}; load average at start {load_start}, at the end "
-        f"{load_average()} (the machine is shared)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *provenance(__file__, argv, packages=("torch", "ray"), load_start=load_start),
         f"- medians of {args.repeats} runs; TorchTrainer: 1 worker, 1 CPU, local Ray, "
         f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')}",
         "", "Imports in a fresh interpreter (minus the interpreter's own start):", "",

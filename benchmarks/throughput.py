@@ -18,10 +18,8 @@ Reference (issue 3): the authors' code on a 2-core machine, torch.set_num_thread
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name: (channels, length)
@@ -152,16 +150,13 @@ def main() -> None:
     summary = {row: _summarise(runs) for row, runs in results.items()}
 
     gesture_params = summary[rows[0]]["params"]
-    gpu = f"; GPU: {torch.cuda.get_device_name()}" if any(r[0] == "cuda" for r in rows) else ""
+    gpu = [f"- GPU: {torch.cuda.get_device_name()}"] if any(r[0] == "cuda" for r in rows) else []
     lines = [
         "# Pretraining throughput, default CBD model",
         "",
-        f"- command: `{' '.join(['python', 'benchmarks/' + Path(__file__).name, *argv])}`",
-        f"- machine: {machine()}{gpu}",
-        f"- torch {torch.__version__}, python {platform.python_version()}, CPU threads "
-        f"{args.threads}",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- load average (1, 5, 15 min): {load_before} before, {load_average()} after",
+        *provenance(__file__, argv, load_start=load_before),
+        *gpu,
+        f"- CPU threads {args.threads}",
         f"- step: forward (both decoders) + dual-constraint loss + backward + fused AdamW, batch "
         f"{BATCH}, random data, default ModelConfig/LossConfig",
         f"- run: a fresh process, {args.warmup} warm-up + {args.steps} timed steps; "

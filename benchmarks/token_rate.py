@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reproduce import fmt_ms, mean_std  # benchmarks/ is on sys.path when a script runs
+from _cells import fmt_ms, mean_std  # benchmarks/ is on sys.path when a script runs
 from selection import CV_REFIT, MR_ALL, RANDOM
 
 ROOT = Path(__file__).resolve().parents[1]

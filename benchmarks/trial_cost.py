@@ -13,11 +13,8 @@ one epoch per budget and writes to a temporary folder (checks that the script ru
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"^(status|val_accuracy|test_accuracy|selected_stage|selected_epoch)\s+(\S+)$")
@@ -63,15 +60,10 @@ def run(dataset: str, preset: str, overrides: list[str], data_dir: str | None) -
 
 def write(rows: list[tuple[str, list[str], dict[str, Any]]], args: argparse.Namespace,
           argv: list[str], load_start: str) -> Path:
-    import torch
-
     lines = [
         f"# One {args.preset}-preset trial on {args.dataset}, end to end, per pretraining budget",
-        "", f"- command: `{shlex.join(['python', 'benchmarks/trial_cost.py', *argv])}`",
-        f"- machine: {machine()} (shared); load average at start {load_start}, at the end "
-        f"{load_average()}; one torch thread per trial, trials one after another",
-        f"- torch {torch.__version__}, python {platform.python_version()}; date "
-        f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        "", *provenance(__file__, argv, load_start=load_start),
+        "- one torch thread per trial, trials one after another",
         "- CV + refit as `python -m cbdtune.train` runs it (seed 0); pretraining s and the ridge "
         "stage's s (its folds on every training series) from the trial's progress lines", "",
         "| budget | overrides | pretraining epochs | pretraining s | ridge stage s | trial wall s "

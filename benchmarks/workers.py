@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _machine import load_average, machine  # benchmarks/ is on sys.path when a script runs
+from _machine import provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 WARNING = re.compile(r"(\d+) PYTHON worker processes have been started.*?(\d+)x the maximum")
@@ -126,15 +123,10 @@ def report(argv: list[str], seen: dict[int, Proc], wall: float, peak: int, text:
     warnings = WARNING.findall(text)
     kinds = collections.Counter(kind(p) for p in seen.values())
     trials = len(re.findall(r"^\s*trial \S+ .*(completed|stopped|finished|error)", text, re.M))
-    import ray
     lines = [
         "# Ray worker processes started by a search",
         "",
-        f"Command: `python benchmarks/workers.py -- {shlex.join(argv)}`  ",
-        f"Machine: {machine()} (shared; load average at the end {load_average()}); "
-        f"Python {platform.python_version()}, Ray {ray.__version__}; "
-        f"{datetime.date.today().isoformat()}.",
-        "",
+        *provenance(__file__, ["--", *argv], packages=("ray",)),
         f"- wall time {wall:.0f} s; Python worker processes started: **{len(seen)}**, "
         f"at most **{peak}** alive at once (sampled)",
         f"- Ray's worker-pool warnings in the output: **{len(warnings)}**"

@@ -17,6 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import _cells  # noqa: E402
+import _machine  # noqa: E402
 import pretrain_gap  # noqa: E402
 import readout_choice  # noqa: E402
 import reproduce  # noqa: E402
@@ -27,21 +29,54 @@ import throughput  # noqa: E402
 
 def test_claim_is_exclusive_and_taken_over_from_a_dead_process(tmp_path: Path) -> None:
     claim = tmp_path / "gesture_seed0.claim"
-    assert reproduce._claim(claim)
+    assert _cells._claim(claim)
     assert claim.read_text() == str(os.getpid())
-    assert not reproduce._claim(claim)  # held by a live process (this one)
+    assert not _cells._claim(claim)  # held by a live process (this one)
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     claim.write_text(dead)
-    assert reproduce._claim(claim)  # its process is gone: the task is free again
+    assert _cells._claim(claim)  # its process is gone: the task is free again
     assert claim.read_text() == str(os.getpid())
 
 
+def test_cells_run_once_and_only_cells_of_the_same_settings_are_tabled(tmp_path: Path) -> None:
+    calls = []
+
+    def run_one(dataset: str, seed: int) -> dict:
+        calls.append((dataset, seed))
+        return {"rows": [dataset, seed]}
+
+    cells = [("b", 0), ("a", 0), ("b", 1)]
+    _cells.run_cells(cells, tmp_path, run_one, {"k": 1})
+    _cells.run_cells(cells, tmp_path, run_one, {"k": 1})  # a rerun skips finished cells
+    assert calls == cells
+    _cells.write_done(_cells.cell_path(tmp_path, "a", 0), {"settings": {"k": 2}, "rows": []})
+    found = _cells.finished(cells + [("a", 1)], tmp_path, {"k": 1})
+    assert list(found) == [("b", 0), ("b", 1)]  # datasets as first given, then seeds
+    assert found[("b", 1)]["rows"] == ["b", 1]
+    assert not list(tmp_path.glob("*.claim"))
+
+
 def test_mean_std_is_percent_with_sample_std() -> None:
-    mean, std = reproduce.mean_std([0.8, 0.9])
+    mean, std = _cells.mean_std([0.8, 0.9])
     assert mean == pytest.approx(85.0) and std == pytest.approx(7.0710678)
-    assert math.isnan(reproduce.mean_std([0.5])[1])
+    assert math.isnan(_cells.mean_std([0.5])[1])
+
+
+def test_provenance_is_command_machine_versions_and_date() -> None:
+    command, machine, versions, date = _machine.provenance(
+        "/x/benchmarks/startup.py", ["--out-dir", "a b"], packages=("torch", "no-such-package"),
+        load_start="1.00, 2.00, 3.00")
+    assert command == "- command: `python benchmarks/startup.py --out-dir 'a b'`"
+    assert machine.startswith(f"- machine: {_machine.machine()}; load average at start "
+                              "1.00, 2.00, 3.00, at the end ")
+    assert machine.endswith(" (the machine is shared)")
+    assert versions == (f"- torch {torch.__version__}, no-such-package not installed, "
+                        f"python {sys.version.split()[0]}")
+    assert date.startswith("- date: 20")
+    assert "at start" not in _machine.provenance("k_ablation.py", [])[1]
+    assert "load average at the end " in _machine.provenance("k_ablation.py", [])[1]
 
 
 def _run_script(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
