@@ -103,16 +103,9 @@ def minirocket_model(data: Any, pool: Any, seed: int) -> dict[str, Any]:
     from cbdtune import baselines as bl
     from cbdtune.handover import n_kernels_for
 
-    x, y, k = bl.padded(bl._checked_series(data.train.x, "MiniRocket")), pool.y, data.n_classes
+    y, k = pool.y, data.n_classes
     n_kernels = n_kernels_for(len(y))
-    targets = bl._targets(y, k)
-    outputs = []
-    for tr, va in pool.folds:
-        transform = bl._fitted_transform(x[tr], seed, n_kernels, 1)
-        z_tr, z_va = bl._transform(transform, x[tr]), bl._transform(transform, x[va])
-        center, scale = bl._standardiser(z_tr)
-        outputs.append(np.stack([((z_va - center) * scale) @ w + b for w, b in
-                                 bl._ridge_path((z_tr - center) * scale, targets[tr], bl.ALPHAS)]))
+    outputs = bl.path_outputs(data.train.x, y, pool.folds, k, seed=seed, n_kernels=n_kernels)
     oof, best = oof_both(outputs, pool.folds, y, k)
     member = bl.refit(data.train.x, y, k, alpha=bl.ALPHAS[best], temperature=1.0, seed=seed,
                       n_kernels=n_kernels)

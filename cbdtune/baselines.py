@@ -171,30 +171,42 @@ def minirocket_baseline(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: i
     return oof, member
 
 
-def out_of_fold(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: int, *, seed: int = 0,
-                n_kernels: int = N_KERNELS, n_jobs: int = 1) -> OutOfFold:
-    """Out-of-fold ridge scores at every alpha, the alpha with the best mean fold accuracy, and
-    the temperature that makes its scores' softmax fit best (arguments as
-    :func:`minirocket_baseline`)."""
+def path_outputs(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: int, *, seed: int = 0,
+                 n_kernels: int = N_KERNELS, n_jobs: int = 1) -> list[np.ndarray]:
+    """Each fold's held-out ridge scores at every alpha, ``(len(ALPHAS), N_f, n_classes)`` per
+    fold: the transform, the standardiser and the ridge fitted on the fold's training series
+    (arguments as :func:`minirocket_baseline`)."""
     x, y = padded(_checked_series(x, "MiniRocket baseline")), _checked_labels(y, len(x), n_classes)
     _check_folds(folds, len(y))
-    sums = np.zeros((len(ALPHAS), len(y), n_classes))
-    seen = np.zeros(len(y))
-    acc = np.zeros((len(folds), len(ALPHAS)))
-    mse = np.zeros((len(folds), len(ALPHAS)))
     targets = _targets(y, n_classes)
-    for f, (tr, va) in enumerate(folds):
+    outputs = []
+    for tr, va in folds:
         transform = _fitted_transform(x[tr], seed, n_kernels, n_jobs)
         z_tr, z_va = _transform(transform, x[tr]), _transform(transform, x[va])
         center, scale = _standardiser(z_tr)
-        for a, (w, b) in enumerate(_ridge_path((z_tr - center) * scale, targets[tr], ALPHAS)):
-            s = ((z_va - center) * scale) @ w + b
-            sums[a, va] += s
-            acc[f, a] = np.mean(s.argmax(axis=1) == y[va])
-            mse[f, a] = np.mean((s - targets[va]) ** 2)
-        seen[va] += 1
+        outputs.append(np.stack([((z_va - center) * scale) @ w + b for w, b in
+                                 _ridge_path((z_tr - center) * scale, targets[tr], ALPHAS)]))
+    return outputs
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, folds: Folds, n_classes: int, *, seed: int = 0,
+                n_kernels: int = N_KERNELS, n_jobs: int = 1) -> OutOfFold:
+    """Out-of-fold ridge scores at the alpha with the best mean fold accuracy (ties to the lower
+    mean squared error, then the smaller alpha), and the temperature that makes their softmax
+    fit best (arguments as :func:`minirocket_baseline`)."""
+    outputs = path_outputs(x, y, folds, n_classes, seed=seed, n_kernels=n_kernels, n_jobs=n_jobs)
+    y = np.asarray(y)
+    targets = _targets(y, n_classes)
+    acc = np.array([[np.mean(o.argmax(axis=1) == y[va]) for o in out]
+                    for out, (_, va) in zip(outputs, folds, strict=True)])
+    mse = np.array([[np.mean((o - targets[va]) ** 2) for o in out]
+                    for out, (_, va) in zip(outputs, folds, strict=True)])
     best = min(range(len(ALPHAS)), key=lambda a: (-acc[:, a].mean(), mse[:, a].mean(), a))
-    scores = sums[best] / seen[:, None]
+    sums, seen = np.zeros((len(y), n_classes)), np.zeros(len(y))
+    for out, (_, va) in zip(outputs, folds, strict=True):
+        sums[va] += out[best]
+        seen[va] += 1
+    scores = sums / seen[:, None]
     temperature = classify.fit_temperature(scores, y)
     return OutOfFold(proba=softmax(scores / temperature), scores=scores, alpha=ALPHAS[best],
                      temperature=temperature, fold_accuracy=tuple(float(v) for v in acc[:, best]))
