@@ -43,4 +43,4 @@ python benchmarks/token_rate.py --name pretrain_ablation \
   --note "- CV + refit (5 folds, protocol (b)); 'half budget' = 50 of the preset's 100 pretraining epochs (\`--epochs-scale 0.5\`), the 4x rows 200 at batch 32 (\`--epochs-scale 2\`); readout: the preset's ridge; accuracies are test %, mean ± sample std over seeds" \
   --note "- random encoder: protocol (r), the same configuration with \`train.pretrain_epochs=0\` (same seed, initialisation, folds, readout); a change to pretraining alone (batch, augmentation, budget) leaves it as it is, so those rows are paired with the default row's (r); gain = pretrained − random, paired by seed" \
   --note "- MiniRocket: aeon, fit on all training series (series shorter than 9 steps edge-padded), same seeds" \
-  --note "- stopped early to free the machine: the 4x rows on JapaneseVowels have 2 seeds and on FingerMovements none (1 seed finished, not tabled); PenDigits has 1 seed"
+  --note "- stopped early to free the machine: the 4x rows on JapaneseVowels have 2 seeds and on FingerMovements none (1 seed finished, not tabled)"
