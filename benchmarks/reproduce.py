@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out_dir / "reproduce_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     settings = {"config": source, "epochs_scale": args.epochs_scale, "threads": args.threads,
-                "set": sorted(args.set), "minirocket": not args.no_minirocket and args.minirocket_fit}
+                "set": sorted(args.set),
+                "minirocket": not args.no_minirocket and args.minirocket_fit}
     # seed-major, so that a run stopped early still leaves every dataset with some seeds
     cells = [(d, s) for s in range(args.seeds) for d in args.datasets]
     run_cells(cells, runs_dir, one_cell(base, args, warmed=set()), settings)

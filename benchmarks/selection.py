@@ -44,8 +44,9 @@ test); (c) is (b)'s plus the two extra refits; MiniRocket is fit + predict.
 
 Each (dataset, seed) lands in results/selection_runs/<dataset>_seed<k>.json when it finishes; a
 rerun skips those, processes started side by side take different tasks (benchmarks/_cells.py),
-and every process ends by writing the table from all finished tasks with the same settings. Writes results/selection.md (per dataset and protocol, mean ± sample std over
-seeds) and results/selection.csv (one row per dataset, seed and protocol).
+and every process ends by writing the table from all finished tasks with the same settings.
+Writes results/selection.md (per dataset and protocol, mean ± sample std over seeds) and
+results/selection.csv (one row per dataset, seed and protocol).
 """
 
 from __future__ import annotations
