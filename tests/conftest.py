@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def shared_data_dir() -> Path:
 os.environ.setdefault("CBDTUNE_DATA_DIR", str(shared_data_dir()))
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_is_live() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` in the tests and in the processes they start, as in a
+    terminal. A shell that starts pytest in the background (``nohup ... &``, ``cmd &`` in a
+    script) starts it with SIGINT ignored, the processes it starts inherit that, and the Ctrl-C
+    tests failed for it (the search rightly left an ignored SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(name="shared_data_dir", scope="session")
