@@ -15,12 +15,23 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 Cell = tuple[str, int]  # (dataset, seed)
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def folders(out_dir: str | Path | None, quick: bool, name: str) -> tuple[Path, Path]:
+    """Where a benchmark writes its table (``out_dir``; default results/, a temporary folder with
+    ``--quick``) and its cells (``<that>/<name>_runs``, created)."""
+    out = Path(out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if quick else RESULTS))
+    runs = out / f"{name}_runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return out, runs
 
 
 def cell_path(runs: Path, dataset: str, seed: int) -> Path:

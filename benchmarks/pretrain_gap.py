@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _cells import finished, run_cells
+from _cells import finished, folders, run_cells
 from _machine import load_average, provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,10 +136,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
-                                    else ROOT / "results"))
-    runs_dir = out_dir / "pretrain_gap_runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, runs_dir = folders(args.out_dir, args.quick, "pretrain_gap")
     settings = {"space": args.space, "steps": args.steps, "points": args.points,
                 "threads": args.threads, "set": sorted(args.set)}
     base = base_config(args)

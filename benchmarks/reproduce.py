@@ -51,14 +51,13 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from _cells import finished, fmt_ms, mean_std, nothing_to_table, run_cells
+from _cells import finished, fmt_ms, folders, mean_std, nothing_to_table, run_cells
 from _machine import provenance  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +191,15 @@ def _stage_with_test_curve(model: Any, pool: Any, data: Any, cfg: Any, rt: Any,
 
 
 # ---- MiniRocket ------------------------------------------------------------------------------
+
+
+def has_aeon() -> bool:
+    """Whether aeon (MiniRocket's home, a benchmark-only dependency) imports."""
+    try:
+        import aeon  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def minirocket_seed(data: Any, seed: int, fit_on: str, threads: int, *,
@@ -406,15 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p, args = parse_args(argv)
     import pandas as pd
 
-    try:
-        import aeon  # noqa: F401  (MiniRocket's)
-    except ImportError:
-        args.no_minirocket = True
+    args.no_minirocket = args.no_minirocket or not has_aeon()
     base, source = base_config(p, args)
-    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
-                                    else ROOT / "results"))
-    runs_dir = out_dir / "reproduce_runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, runs_dir = folders(args.out_dir, args.quick, "reproduce")
     settings = {"config": source, "epochs_scale": args.epochs_scale, "threads": args.threads,
                 "set": sorted(args.set),
                 "minirocket": not args.no_minirocket and args.minirocket_fit}

@@ -54,15 +54,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _cells import finished, fmt_ms, mean_std, nothing_to_table, run_cells
+from _cells import finished, fmt_ms, folders, mean_std, nothing_to_table, run_cells
 from _machine import provenance  # benchmarks/ is on sys.path when a script runs
-from reproduce import minirocket_seed
+from reproduce import has_aeon, minirocket_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("gesture", "ArticularyWordRecognition", "FingerMovements")
@@ -404,15 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     p, args = parse_args(argv)
     import pandas as pd
 
-    try:
-        import aeon  # noqa: F401  (MiniRocket's)
-    except ImportError:
-        args.no_minirocket = True
+    args.no_minirocket = args.no_minirocket or not has_aeon()
     base, cv_folds = base_config(p, args)
-    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="cbdtune-quick-") if args.quick
-                                    else ROOT / "results"))
-    runs_dir = out_dir / f"{args.name}_runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, runs_dir = folders(args.out_dir, args.quick, args.name)
     settings = {"preset": args.preset, "epochs_scale": args.epochs_scale,
                 "protocols": args.protocols, "ensemble": args.ensemble,
                 "threads": args.threads, "set": sorted(args.set), "cv_folds": cv_folds,
