@@ -103,8 +103,7 @@ def tune_trainer(cfg: Any, data_ref: Any, storage: str) -> dict[str, Any]:
 # ---- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="paper", help="config preset (default paper)")
     p.add_argument("--dataset", default="gesture")
@@ -116,32 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                    help="which paths to run (in-process always runs: it is the baseline)")
     args = p.parse_args(argv)
-    paths = [name for name in PATHS if name in args.paths or name == "in-process"]
+    args.paths = [name for name in PATHS if name in args.paths or name == "in-process"]
     if args.quick:
         args.preset = "smoke"
     if args.out is None:
         folder = Path(tempfile.mkdtemp(prefix="cbdtune-quick-")) if args.quick else ROOT / "results"
         args.out = str(folder / "overhead.md")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    load_start = load_average()
+    return args
 
+
+def run_paths(cfg: Any, data: Any, paths: list[str],
+              repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Every path ``repeats`` times, interleaved, on one local Ray; each run's metrics with its
+    wall time around the call (``outer_s``)."""
     import ray
 
-    from cbdtune.config import preset
-    from cbdtune.data import load_dataset
     from cbdtune.session import connect
 
-    cfg = preset(args.preset).replace({"data.dataset": args.dataset, "train.seed": args.seed,
-                                       "train.num_threads": 1, "train.device": "cpu"})
-    data = load_dataset(cfg.data, seed=cfg.train.seed)
     # "local": a fresh Ray of our own; "auto" would join any Ray another process runs here.
     # connect() also sets the 0.25 s Train poll interval (session.TRAIN_POLL_ENV) for the workers.
     connect("local")
     data_ref = ray.put(data)
-
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     with tempfile.TemporaryDirectory(prefix="cbdtune-overhead-") as storage:
-        for rep in range(args.repeats):
+        for rep in range(repeats):
             for name in paths:
                 t0 = time.perf_counter()
                 if name == "in-process":
@@ -152,21 +149,28 @@ def main(argv: list[str] | None = None) -> int:
                     m = tune_trainer(cfg, data_ref, f"{storage}/c{rep}")
                 m["outer_s"] = time.perf_counter() - t0
                 runs[name].append(m)
-                print(f"[{rep + 1}/{args.repeats}] {name:20s} {m['outer_s']:8.1f} s  "
+                print(f"[{rep + 1}/{repeats}] {name:20s} {m['outer_s']:8.1f} s  "
                       f"val {m.get('val_accuracy', float('nan')):.4f}  "
                       f"test {m.get('test_accuracy', float('nan')):.4f}", flush=True)
     ray.shutdown()
+    return runs
 
-    rows = []
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A row per path: median wall time, what it adds to in-process, and the first run's scores."""
     base_s = _median([m["outer_s"] for m in runs["in-process"]])
-    for name in paths:
-        ms = runs[name]
+    rows = []
+    for name, ms in runs.items():
         wall = _median([m["outer_s"] for m in ms])
         rows.append({"path": name, "wall": wall, "added": wall - base_s, "ratio": wall / base_s,
                      "inside": _median([m.get("wall_s", float("nan")) for m in ms]),
                      "reports": ms[0]["reports"], "val": ms[0].get("val_accuracy"),
                      "test": ms[0].get("test_accuracy")})
+    return rows
 
+
+def write(rows: list[dict[str, Any]], cfg: Any, data: Any, args: argparse.Namespace,
+          argv: list[str], load_start: str) -> None:
     tc = cfg.train
     notes = [
         f"trial: preset `{args.preset}`, dataset {data.name} (train {len(data.train)}, val "
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         *(["(c) runs a 1-trial `tune.Tuner` over `worker.train_driver_fn` in this process (as "
            "`cbdtune.search` wires it), sharing Ray and the dataset with (b); the CLI's Ray "
            "start, dataset read and MLflow logging are not included"]
-          if "Tune + TorchTrainer" in paths else []),
+          if "Tune + TorchTrainer" in args.paths else []),
         f"wall = around the call, median of {args.repeats} run(s); inside = `run_trial`'s own "
         "`wall_s` (the difference is start-up/teardown); reports = evaluation points sent "
         "(each `ray.train.report` waits for the controller's 0.25 s poll)",
@@ -192,12 +196,27 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {_fmt(r['test'])} |")
     same = len({(r["val"], r["test"]) for r in rows}) == 1
     lines += ["", f"Same val/test accuracy on every path: {'yes' if same else 'NO'}."]
-    text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines[-len(rows) - 4:]))
     print(f"\nwrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    load_start = load_average()
+
+    from cbdtune.config import preset
+    from cbdtune.data import load_dataset
+
+    cfg = preset(args.preset).replace({"data.dataset": args.dataset, "train.seed": args.seed,
+                                       "train.num_threads": 1, "train.device": "cpu"})
+    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    runs = run_paths(cfg, data, args.paths, args.repeats)
+    write(summarise(runs), cfg, data, args, argv, load_start)
     return 0
 
 

@@ -200,7 +200,7 @@ def write(out: Path, rows: list[dict[str, Any]], header: list[str]) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="gesture,awr,fm")
     p.add_argument("--num-samples", type=int, default=10)
@@ -216,15 +216,20 @@ def main() -> None:
                    help="a tiny budget that checks the script runs (gesture, 3 trials of 4 "
                         "pretraining epochs), written to the work dir")
     args = p.parse_args()
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="rung_correlation-"))
+    args.work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="rung_correlation-"))
     if args.quick:
         args.datasets, args.num_samples, args.pretrain_epochs, args.probe_every = (
             "gesture", 3, 4, 1)
-        args.out = work / "rung_correlation.md"
-    work.mkdir(parents=True, exist_ok=True)
-    space = space_file(work, args.pretrain_epochs, args.probe_every)
-    rungs = rungs_of(space)
-    load = load_average()
+        args.out = args.work_dir / "rung_correlation.md"
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def measure(space: Path, rungs: tuple[float, ...], args: argparse.Namespace) -> tuple[
+        list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+    """Each dataset's search (or its runs in the work dir with --reuse-runs): the correlation
+    rows, the replays of every stopping rule, and the searches' wall seconds."""
+    work = args.work_dir
     rows, replays = [], []
     grace, max_t = _grace_max_t(space)
     walls_file = work / "walls.json"  # each search's wall seconds, kept for --reuse-runs
@@ -238,13 +243,19 @@ def main() -> None:
         for rule, kw in RULES.items():
             kw = {"max_t": max_t, **kw}
             replays.append({"dataset": dataset, "rule": rule, **replay(trials, grace, **kw)})
+    return rows, replays, walls
+
+
+def header_lines(rungs: tuple[float, ...], walls: dict[str, float], load: str,
+                 args: argparse.Namespace) -> list[str]:
     command, _, versions, date = provenance(__file__, [
         "--datasets", args.datasets, "--num-samples", str(args.num_samples), "--pretrain-epochs",
         str(args.pretrain_epochs), "--probe-every", str(args.probe_every), "--seed",
         str(args.seed), "--max-concurrent", str(args.max_concurrent)], packages=("torch", "ray"))
     example = " ".join(shlex.quote(c) for c in search_command("DATASET", Path("SPACE"),
                                                                Path("W"), args)[1:])
-    header = [
+    rung_list = ", ".join(f"{r:g}" for r in rungs)
+    return [
         "# Rank correlation of each report with the trial's final CV value (no early stopping)",
         "", command, f"- each search: `python {example}`",
         f"- machine: {machine()} (2-core CPU shared machine); load average "
@@ -253,7 +264,7 @@ def main() -> None:
         f"- budget: the default space with train.pretrain_epochs={args.pretrain_epochs}, "
         f"train.probe_every={args.probe_every} (the default's number of probes at half its "
         f"epochs); {args.num_samples} trials per dataset, seed {args.seed}, no encoder reuse",
-        f"- the search's early-stopping rungs for this space: reports {', '.join(f'{r:g}' for r in rungs)}",
+        f"- the search's early-stopping rungs for this space: reports {rung_list}",
         "- search wall s: " + (", ".join(f"{d} {walls[d]:.0f}" for d in args.datasets.split(",")
                                          if d in walls) or "not recorded"),
         "- rho: Spearman's rank correlation, across trials, of the report's val_accuracy "
@@ -261,7 +272,10 @@ def main() -> None:
         "with the final report's val_accuracy; rank: where the trial with the best final value "
         "stands at this report (1 = first; ties share the better rank)",
     ]
-    write(args.out, rows, header)
+
+
+def replay_lines(rows: list[dict[str, Any]], replays: list[dict[str, Any]],
+                 rungs: tuple[float, ...]) -> list[str]:
     lines = ["", "Replayed: each dataset's reports fed in the order they were made to "
              "NoiseAwareASHA with these rules (a stop frees a slot in a real search, so later "
              "trials would start earlier: an approximation).", "",
@@ -273,8 +287,18 @@ def main() -> None:
     lines += ["", f"At the first rung (report {min(rungs):g}), Spearman rho with the final CV "
               "value: " + ", ".join(f"{r['dataset']} {r['rho']:.2f} ({r['trials']} trials)"
                                     for r in first) + "."]
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    space = space_file(args.work_dir, args.pretrain_epochs, args.probe_every)
+    rungs = rungs_of(space)
+    load = load_average()
+    rows, replays, walls = measure(space, rungs, args)
+    write(args.out, rows, header_lines(rungs, walls, load, args))
     with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(replay_lines(rows, replays, rungs)) + "\n")
     print(args.out.read_text())
 
 

@@ -61,35 +61,52 @@ def _quiet(_metrics: dict[str, Any], _payload: dict[str, Any] | None) -> None:
     """run_trial's reporter here: the final metrics come back in its result."""
 
 
-def preset_ensemble(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """(a): the space's base config (the preset), CV + refit at ``seed``, two more refits."""
-    import numpy as np
+def _data_dir(args: argparse.Namespace) -> dict[str, str]:
+    """``data.data_dir`` when ``--data-dir`` is given; else the config's ($CBDTUNE_DATA_DIR, then
+    the download cache)."""
+    return {"data.data_dir": args.data_dir} if args.data_dir else {}
 
+
+def preset_models(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """(a)'s models: the space's base config (the preset), CV + refit at ``seed``, and two more
+    refits. Returns ``data``, the trial's ``result``, each refit's test ``probas`` (None when
+    the trial did not complete) and ``time_s``."""
     from cbdtune import classify, pipeline, runtime
     from cbdtune.data import load_dataset
     from cbdtune.space import load_space
 
     cfg = load_space(args.preset_space).base.replace(
-        {"data.dataset": dataset, "data.data_dir": args.data_dir or "", "train.seed": seed,
-         "train.num_threads": args.threads}, where="benchmark")
+        {"data.dataset": dataset, "train.seed": seed, "train.num_threads": args.threads,
+         **_data_dir(args)}, where="benchmark")
     data = load_dataset(cfg.data, seed=seed)
     rt = runtime.Runtime(device=runtime.resolve_device(cfg.train))
     t0 = time.perf_counter()
     result = pipeline.run_trial(cfg, data, _quiet, rt=rt)
-    if result.classifier is None or result.selected is None:
-        return {"a_test": math.nan, "a_time_s": time.perf_counter() - t0,
-                "a_status": result.status}
     chosen = result.selected
+    if result.classifier is None or chosen is None:
+        return {"data": data, "result": result, "probas": None,
+                "time_s": time.perf_counter() - t0}
     probas = [classify.predict_proba(result.classifier, data.test.x, rt, cfg.train)]
     for j in range(1, REFIT_SEEDS):
         _m, _clf, proba = pipeline.refit_trial(
             cfg.replace({"train.seed": seed + j}), data, stage=chosen.stage, epochs=chosen.epoch,
             rt=rt, temperature=chosen.temperature)
         probas.append(proba)
-    accuracy = float(np.mean(np.mean(probas, axis=0).argmax(1) == data.test.y))
-    return {"a_test": accuracy, "a_time_s": time.perf_counter() - t0, "a_status": "completed",
-            "a_cv": chosen.val.get("accuracy"), "a_members": [
-                float(np.mean(p.argmax(1) == data.test.y)) for p in probas]}
+    return {"data": data, "result": result, "probas": probas, "time_s": time.perf_counter() - t0}
+
+
+def preset_ensemble(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """(a): the softmax average of :func:`preset_models`' refits."""
+    import numpy as np
+
+    a = preset_models(dataset, seed, args)
+    if a["probas"] is None:
+        return {"a_test": math.nan, "a_time_s": a["time_s"], "a_status": a["result"].status}
+    y = a["data"].test.y
+    accuracy = float(np.mean(np.mean(a["probas"], axis=0).argmax(1) == y))
+    return {"a_test": accuracy, "a_time_s": a["time_s"], "a_status": "completed",
+            "a_cv": a["result"].selected.val.get("accuracy"),
+            "a_members": [float(np.mean(p.argmax(1) == y)) for p in a["probas"]]}
 
 
 def search_cell(dataset: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -123,10 +140,10 @@ def search_cell(dataset: str, seed: int, args: argparse.Namespace, work: Path) -
             "search_status": result.status}
 
 
-def minirocket_cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """(d): the baseline member alone, on the folds a search at ``seed`` uses."""
-    import numpy as np
-
+def minirocket_member(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The baseline member on the folds a search at ``seed`` uses: ``data``, its out-of-fold
+    probabilities ``oof`` (:class:`cbdtune.baselines.OutOfFold`), the refit ``member``,
+    ``n_kernels`` and ``time_s``."""
     from cbdtune import baselines
     from cbdtune.classify import selection_pool
     from cbdtune.data import load_dataset
@@ -134,16 +151,25 @@ def minirocket_cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[s
     from cbdtune.space import load_space
 
     cfg = load_space(args.space).base.replace(
-        {"data.dataset": dataset, "data.data_dir": args.data_dir or "", "train.seed": seed},
-        where="benchmark")
+        {"data.dataset": dataset, "train.seed": seed, **_data_dir(args)}, where="benchmark")
     data = load_dataset(cfg.data, seed=seed)
     pool = selection_pool(data, cfg)
     n_kernels = n_kernels_for(len(data.train.y))
     t0 = time.perf_counter()
-    _oof, member = baselines.minirocket_baseline(data.train.x, data.train.y, pool.folds,
-                                                 data.n_classes, seed=seed, n_kernels=n_kernels)
-    accuracy = float(np.mean(member.predict_proba(data.test.x).argmax(1) == data.test.y))
-    return {"d_test": accuracy, "d_time_s": time.perf_counter() - t0, "d_kernels": n_kernels,
+    oof, member = baselines.minirocket_baseline(data.train.x, data.train.y, pool.folds,
+                                                data.n_classes, seed=seed, n_kernels=n_kernels)
+    return {"data": data, "oof": oof, "member": member, "n_kernels": n_kernels,
+            "time_s": time.perf_counter() - t0}
+
+
+def minirocket_cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """(d): the baseline member alone (:func:`minirocket_member`)."""
+    import numpy as np
+
+    d = minirocket_member(dataset, seed, args)
+    data = d["data"]
+    accuracy = float(np.mean(d["member"].predict_proba(data.test.x).argmax(1) == data.test.y))
+    return {"d_test": accuracy, "d_time_s": d["time_s"], "d_kernels": d["n_kernels"],
             "n_train": len(data.train.y), "n_test": len(data.test.y)}
 
 
@@ -200,7 +226,8 @@ def table(rows: list[dict[str, Any]], datasets: list[str]) -> list[str]:
         lines.append(f"| {ds} | {len(mine)} | " + " | ".join(cells)
                      + f" | {diff:+.2f} | {_mean(mine, 'search_wall_s'):.0f} | "
                      f"{_mean(mine, 'trials_completed'):.1f} / {_mean(mine, 'trials'):.0f} | "
-                     f"{_mean(mine, 'trial_s'):.0f} | {_mean(mine, 'a_time_s'):.0f} | {_mean(mine, 'b_weight_minirocket'):.2f} |")
+                     f"{_mean(mine, 'trial_s'):.0f} | {_mean(mine, 'a_time_s'):.0f} | "
+                     f"{_mean(mine, 'b_weight_minirocket'):.2f} |")
     if diffs:
         lines += ["", f"(b) - (a) averaged over the {len(diffs)} dataset(s): "
                   f"{sum(diffs) / len(diffs):+.2f} points."]

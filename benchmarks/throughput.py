@@ -109,7 +109,7 @@ def _summarise(runs: list[dict]) -> dict:
             "peak_gb": max(r["peak_gb"] for r in runs), "params": runs[0]["params"]}
 
 
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3)
@@ -119,27 +119,30 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "results" / "throughput.md"))
     p.add_argument("--worker", nargs=4, metavar=("DEVICE", "PRECISION", "C", "L"),
                    help=argparse.SUPPRESS)
-    argv = sys.argv[1:]
-    args = p.parse_args(argv)
-    if args.worker:  # inside the fresh subprocess: print one JSON line
-        device, precision, c, length = args.worker
-        print(json.dumps(_worker(device, precision, int(c), int(length), args.steps, args.warmup,
-                                 args.threads)))
-        return
+    return p.parse_args(argv)
 
+
+Row = tuple[str, str, str]  # (device, precision, shape name)
+
+
+def rows_to_run(no_cuda: bool) -> list[Row]:
+    """What the pipeline runs by default (train.amp): bf16 autocast where bf16 is native."""
     import torch
 
     from cbdtune.runtime import native_bf16
 
-    # What the pipeline runs by default (train.amp): bf16 autocast where bf16 is native.
     runs = [("cpu", "fp32")]
     if native_bf16(torch.device("cpu")):
         runs.append(("cpu", "bf16"))
-    if torch.cuda.is_available() and not args.no_cuda:
+    if torch.cuda.is_available() and not no_cuda:
         runs.append(("cuda", "bf16"))
-    rows = [(device, precision, name) for device, precision in runs for name in SHAPES]
-    load_before = load_average()
-    results: dict[tuple[str, str, str], list[dict]] = {row: [] for row in rows}
+    return [(device, precision, name) for device, precision in runs for name in SHAPES]
+
+
+def measure(rows: list[Row], args: argparse.Namespace) -> dict[Row, dict]:
+    """Every row ``args.repeats`` times in fresh processes, the rows interleaved; each row's
+    summary."""
+    results: dict[Row, list[dict]] = {row: [] for row in rows}
     for rep in range(args.repeats):
         for device, precision, name in rows:
             r = _run_subprocess(device, precision, name, args)
@@ -147,8 +150,14 @@ def main() -> None:
             print(f"run {rep + 1}/{args.repeats} {device:4s} {precision:5s} {name:26s} "
                   f"{r['samples_per_s']:7.1f} samples/s (best step {r['best_samples_per_s']:7.1f})"
                   f"  peak {r['peak_gb']:5.2f} GB", flush=True)
-    summary = {row: _summarise(runs) for row, runs in results.items()}
+    return {row: _summarise(runs) for row, runs in results.items()}
 
+
+def write(summary: dict[Row, dict], args: argparse.Namespace, argv: list[str],
+          load_before: str) -> None:
+    import torch
+
+    rows = list(summary)
     gesture_params = summary[rows[0]]["params"]
     gpu = [f"- GPU: {torch.cuda.get_device_name()}"] if any(r[0] == "cuda" for r in rows) else []
     lines = [
@@ -186,12 +195,24 @@ def main() -> None:
             f"| {device} | {variant} | {name} | {c} x {length} | {r['samples_per_s']:.1f} "
             f"| {r['slowest']:.1f} - {r['fastest']:.1f} | {r['best_samples_per_s']:.1f} "
             f"| {speedup} | {r['peak_gb']:.2f} | {ref or '-'} | {target} | {ref_mem or '-'} |")
-    text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text("\n".join(lines) + "\n")
     print(f"\ndefault model parameters (gesture 3 x 315): {gesture_params:,}")
     print(f"wrote {out}")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.worker:  # inside the fresh subprocess: print one JSON line
+        device, precision, c, length = args.worker
+        print(json.dumps(_worker(device, precision, int(c), int(length), args.steps, args.warmup,
+                                 args.threads)))
+        return
+    rows = rows_to_run(args.no_cuda)
+    load_before = load_average()
+    write(measure(rows, args), args, argv, load_before)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import _cells  # noqa: E402
 import _machine  # noqa: E402
+import preset_plus_minirocket as ppm  # noqa: E402
 import pretrain_gap  # noqa: E402
 import readout_choice  # noqa: E402
 import reproduce  # noqa: E402
@@ -343,3 +344,31 @@ def test_minirocket_seed_takes_series_shorter_than_its_kernel() -> None:
     data = SimpleNamespace(train=split, test=split, val=split, n_classes=2)
     row = reproduce.minirocket_seed(data, 0, "train", 1, warm_up=False)
     assert row["test_accuracy"] > 0.9
+
+
+def test_preset_plus_minirocket_quick_blends_the_two_families(tmp_path: Path) -> None:
+    proc = _run_script("preset_plus_minirocket.py", tmp_path, "--search-runs", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = [json.loads(f.read_text()) for f in (tmp_path / f"{ppm.NAME}_runs").glob("*.json")]
+    assert row["status"] == "completed"
+    assert 0 <= row["e_weight_minirocket"] <= 1
+    for k in "adef":
+        assert 0 < row[f"{k}_test"] <= 1
+    if row["e_weight_minirocket"] in (0.0, 1.0):  # a selection of one family is that family
+        assert row["e_test"] == row["d_test" if row["e_weight_minirocket"] else "a_test"]
+    assert row["e_oof"] >= max(row["a_oof"], row["d_oof"]) - 0.05  # no worse than a member by much
+    assert "| gesture | 1 |" in (tmp_path / f"{ppm.NAME}.md").read_text()
+
+
+def test_preset_plus_minirocket_pairs_b_by_dataset_and_seed(tmp_path: Path) -> None:
+    (tmp_path / "gesture_seed0.json").write_text(json.dumps({"b_test": 0.95}))
+    run = {"settings": {}, "status": "completed", "a_test": 0.90, "d_test": 0.93, "e_test": 0.92,
+           "f_test": 0.94, "e_weight_minirocket": 0.5}
+    rows = ppm.with_search({("gesture", 0): run, ("gesture", 1): {**run, "a_test": 0.92}},
+                           [tmp_path / "missing", tmp_path])
+    assert [r["b_test"] for r in rows] == [0.95, None]  # seed 1 has no search cell
+    assert "settings" not in rows[0]
+    [line] = [x for x in ppm.table(rows, ["gesture"]) if x.startswith("| gesture")]
+    cells = line.split(" | ")
+    assert cells[6] == ""  # (b) is blank where a seed has none
+    assert cells[7] == "+1.00 ± 1.41"  # (e) - (a), paired by seed: +2 and 0 points
