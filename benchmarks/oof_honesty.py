@@ -125,8 +125,8 @@ def cell(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from cbdtune.space import load_space
 
     cfg = load_space(args.space).base.replace(
-        {"data.dataset": dataset, "train.seed": seed, "train.num_threads": args.threads,
-         **({"data.data_dir": args.data_dir} if args.data_dir else {})}, where="benchmark")
+        {"data.dataset": dataset, "data.data_dir": args.data_dir or None, "train.seed": seed,
+         "train.num_threads": args.threads}, where="benchmark")
     if args.quick:
         cfg = cfg.replace({"train.pretrain_epochs": 2, "model.encoder_layers": 1})
     data = load_dataset(cfg.data, seed=seed)

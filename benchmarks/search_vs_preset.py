@@ -61,12 +61,6 @@ def _quiet(_metrics: dict[str, Any], _payload: dict[str, Any] | None) -> None:
     """run_trial's reporter here: the final metrics come back in its result."""
 
 
-def _data_dir(args: argparse.Namespace) -> dict[str, str]:
-    """``data.data_dir`` when ``--data-dir`` is given; else the config's ($CBDTUNE_DATA_DIR, then
-    the download cache)."""
-    return {"data.data_dir": args.data_dir} if args.data_dir else {}
-
-
 def preset_models(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """(a)'s models: the space's base config (the preset), CV + refit at ``seed``, and two more
     refits. Returns ``data``, the trial's ``result``, each refit's test ``probas`` (None when
@@ -76,8 +70,8 @@ def preset_models(dataset: str, seed: int, args: argparse.Namespace) -> dict[str
     from cbdtune.space import load_space
 
     cfg = load_space(args.preset_space).base.replace(
-        {"data.dataset": dataset, "train.seed": seed, "train.num_threads": args.threads,
-         **_data_dir(args)}, where="benchmark")
+        {"data.dataset": dataset, "data.data_dir": args.data_dir or None, "train.seed": seed,
+         "train.num_threads": args.threads}, where="benchmark")
     data = load_dataset(cfg.data, seed=seed)
     rt = runtime.Runtime(device=runtime.resolve_device(cfg.train))
     t0 = time.perf_counter()
@@ -151,7 +145,8 @@ def minirocket_member(dataset: str, seed: int, args: argparse.Namespace) -> dict
     from cbdtune.space import load_space
 
     cfg = load_space(args.space).base.replace(
-        {"data.dataset": dataset, "train.seed": seed, **_data_dir(args)}, where="benchmark")
+        {"data.dataset": dataset, "data.data_dir": args.data_dir or None, "train.seed": seed},
+        where="benchmark")
     data = load_dataset(cfg.data, seed=seed)
     pool = selection_pool(data, cfg)
     n_kernels = n_kernels_for(len(data.train.y))
